@@ -1,0 +1,43 @@
+# Fleet's commands. `make up` serves the example fleet; `make test` runs every test.
+# Both create the virtual environment and install what they need on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+
+# Ray 2.60 turns token auth on for new local clusters; its CLIs must say so too.
+export RAY_AUTH_MODE ?= token
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_SERVE_LOG_TO_STDERR ?= 0
+
+.PHONY: install up down test check bench schema
+
+$(STAMP): requirements.lock pyproject.toml
+	@echo "[1/2] creating $(VENV) and installing the pinned packages (requirements.lock) ..."
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	@echo "[2/2] installing fleet (editable) ..."
+	@$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	@rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+install: $(STAMP)
+
+up: install
+	$(BIN)/fleet up --config configs/local.yaml
+
+down:
+	$(BIN)/fleet down
+
+test: install
+	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e
+
+check: install
+	$(BIN)/ruff check serve tests agents loadtests
+	$(BIN)/ruff format --check serve tests agents loadtests
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python loadtests/bench.py
+
+schema: install
+	$(BIN)/fleet schema -o agents/agent.schema.json

@@ -1,0 +1,106 @@
+"""One agent as a Ray Serve deployment (one deployment per agent, autoscaled).
+
+The replica loads its manifest, prompt and tools from the agent's folder, then runs
+:class:`~serve.loop.AgentLoop` for each request. It reaches its model through the
+model deployment's handle (or an inline backend) and its delegates through their
+handles. Errors cross handles as ``RequestError`` values, never as stack traces.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray.exceptions import RayError
+from ray.serve.handle import DeploymentHandle
+
+from serve.errors import AgentError, ModelError, RequestError
+from serve.loop import AgentLoop, AgentResult, Context, DelegateTarget, Event, ModelCaller
+from serve.manifest import load_agent
+from serve.models import make_backend
+from serve.models.base import ModelChunk, ModelRequest
+from serve.models.deployment import parse_backend_config, stream_model
+from serve.protocol import ChatRequest
+from serve.tools import load_tools
+
+__all__ = ["AgentDeployment"]
+
+log = logging.getLogger("fleet.agent")
+
+AgentOutcome = AgentResult | RequestError
+StreamItem = Event | RequestError
+
+
+def model_caller(model: DeploymentHandle | dict[str, Any]) -> ModelCaller:
+    """Calls a model deployment through its handle, or an inline backend from its config."""
+    if isinstance(model, dict):
+        backend = make_backend(parse_backend_config(model))
+
+        async def inline(request: ModelRequest) -> AsyncIterator[ModelChunk]:
+            async for item in stream_model(backend, request):
+                if isinstance(item, RequestError):
+                    raise item
+                yield item
+
+        return inline
+
+    streaming = model.options(stream=True)
+
+    async def remote(request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        async for item in streaming.stream.remote(request):
+            if isinstance(item, RequestError):
+                raise item
+            yield item
+
+    return remote
+
+
+def delegate_target(handle: DeploymentHandle, description: str) -> DelegateTarget:
+    async def call(request: ChatRequest, ctx: Context) -> AgentResult:
+        outcome: AgentOutcome = await handle.chat.remote(request, ctx)
+        if isinstance(outcome, RequestError):
+            raise outcome
+        return outcome
+
+    return DelegateTarget(description=description, call=call)
+
+
+class AgentDeployment:
+    def __init__(
+        self,
+        agents_dir: str,
+        name: str,
+        model: DeploymentHandle | dict[str, Any],
+        delegates: dict[str, tuple[DeploymentHandle, str]],
+    ) -> None:
+        spec = load_agent(Path(agents_dir) / name)
+        tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
+        targets = {n: delegate_target(h, desc) for n, (h, desc) in delegates.items()}
+        self.name = name
+        self.version = spec.manifest.version
+        self._loop = AgentLoop(spec, tools, model_caller(model), targets)
+
+    async def chat(self, request: ChatRequest, ctx: Context) -> AgentOutcome:
+        try:
+            return await self._loop.run(request, ctx.enter(self.name))
+        except RequestError as exc:
+            return exc
+        except Exception as exc:
+            return self._internal(exc, ctx)
+
+    async def stream(self, request: ChatRequest, ctx: Context) -> AsyncIterator[StreamItem]:
+        try:
+            async for event in self._loop.events(request, ctx.enter(self.name)):
+                yield event
+        except RequestError as exc:
+            yield exc
+        except Exception as exc:
+            yield self._internal(exc, ctx)
+
+    def _internal(self, exc: Exception, ctx: Context) -> RequestError:
+        log.error("agent %s failed on %s", self.name, ctx.request_id, exc_info=exc)
+        if isinstance(exc, RayError):
+            return ModelError(f"a deployment behind agent {self.name!r} is unavailable")
+        return AgentError(f"agent {self.name!r} failed (request {ctx.request_id})")

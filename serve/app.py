@@ -1,0 +1,142 @@
+"""The application builder: the ``import_path`` Ray Serve configs point at.
+
+``serve.app:build_app`` takes the config's ``args`` (validated by :class:`FleetArgs`),
+reads the agents, and binds one deployment per agent (autoscaling from its manifest),
+one per model backend that holds an engine, and the ingress. Everything is validated,
+tool modules included, before Ray Serve starts a single replica.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve as rayserve
+from ray.serve import Application
+
+from serve.agent import AgentDeployment
+from serve.errors import ConfigError
+from serve.ingress import Ingress, IngressOptions
+from serve.manifest import MANIFEST_FILE, AgentSpec, delegation_order, load_fleet
+from serve.models import BackendConfig
+from serve.models.deployment import ModelDeployment
+from serve.settings import settings
+from serve.tools import load_tools
+
+__all__ = ["FleetArgs", "agent_card", "build_app", "project_root", "validate_fleet"]
+
+# Fleet's replicas wait on I/O (models, tools, handles); a whole CPU each would not let
+# a laptop hold a fleet. The deploy config's ``deployments:`` section overrides these.
+AGENT_ACTOR_OPTIONS = {"num_cpus": 0.1}
+SERVICE_ACTOR_OPTIONS = {"num_cpus": 0.1}
+
+
+class FleetArgs(BaseModel):
+    """The ``args`` of a Fleet application in a Ray Serve config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    agents_dir: str = Field(
+        default="agents",
+        description="Folder of agent folders; relative paths start at $FLEET_HOME, else the project root.",
+    )
+    agents: list[str] = Field(min_length=1, description="Agents to deploy (folder names).")
+    models: dict[str, BackendConfig] = Field(min_length=1, description="Model backends by name.")
+    ingress: IngressOptions = Field(default_factory=IngressOptions, description="HTTP front door.")
+
+
+def project_root() -> Path:
+    """Where relative paths in configs start: $FLEET_HOME, else this checkout."""
+    return settings().home or Path(__file__).resolve().parent.parent
+
+
+def _parse_args(args: dict[str, Any]) -> FleetArgs:
+    try:
+        return FleetArgs.model_validate(args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = "args." + ".".join(str(p) for p in err["loc"])
+        raise ConfigError(err["msg"], field=field) from None
+
+
+def validate_fleet(args: dict[str, Any]) -> tuple[FleetArgs, Path, dict[str, AgentSpec]]:
+    """Everything ``fleet validate`` and the builder check, with no Ray involved."""
+    fleet = _parse_args(args)
+    agents_dir = Path(fleet.agents_dir)
+    if not agents_dir.is_absolute():
+        agents_dir = project_root() / agents_dir
+    specs = load_fleet(agents_dir, fleet.agents)
+    for _name, spec in specs.items():
+        if spec.manifest.model.backend not in fleet.models:
+            raise ConfigError(
+                f"model backend {spec.manifest.model.backend!r} is not in the config's models "
+                f"({', '.join(sorted(fleet.models))})",
+                file=str(spec.folder / MANIFEST_FILE),
+                field="model.backend",
+            )
+        load_tools(spec.folder, [t.name for t in spec.manifest.tools])
+    return fleet, agents_dir, specs
+
+
+def agent_card(spec: AgentSpec) -> dict[str, Any]:
+    """The public description of an agent (``GET /v1/agents/{name}``)."""
+    m = spec.manifest
+    tools = load_tools(spec.folder, [t.name for t in m.tools])
+    return {
+        "object": "agent",
+        "name": m.name,
+        "version": m.version,
+        "role": m.role,
+        "description": m.description,
+        "owner": m.owner.model_dump(),
+        "model": m.model.backend,
+        "tools": [{**g.model_dump(), "description": tools[g.name].description} for g in m.tools],
+        "delegates": list(m.delegates),
+        "scopes": list(m.scopes),
+        "data": list(m.data),
+        "policies": m.policies.model_dump(mode="json"),
+        "sla": m.sla.model_dump(),
+        "kpis": [k.model_dump() for k in m.kpis],
+        "autoscaling": m.autoscaling.model_dump(),
+        "max_turns": m.max_turns,
+    }
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    fleet, agents_dir, specs = validate_fleet(args)
+    used = {spec.manifest.model.backend for spec in specs.values()}
+    models: dict[str, Any] = {}
+    for name in sorted(used):
+        config = fleet.models[name]
+        if config.inline:
+            models[name] = config.model_dump(mode="json")
+        else:
+            models[name] = (
+                rayserve.deployment(ModelDeployment)
+                .options(name=f"model-{name}", ray_actor_options=SERVICE_ACTOR_OPTIONS)
+                .bind(name, config.model_dump(mode="json"))
+            )
+    bound: dict[str, Any] = {}
+    for name in delegation_order(specs):
+        m = specs[name].manifest
+        bound[name] = (
+            rayserve.deployment(AgentDeployment)
+            .options(
+                name=name,
+                autoscaling_config=m.autoscaling.ray_config(),
+                max_ongoing_requests=m.autoscaling.max_ongoing_requests,
+                ray_actor_options=AGENT_ACTOR_OPTIONS,
+            )
+            .bind(
+                str(agents_dir),
+                name,
+                models[m.model.backend],
+                {d: (bound[d], specs[d].manifest.description) for d in m.delegates},
+            )
+        )
+    cards = {name: agent_card(spec) for name, spec in specs.items()}
+    ingress = rayserve.deployment(Ingress)
+    return ingress.options(name="ingress", ray_actor_options=SERVICE_ACTOR_OPTIONS).bind(
+        cards, bound, fleet.ingress.model_dump()
+    )

@@ -1,0 +1,176 @@
+"""``fleet``: validate agents and configs, export the manifest schema, bring a fleet up.
+
+``fleet up`` is what the README's first command runs: it starts a local Ray cluster
+(unless a dashboard already answers at ``FLEET_DASHBOARD_ADDRESS``), deploys the config with ``serve deploy`` (the
+very path a platform team uses), and waits, showing progress, until the fleet answers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from pydantic import ValidationError
+
+from serve.app import validate_fleet
+from serve.errors import ConfigError
+from serve.manifest import load_agent, manifest_json_schema
+from serve.settings import settings
+from serve.tools import load_tools
+
+__all__ = ["main", "serve_details", "validate_config", "wait_running"]
+
+BUILDER = "serve.app:build_app"
+BIN = Path(sys.executable).parent
+
+
+def validate_config(path: Path) -> list[str]:
+    """Validate a Ray Serve config and every Fleet application in it; returns app names."""
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(exc), file=str(path)) from None
+    try:
+        config = ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(err["msg"], file=str(path), field=".".join(map(str, err["loc"]))) from None
+    names = []
+    for i, app in enumerate(config.applications):
+        if app.import_path != BUILDER:
+            continue
+        try:
+            validate_fleet(app.args or {})
+        except ConfigError as exc:
+            if exc.file is None:  # an error in the config itself: say which file and app
+                raise ConfigError(str(exc), file=str(path), field=f"applications[{i}]") from None
+            raise
+        names.append(app.name)
+    return names
+
+
+@click.group()
+def main() -> None:
+    """Fleet: enterprise AI agents on Ray Serve."""
+
+
+@main.command()
+@click.argument("configs", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--agents-dir", type=click.Path(path_type=Path), default=None, help="Also check every agent folder here."
+)
+def validate(configs: tuple[Path, ...], agents_dir: Path | None) -> None:
+    """Check deploy configs (default: configs/*.yaml) and the agents they name."""
+    try:
+        if agents_dir is not None:
+            for folder in sorted(p for p in agents_dir.iterdir() if (p / "agent.yaml").exists()):
+                spec = load_agent(folder)
+                load_tools(folder, [t.name for t in spec.manifest.tools])
+                click.echo(f"ok  {folder}")
+        for path in configs or tuple(sorted(Path("configs").glob("*.yaml"))):
+            apps = validate_config(path)
+            click.echo(f"ok  {path} ({', '.join(apps) or 'no Fleet applications'})")
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None)
+def schema(output: Path | None) -> None:
+    """Print (or write) the JSON Schema of agent.yaml."""
+    text = json.dumps(manifest_json_schema(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, text=True, capture_output=True, check=False, **kwargs)
+
+
+def _ensure_cluster() -> None:
+    try:
+        serve_details()
+    except Exception:  # no dashboard answers there: start a cluster
+        pass
+    else:
+        click.echo(f"Ray: using the cluster whose dashboard is {settings().dashboard_address}")
+        return
+    click.echo("Ray: starting a local cluster (ray start --head) ...")
+    done = _run([str(BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1", "--disable-usage-stats"])
+    if done.returncode != 0:
+        raise click.ClickException(f"ray start failed:\n{done.stderr[-2000:]}")
+
+
+def serve_details(dashboard: str | None = None) -> dict[str, Any]:
+    """``GET /api/serve/applications/`` (Ray's client adds the cluster's auth token)."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    client = ServeSubmissionClient(dashboard or settings().dashboard_address)
+    details: dict[str, Any] = client.get_serve_details()
+    return details
+
+
+def wait_running(apps: list[str], timeout_s: float, dashboard: str | None = None) -> None:
+    """Poll the dashboard until every app is RUNNING, printing each change of state."""
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        try:
+            details = serve_details(dashboard).get("applications", {})
+        except Exception:  # the dashboard is still starting, or restarting
+            details = {}
+        states = {a: details.get(a, {}).get("status", "NOT_STARTED") for a in apps}
+        for app in apps:
+            if states[app] == "DEPLOY_FAILED":
+                raise click.ClickException(f"application {app} failed:\n{details[app].get('message', '')}")
+        line = ", ".join(f"{a}: {s}" for a, s in states.items())
+        if line != last:
+            click.echo(f"  {time.strftime('%H:%M:%S')} {line}")
+            last = line
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        time.sleep(2)
+    raise click.ClickException(f"the fleet was not running after {timeout_s:g}s ({last})")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("configs/local.yaml"))
+@click.option("--timeout", "timeout_s", type=float, default=900.0, help="Seconds to wait for the fleet.")
+def up(config_path: Path, timeout_s: float) -> None:
+    """Start a local Ray cluster (if none) and deploy CONFIG with `serve deploy`."""
+    try:
+        apps = validate_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    _ensure_cluster()
+    click.echo(f"Deploying {config_path} (serve deploy) ...")
+    deploy = _run([str(BIN / "serve"), "deploy", str(config_path), "-a", settings().dashboard_address])
+    if deploy.returncode != 0:
+        raise click.ClickException(f"serve deploy failed:\n{deploy.stderr[-2000:]}")
+    wait_running(apps, timeout_s)
+    raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    http = raw.get("http_options", {})
+    base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    click.echo(f"Fleet is up: {base}/v1  (agents: GET {base}/v1/models; stop: make down)")
+
+
+@main.command()
+def down() -> None:
+    """Remove the deployed fleet and stop the local Ray cluster."""
+    _run([str(BIN / "serve"), "shutdown", "-y", "-a", settings().dashboard_address])
+    done = _run([str(BIN / "ray"), "stop"])
+    click.echo("Ray stopped" if done.returncode == 0 else done.stderr[-500:])
+
+
+if __name__ == "__main__":
+    main()

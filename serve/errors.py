@@ -1,0 +1,140 @@
+"""Fleet's one exception tree, and its conversion to the OpenAI error envelope.
+
+Three families, as in pydantic-ai:
+- ``ConfigError``: a developer's mistake found before anything runs (manifest, config).
+- ``RequestError`` and its subclasses: a request that Fleet answers with a 4xx/5xx.
+- ``ToolError``: a tool that failed; the agent loop reports it to the model, never to
+  the client.
+
+Every HTTP error body is produced by :func:`envelope`, in this one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AgentError",
+    "ConfigError",
+    "FleetError",
+    "InvalidRequest",
+    "MaxTurnsExceeded",
+    "ModelError",
+    "NotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "RequestError",
+    "Timeout",
+    "ToolError",
+    "envelope",
+]
+
+
+class FleetError(Exception):
+    """Root of every error Fleet raises on purpose."""
+
+
+class ConfigError(FleetError):
+    """A manifest, prompt, tool module or deploy config is wrong. Names file and field."""
+
+    def __init__(self, message: str, *, file: str | None = None, field: str | None = None):
+        self.file = file
+        self.field = field
+        where = ": ".join(p for p in (file, field) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_config_error, (str(self), self.file, self.field))
+
+
+def _rebuild_config_error(text: str, file: str | None, field: str | None) -> ConfigError:
+    err = ConfigError.__new__(ConfigError)
+    Exception.__init__(err, text)
+    err.file, err.field = file, field
+    return err
+
+
+class RequestError(FleetError):
+    """An error answered to the client. Subclasses fix the status and the type."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses Ray process boundaries: keep the keyword arguments.
+        return (_rebuild_request_error, (type(self), self.message, self.param, self.code))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+
+def _rebuild_request_error(
+    cls: type[RequestError], message: str, param: str | None, code: str | None
+) -> RequestError:
+    return cls(message, param=param, code=code)
+
+
+class InvalidRequest(RequestError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFound(RequestError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class AgentError(RequestError):
+    """The agent could not produce an answer (its own logic, not the client's input)."""
+
+    status = 500
+    type = "server_error"
+    code = "agent_error"
+
+
+class MaxTurnsExceeded(AgentError):
+    code = "max_turns_exceeded"
+
+
+class ModelError(RequestError):
+    """The model backend failed (engine down, upstream error, script error)."""
+
+    status = 502
+    type = "server_error"
+    code = "model_error"
+
+
+class Overloaded(RequestError):
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+
+class Timeout(RequestError):
+    status = 504
+    type = "server_error"
+    code = "timeout"
+
+
+class ToolError(FleetError):
+    """A tool failed or timed out; reported to the model as the tool's result."""
+
+
+def envelope(error: RequestError) -> dict[str, Any]:
+    """The OpenAI error body for ``error``."""
+    return {"error": error.to_dict()}

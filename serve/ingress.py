@@ -1,0 +1,247 @@
+"""The HTTP front door: an OpenAI-compatible FastAPI app on Ray Serve.
+
+``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``, agent cards under
+``/v1/agents``, ``GET /v1/health``. Every error leaves as the OpenAI envelope, built by
+:func:`serve.errors.envelope`; no stack trace ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve as rayserve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from serve.errors import (
+    AgentError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestError,
+    Timeout,
+    envelope,
+)
+from serve.loop import AgentResult, ContentDelta, Context, Finished
+from serve.protocol import ChatRequest, chunk, completion, parse_chat_request
+
+__all__ = ["Ingress", "IngressOptions"]
+
+log = logging.getLogger("fleet.ingress")
+
+app = FastAPI(title="Fleet", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+
+
+class IngressOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="Largest request body (413 above).")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="Deadline per request (504 after).")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After sent with 503.")
+
+
+def error_response(exc: RequestError, request_id: str | None = None, retry_after: int = 1) -> JSONResponse:
+    headers = {"x-request-id": request_id} if request_id else {}
+    if exc.status in (429, 503):
+        headers["retry-after"] = str(retry_after)
+    return JSONResponse(envelope(exc), status_code=exc.status, headers=headers)
+
+
+@app.exception_handler(RequestError)
+async def _fleet_error(_: Request, exc: RequestError) -> JSONResponse:
+    return error_response(exc)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    kind = NotFound if exc.status_code == 404 else InvalidRequest
+    err = kind(str(exc.detail))
+    err.status = exc.status_code
+    return error_response(err)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error in ingress", exc_info=exc)
+    return error_response(AgentError("internal error", code="internal_error"))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    return bytes(body)
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _final_chunks(
+    chat: ChatRequest, card: dict[str, Any], ctx: Context, result: AgentResult, piece: Any
+) -> list[str]:
+    out = []
+    if result.tool_calls:
+        calls = [{"index": i, **c.model_dump()} for i, c in enumerate(result.tool_calls)]
+        out.append(piece(delta={"tool_calls": calls}))
+    out.append(piece(delta={}, finish_reason=result.finish_reason, extension=_extension(ctx, card, result)))
+    if chat.stream_options and chat.stream_options.include_usage:
+        out.append(piece(usage=result.usage))
+    return out
+
+
+def _extension(ctx: Context, card: dict[str, Any], result: AgentResult) -> dict[str, Any]:
+    stats = result.stats
+    return {
+        "request_id": ctx.request_id,
+        "agent": card["name"],
+        "agent_version": card["version"],
+        "turns": stats.turns,
+        "tool_calls": stats.tool_calls,
+        "tool_failures": stats.tool_failures,
+        "invalid_tool_calls": stats.invalid_tool_calls,
+        "delegations": stats.delegations,
+    }
+
+
+# Everything the class uses must be defined above it: the ingress decorator freezes
+# (pickles) the FastAPI app when the class is defined.
+@rayserve.ingress(app)
+class Ingress:
+    def __init__(
+        self, cards: dict[str, dict[str, Any]], agents: dict[str, DeploymentHandle], options: dict[str, Any]
+    ) -> None:
+        self._cards = cards
+        self._agents = agents
+        self._options = IngressOptions.model_validate(options)
+        self._created = int(time.time())
+
+    @app.get("/v1/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "agents": sorted(self._cards)}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        data = [
+            {"id": name, "object": "model", "created": self._created, "owned_by": card["owner"]["team"]}
+            for name, card in sorted(self._cards.items())
+        ]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/agents")
+    async def agents(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._cards[n] for n in sorted(self._cards)]}
+
+    @app.get("/v1/agents/{name}")
+    async def agent(self, name: str) -> dict[str, Any]:
+        return self._card(name)
+
+    def _card(self, name: str) -> dict[str, Any]:
+        card = self._cards.get(name)
+        if card is None:
+            raise NotFound(f"The model {name!r} does not exist", param="model", code="model_not_found")
+        return card
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        ctx = Context.new()
+        try:
+            chat = parse_chat_request(await read_body(request, self._options.max_body_bytes))
+            card = self._card(chat.model)
+            handle = self._agents[chat.model]
+            if chat.stream:
+                return await self._stream(chat, card, handle, ctx)
+            result = await self._call(handle, chat, ctx)
+        except RequestError as exc:
+            return error_response(exc, ctx.request_id, self._options.retry_after_s)
+        body = completion(
+            completion_id="chatcmpl-" + ctx.request_id.removeprefix("req_"),
+            model=chat.model,
+            content=result.content,
+            tool_calls=result.tool_calls,
+            finish_reason=result.finish_reason,
+            usage=result.usage,
+            extension=_extension(ctx, card, result),
+        )
+        return JSONResponse(body, headers={"x-request-id": ctx.request_id})
+
+    async def _call(self, handle: DeploymentHandle, chat: ChatRequest, ctx: Context) -> AgentResult:
+        try:
+            outcome = await asyncio.wait_for(handle.chat.remote(chat, ctx), self._options.request_timeout_s)
+        except TimeoutError:
+            raise Timeout(f"the agent did not answer within {self._options.request_timeout_s:g}s") from None
+        except BackPressureError:
+            raise Overloaded(f"agent {chat.model!r} is at capacity; retry later") from None
+        if isinstance(outcome, RequestError):
+            raise outcome
+        result: AgentResult = outcome
+        return result
+
+    async def _stream(
+        self, chat: ChatRequest, card: dict[str, Any], handle: DeploymentHandle, ctx: Context
+    ) -> Response:
+        deadline = time.monotonic() + self._options.request_timeout_s
+        events = handle.options(stream=True).stream.remote(chat, ctx)
+        # Wait for the first event so that an error found before any output (a bad prompt
+        # variable, an overloaded agent) is an HTTP status, not a 200 with an error inside.
+        first = await self._next(events, deadline, chat.model)
+        if isinstance(first, RequestError):
+            raise first
+        return StreamingResponse(
+            self._sse(chat, card, ctx, first, events, deadline),
+            media_type="text/event-stream",
+            headers={"x-request-id": ctx.request_id, "cache-control": "no-cache"},
+        )
+
+    async def _next(self, events: Any, deadline: float, agent: str) -> Any:
+        try:
+            return await asyncio.wait_for(events.__anext__(), max(deadline - time.monotonic(), 0.001))
+        except StopAsyncIteration:
+            return AgentError(f"agent {agent!r} ended its stream without a result")
+        except TimeoutError:
+            events.cancel()
+            return Timeout(f"the agent did not answer within {self._options.request_timeout_s:g}s")
+        except BackPressureError:
+            return Overloaded(f"agent {agent!r} is at capacity; retry later")
+        except Exception as exc:  # a replica died mid-stream: end it with an envelope
+            log.error("stream from agent %s failed", agent, exc_info=exc)
+            return AgentError(f"agent {agent!r} failed mid-stream")
+
+    async def _sse(
+        self, chat: ChatRequest, card: dict[str, Any], ctx: Context, first: Any, events: Any, deadline: float
+    ) -> AsyncIterator[str]:
+        cid, created = "chatcmpl-" + ctx.request_id.removeprefix("req_"), int(time.time())
+
+        def piece(**kwargs: Any) -> str:
+            return _sse(chunk(completion_id=cid, model=chat.model, created=created, **kwargs))
+
+        yield piece(delta={"role": "assistant", "content": ""})
+        event = first
+        while True:
+            if isinstance(event, RequestError):
+                yield _sse(envelope(event))
+                break
+            if isinstance(event, ContentDelta):
+                yield piece(delta={"content": event.text})
+            elif isinstance(event, Finished):
+                for text in _final_chunks(chat, card, ctx, event.result, piece):
+                    yield text
+                break
+            event = await self._next(events, deadline, chat.model)
+        yield _sse("[DONE]")

@@ -1,0 +1,243 @@
+"""The agent loop: model call, tool calls, delegation, up to ``max_turns``.
+
+Pure asyncio, no Ray: the agent deployment gives it a model caller and one delegate
+callable per delegate agent, so it runs the same in a replica and in a unit test.
+
+Semantics (OpenAI function calling, end to end):
+- The model sees the agent's tools, one ``delegate_to_<agent>`` tool per delegate and
+  the client's own ``tools``.
+- Calls to the agent's tools and delegates run server-side; their results go back to
+  the model as ``role: tool`` messages, and the loop goes on.
+- Calls to client tools end the request with ``finish_reason: tool_calls``; the client
+  runs them and sends the results back in its next request.
+- ``tool_choice`` applies to the first model call; later calls use ``auto`` (otherwise
+  ``required`` would never let the model answer).
+- Invalid calls (unknown tool, arguments that fail the schema) and tool failures are
+  told to the model as the tool's result and counted; they never fail the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve.errors import InvalidRequest, MaxTurnsExceeded, RequestError, ToolError
+from serve.manifest import AgentSpec, delegate_tool_name
+from serve.models.base import ModelChunk, ModelRequest
+from serve.prompt import PromptRenderer
+from serve.protocol import ChatRequest, NamedToolChoice, ToolCall, Usage, UserMessage
+from serve.tools import DelegateArgs, InvalidToolArguments, Tool
+
+__all__ = ["AgentLoop", "AgentResult", "ContentDelta", "Context", "DelegateTarget", "Finished"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What travels with a request across delegations."""
+
+    request_id: str
+    chain: tuple[str, ...] = ()
+
+    @staticmethod
+    def new() -> Context:
+        return Context(request_id="req_" + uuid.uuid4().hex)
+
+    def enter(self, agent: str) -> Context:
+        return Context(request_id=self.request_id, chain=(*self.chain, agent))
+
+
+@dataclass
+class Stats:
+    turns: int = 0
+    tool_calls: int = 0
+    tool_failures: int = 0
+    invalid_tool_calls: int = 0
+    delegations: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AgentResult:
+    content: str | None
+    tool_calls: list[ToolCall]
+    finish_reason: str
+    usage: Usage
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class DelegateTarget:
+    """Another agent, as the loop sees it: a description for the model and a call."""
+
+    description: str
+    call: Callable[[ChatRequest, Context], Awaitable[AgentResult]]
+
+
+@dataclass
+class ContentDelta:
+    text: str
+
+
+@dataclass
+class Finished:
+    result: AgentResult
+
+
+Event = ContentDelta | Finished
+ModelCaller = Callable[[ModelRequest], AsyncIterator[ModelChunk]]
+
+
+class AgentLoop:
+    def __init__(
+        self,
+        spec: AgentSpec,
+        tools: dict[str, Tool],
+        model: ModelCaller,
+        delegates: dict[str, DelegateTarget],
+    ) -> None:
+        self.spec = spec
+        self.manifest = spec.manifest
+        self._tools = tools
+        self._grants = {g.name: g for g in spec.manifest.tools}
+        self._model = model
+        self._delegates = {delegate_tool_name(n): (n, t) for n, t in delegates.items()}
+        self._prompt = PromptRenderer(spec)
+        self._server_schemas = [t.openai_schema() for t in tools.values()] + [
+            _delegate_schema(name, target.description) for name, target in delegates.items()
+        ]
+
+    async def run(self, request: ChatRequest, ctx: Context) -> AgentResult:
+        async for event in self.events(request, ctx):
+            if isinstance(event, Finished):
+                return event.result
+        raise AssertionError("the loop ended without a result")  # pragma: no cover
+
+    async def events(self, request: ChatRequest, ctx: Context) -> AsyncIterator[Event]:
+        client_tools = self._client_tools(request)
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": self._prompt.render(request.metadata)},
+            *request.conversation(),
+        ]
+        schemas = self._server_schemas + [t.model_dump(exclude_none=True) for t in request.tools or []]
+        choice = request.tool_choice
+        tool_choice: Any = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice or "auto"
+        stats, usage, text = Stats(), Usage(), []
+        for _ in range(self.manifest.max_turns):
+            stats.turns += 1
+            content, calls, finish = [], [], "stop"
+            async for piece in self._model(self._model_request(request, messages, schemas, tool_choice)):
+                if piece.content:
+                    content.append(piece.content)
+                    yield ContentDelta(piece.content)
+                calls.extend(piece.tool_calls)
+                finish = piece.finish_reason or finish
+                if piece.usage:
+                    usage.add(piece.usage)
+            text.extend(content)
+            if not calls:
+                yield Finished(AgentResult("".join(text), [], finish, usage, stats))
+                return
+            messages.append(_assistant("".join(content), calls))
+            mine = [c for c in calls if c.function.name not in client_tools]
+            theirs = [c for c in calls if c.function.name in client_tools]
+            results = await asyncio.gather(*(self._execute(c, ctx, stats, usage) for c in mine))
+            messages.extend(
+                {"role": "tool", "tool_call_id": c.id, "content": r}
+                for c, r in zip(mine, results, strict=False)
+            )
+            if theirs:
+                yield Finished(AgentResult("".join(text) or None, theirs, "tool_calls", usage, stats))
+                return
+            tool_choice = "auto"
+        raise MaxTurnsExceeded(
+            f"agent {self.manifest.name!r} did not finish within max_turns={self.manifest.max_turns}"
+        )
+
+    def _client_tools(self, request: ChatRequest) -> set[str]:
+        names: set[str] = set()
+        for i, t in enumerate(request.tools or []):
+            name = t.function.name
+            if name in self._tools or name in self._delegates:
+                raise InvalidRequest(
+                    f"tool name {name!r} is reserved by agent {self.manifest.name!r}",
+                    param=f"tools[{i}].function.name",
+                )
+            names.add(name)
+        return names
+
+    def _model_request(
+        self,
+        request: ChatRequest,
+        messages: list[dict[str, Any]],
+        schemas: list[dict[str, Any]],
+        tool_choice: Any,
+    ) -> ModelRequest:
+        defaults = self.manifest.model
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop
+        return ModelRequest(
+            agent=self.manifest.name,
+            messages=list(messages),
+            tools=schemas,
+            tool_choice=tool_choice,
+            max_tokens=request.completion_limit or defaults.max_tokens,
+            temperature=request.temperature if request.temperature is not None else defaults.temperature,
+            top_p=request.top_p if request.top_p is not None else defaults.top_p,
+            stop=stop,
+            seed=request.seed,
+        )
+
+    async def _execute(self, call: ToolCall, ctx: Context, stats: Stats, usage: Usage) -> str:
+        """Run one server-side call; every failure becomes text for the model."""
+        name = call.function.name
+        stats.tool_calls += 1
+        try:
+            if name in self._tools:
+                return await self._tools[name].run(call.function.arguments, self._grants[name].timeout_s)
+            if name in self._delegates:
+                return await self._delegate(name, call.function.arguments, ctx, stats, usage)
+        except InvalidToolArguments as exc:
+            stats.invalid_tool_calls += 1
+            return f"error: {exc}"
+        except ToolError as exc:
+            stats.tool_failures += 1
+            return f"error: {exc}"
+        stats.invalid_tool_calls += 1
+        known = sorted([*self._tools, *self._delegates])
+        return f"error: unknown tool {name!r}; available tools: {', '.join(known) or 'none'}"
+
+    async def _delegate(
+        self, tool_name: str, arguments: str, ctx: Context, stats: Stats, usage: Usage
+    ) -> str:
+        agent, delegate = self._delegates[tool_name]
+        try:
+            args = DelegateArgs.model_validate_json(arguments or "{}")
+        except ValueError as exc:
+            raise InvalidToolArguments(f"invalid arguments for {tool_name}: {exc}") from None
+        stats.delegations.append(agent)
+        request = ChatRequest(model=agent, messages=[UserMessage(role="user", content=args.task)])
+        try:
+            result = await delegate.call(request, ctx.enter(self.manifest.name))
+        except RequestError as exc:
+            raise ToolError(f"agent {agent!r} failed: {exc.message}") from None
+        usage.add(result.usage)
+        return result.content or ""
+
+
+def _assistant(content: str, calls: list[ToolCall]) -> dict[str, Any]:
+    return {"role": "assistant", "content": content or None, "tool_calls": [c.model_dump() for c in calls]}
+
+
+def _delegate_schema(agent: str, description: str) -> dict[str, Any]:
+    params = DelegateArgs.model_json_schema()
+    params.pop("title", None)
+    params.pop("description", None)
+    return {
+        "type": "function",
+        "function": {
+            "name": delegate_tool_name(agent),
+            "description": f"Delegate a task to the {agent} agent and get its answer. {description}",
+            "parameters": params,
+        },
+    }

@@ -1,0 +1,79 @@
+"""The one interface every model backend implements: chat with tools, streamed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.protocol import ToolCall, Usage
+
+__all__ = ["BackendSettings", "ModelBackend", "ModelChunk", "ModelReply", "ModelRequest", "collect"]
+
+
+class BackendSettings(BaseModel):
+    """Settings every backend kind shares (the kind's own config adds to them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inline: bool = Field(
+        default=False,
+        description="Run the backend inside each agent replica instead of as its own shared "
+        "deployment (saves one handle hop; for backends that hold no engine).",
+    )
+
+
+class ModelRequest(BaseModel):
+    """One model call made by an agent turn."""
+
+    model_config = ConfigDict(frozen=True)
+
+    agent: str = Field(description="Calling agent, for scripted backends and metrics.")
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] = "auto"
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+
+
+class ModelChunk(BaseModel):
+    """A piece of a streamed reply. Tool calls arrive whole, in the last chunks."""
+
+    content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    usage: Usage | None = None
+
+
+class ModelReply(BaseModel):
+    content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    finish_reason: Literal["stop", "length", "tool_calls"] = "stop"
+    usage: Usage = Field(default_factory=Usage)
+
+
+class ModelBackend(Protocol):
+    """What an agent needs from a model. Implementations raise ``ModelError``."""
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]: ...
+
+    async def check_health(self) -> None: ...
+
+
+async def collect(chunks: AsyncIterator[ModelChunk]) -> ModelReply:
+    """Fold a stream into one reply."""
+    reply = ModelReply()
+    parts: list[str] = []
+    async for piece in chunks:
+        parts.append(piece.content)
+        reply.tool_calls.extend(piece.tool_calls)
+        if piece.finish_reason:
+            reply.finish_reason = piece.finish_reason
+        if piece.usage:
+            reply.usage.add(piece.usage)
+    reply.content = "".join(parts)
+    return reply

@@ -1,0 +1,55 @@
+"""A model backend as a Ray Serve deployment, shared by the agents that name it.
+
+Errors cross the handle as values (``RequestError`` instances), so the caller sees the
+same typed error whatever Ray does with exceptions raised in a replica.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from serve.errors import ModelError, RequestError
+from serve.models import BackendConfig, ModelBackend, make_backend
+from serve.models.base import ModelChunk, ModelRequest
+
+__all__ = ["ModelDeployment", "parse_backend_config", "stream_model"]
+
+log = logging.getLogger("fleet.model")
+_CONFIG: TypeAdapter[Any] = TypeAdapter(BackendConfig)
+
+
+def parse_backend_config(raw: dict[str, Any]) -> Any:
+    return _CONFIG.validate_python(raw)
+
+
+async def stream_model(
+    backend: ModelBackend, request: ModelRequest
+) -> AsyncIterator[ModelChunk | RequestError]:
+    """Stream a backend's reply; any failure ends the stream with a ``RequestError`` value."""
+    try:
+        async for piece in backend.stream(request):
+            yield piece
+    except RequestError as exc:
+        yield exc
+    except Exception as exc:  # an engine's bug must not escape as a stack trace
+        log.error("model backend failed", exc_info=exc)
+        yield ModelError(f"model backend failed: {type(exc).__name__}")
+
+
+class ModelDeployment:
+    """Wraps one backend; deployed as ``model-<name>``."""
+
+    def __init__(self, name: str, config: dict[str, Any]) -> None:
+        self.name = name
+        self._backend = make_backend(parse_backend_config(config))
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk | RequestError]:
+        async for item in stream_model(self._backend, request):
+            yield item
+
+    async def check_health(self) -> None:
+        await self._backend.check_health()

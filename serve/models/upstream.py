@@ -1,0 +1,108 @@
+"""``openai``: any OpenAI-compatible upstream (an external vLLM server, a hosted API)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import openai
+from pydantic import Field
+
+from serve.errors import InvalidRequest, ModelError
+from serve.models.base import BackendSettings, ModelChunk, ModelRequest
+from serve.protocol import FunctionCall, ToolCall, Usage
+
+__all__ = ["OpenAIBackend", "OpenAIConfig"]
+
+
+class OpenAIConfig(BackendSettings):
+    kind: Literal["openai"] = Field(description="Backend kind.")
+    base_url: str = Field(description="Upstream base URL, e.g. http://vllm:8000/v1.")
+    model: str = Field(description="Model name the upstream serves.")
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the upstream API key."
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Per-call timeout.")
+    max_retries: int = Field(default=2, ge=0, description="Client retries on connection errors.")
+
+
+class _Accumulator:
+    """Joins streamed tool-call fragments (by index) into whole calls."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: list[Any]) -> None:
+        for d in deltas:
+            slot = self.calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+            slot["id"] = d.id or slot["id"]
+            if d.function is not None:
+                slot["name"] += d.function.name or ""
+                slot["arguments"] += d.function.arguments or ""
+
+    def result(self) -> list[ToolCall]:
+        return [
+            ToolCall(
+                id=c["id"] or f"call_{i}", function=FunctionCall(name=c["name"], arguments=c["arguments"])
+            )
+            for i, c in sorted(self.calls.items())
+        ]
+
+
+class OpenAIBackend:
+    def __init__(self, config: OpenAIConfig) -> None:
+        self.config = config
+        key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+        self._client = openai.AsyncOpenAI(
+            base_url=config.base_url,
+            api_key=key or "unused",
+            timeout=config.timeout_s,
+            max_retries=config.max_retries,
+        )
+
+    async def check_health(self) -> None:
+        return None
+
+    def _params(self, request: ModelRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": request.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.tools:
+            params["tools"] = request.tools
+            params["tool_choice"] = request.tool_choice
+        for key in ("max_tokens", "temperature", "top_p", "stop", "seed"):
+            value = getattr(request, key)
+            if value is not None:
+                params[key] = value
+        return params
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        calls = _Accumulator()
+        finish: Any = None
+        usage: Usage | None = None
+        try:
+            response = await self._client.chat.completions.create(**self._params(request))
+            async for event in response:
+                if event.usage is not None:
+                    usage = Usage(
+                        prompt_tokens=event.usage.prompt_tokens,
+                        completion_tokens=event.usage.completion_tokens,
+                    )
+                for choice in event.choices:
+                    finish = choice.finish_reason or finish
+                    if choice.delta.tool_calls:
+                        calls.add(choice.delta.tool_calls)
+                    if choice.delta.content:
+                        yield ModelChunk(content=choice.delta.content)
+        except openai.BadRequestError as exc:
+            raise InvalidRequest(f"the model rejected the request: {exc.message}", param="messages") from None
+        except openai.APIError as exc:
+            raise ModelError(f"upstream model failed: {type(exc).__name__}: {exc.message}") from None
+        tool_calls = calls.result()
+        if finish not in ("stop", "length", "tool_calls"):
+            finish = "tool_calls" if tool_calls else "stop"
+        yield ModelChunk(tool_calls=tool_calls, finish_reason=finish, usage=usage or Usage())

@@ -1,0 +1,270 @@
+"""The OpenAI chat-completions wire format, as far as Fleet speaks it.
+
+Requests are validated strictly (unknown arguments are rejected with the argument
+named, as the OpenAI API does); responses are built as plain dicts in the shape the
+``openai`` client parses, with Fleet's own fields under the ``fleet`` key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serve.errors import InvalidRequest
+
+__all__ = [
+    "ChatRequest",
+    "FunctionCall",
+    "ToolCall",
+    "Usage",
+    "chunk",
+    "completion",
+    "parse_chat_request",
+]
+
+EXTENSION_KEY = "fleet"
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Wire):
+    type: Literal["text"]
+    text: str
+
+
+def _text(content: str | list[TextPart] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
+
+
+class FunctionCall(Wire):
+    name: str
+    arguments: str = Field(description="JSON text, as in the OpenAI API.")
+
+
+class ToolCall(Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SystemMessage(Wire):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(Wire):
+    role: Literal["user"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class AssistantMessage(Wire):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    name: str | None = None
+    refusal: str | None = None
+
+
+class ToolMessage(Wire):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+class FunctionDef(Wire):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolDef(Wire):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Wire):
+    name: str
+
+
+class NamedToolChoice(Wire):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(Wire):
+    include_usage: bool = False
+
+
+class ChatRequest(Wire):
+    """``POST /v1/chat/completions`` body."""
+
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: Literal[1] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    user: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatRequest:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or []}
+            if self.tool_choice.function.name not in names:
+                raise ValueError("tool_choice names a function that is not in tools")
+        return self
+
+    @property
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def conversation(self) -> list[dict[str, Any]]:
+        """Messages as plain OpenAI dicts with text content."""
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            item: dict[str, Any] = {"role": m.role}
+            if isinstance(m, AssistantMessage):
+                item["content"] = _text(m.content) if m.content is not None else None
+                if m.tool_calls:
+                    item["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            else:
+                item["content"] = _text(m.content)
+            if isinstance(m, ToolMessage):
+                item["tool_call_id"] = m.tool_call_id
+            out.append(item)
+        return out
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    # pydantic adds the discriminator tag ("user") and union member names to the
+    # location; the OpenAI ``param`` is the path a client wrote.
+    parts: list[str] = []
+    for piece in loc:
+        if isinstance(piece, int):
+            parts.append(f"[{piece}]")
+        elif piece in {"system", "developer", "user", "assistant", "tool"} and parts:
+            continue
+        elif piece.startswith(("str", "list[", "literal[", "function-", "NamedToolChoice")):
+            continue
+        else:
+            parts.append(("." if parts else "") + piece)
+    return "".join(parts)
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Parse and validate a request body; errors are 400s naming the parameter."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = _param(err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            msg = f"Unrecognized request argument supplied: {param}"
+        elif err["type"] == "missing":
+            msg = f"Missing required parameter: {param}"
+        else:
+            msg = f"Invalid value for {param}: {err['msg']}" if param else err["msg"]
+        raise InvalidRequest(msg, param=param, code="invalid_value") from None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, other: Usage) -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+    def wire(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+def completion(
+    *,
+    completion_id: str,
+    model: str,
+    content: str | None,
+    tool_calls: list[ToolCall],
+    finish_reason: str,
+    usage: Usage,
+    extension: dict[str, Any],
+) -> dict[str, Any]:
+    """A ``chat.completion`` object."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = [c.model_dump() for c in tool_calls]
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+        "usage": usage.wire(),
+        EXTENSION_KEY: extension,
+    }
+
+
+def chunk(
+    *,
+    completion_id: str,
+    model: str,
+    created: int,
+    delta: dict[str, Any] | None = None,
+    finish_reason: str | None = None,
+    usage: Usage | None = None,
+    extension: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A ``chat.completion.chunk``; ``delta=None`` makes the usage-only final chunk."""
+    out: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        out["usage"] = usage.wire()
+    if extension is not None:
+        out[EXTENSION_KEY] = extension
+    return out

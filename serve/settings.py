@@ -1,0 +1,37 @@
+"""Fleet's environment variables, read in one place through one typed object.
+
+Every variable is ``FLEET_<NAME>``; a bad value fails with the variable named.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serve.errors import ConfigError
+
+__all__ = ["Settings", "settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", frozen=True)
+
+    home: Path | None = Field(
+        default=None, description="Where relative paths in deploy configs start (default: the checkout)."
+    )
+    dashboard_address: str = Field(
+        default="http://127.0.0.1:8265",
+        description="Dashboard of the Ray cluster `fleet up` deploys to; none there: start one.",
+    )
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(err["msg"], field="FLEET_" + str(err["loc"][0]).upper()) from None

@@ -1,0 +1,117 @@
+"""One local Ray cluster for all integration tests, deployed with `serve deploy`.
+
+The deployed config is configs/local.yaml, verbatim but for the HTTP port, plus a second
+application (tests/integration/fleet-test.yaml) whose scripted model drives every path
+of the agent loop. The cluster is stopped when the package's tests end, even on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Fleet:
+    url: str  # the example fleet (configs/local.yaml), e.g. http://127.0.0.1:PORT
+    test_url: str  # the test application's prefix
+    dashboard: str
+    logs_dir: Path
+
+    def client(self, base: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=base or self.url, timeout=60)
+
+
+@pytest.fixture(scope="package")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    import ray
+    from ray import serve as rayserve
+
+    from serve.cli import wait_running
+
+    reuse = os.environ.get("FLEET_TEST_REUSE")  # "PORT,DASHBOARD": a cluster deployed by hand
+    if reuse:
+        port_text, dashboard = reuse.split(",")
+        url = f"http://127.0.0.1:{port_text}"
+        yield Fleet(url, url + "/test", dashboard, Path("/tmp/ray/session_latest/logs"))
+        return
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_SERVE_LOG_TO_STDERR="0", RAY_DEDUP_LOGS="0")
+    port, dash_port = free_port(), free_port()
+    work = tmp_path_factory.mktemp("fleet")
+    config = yaml.safe_load((ROOT / "configs/local.yaml").read_text())
+    config["http_options"]["port"] = port
+    config["applications"].append(yaml.safe_load((HERE / "fleet-test.yaml").read_text()))
+    config_path = work / "deploy.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+
+    info = ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dash_port,
+        log_to_driver=False,
+        _temp_dir=str(work / "ray"),
+    )
+    dashboard = f"http://{info.dashboard_url}"
+    try:
+        _serve_deploy(config_path, dashboard)
+        wait_running(["fleet", "fleet-test"], timeout_s=240, dashboard=dashboard)
+        logs = Path(info.address_info["session_dir"]) / "logs"
+        yield Fleet(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/test", dashboard, logs)
+    finally:
+        try:
+            rayserve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _serve_deploy(config_path: Path, dashboard: str) -> None:
+    # The dashboard answers a few seconds after ray.init returns; serve deploy fails fast
+    # until then, so retry on connection errors only.
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(
+            [str(BIN / "serve"), "deploy", str(config_path), "-a", dashboard],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline or "Connect" not in done.stderr + done.stdout:
+            raise RuntimeError(f"serve deploy failed:\n{done.stdout}\n{done.stderr}")
+        time.sleep(1)
+
+
+@pytest.fixture
+def api(fleet: Fleet) -> Iterator[httpx.Client]:
+    with fleet.client() as client:
+        yield client
+
+
+@pytest.fixture
+def test_api(fleet: Fleet) -> Iterator[httpx.Client]:
+    with fleet.client(fleet.test_url) as client:
+        yield client
