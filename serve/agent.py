@@ -49,6 +49,13 @@ def model_caller(model: DeploymentHandle | dict[str, Any]) -> ModelCaller:
     streaming = model.options(stream=True)
 
     async def remote(request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        if not request.stream:  # one unary call: far cheaper than a handle stream
+            reply = await model.complete.remote(request)
+            if isinstance(reply, RequestError):
+                raise reply
+            yield ModelChunk(content=reply.content)
+            yield ModelChunk(tool_calls=reply.tool_calls, finish_reason=reply.finish_reason, usage=reply.usage)
+            return
         async for item in streaming.stream.remote(request):
             if isinstance(item, RequestError):
                 raise item

@@ -186,6 +186,7 @@ class AgentLoop:
             top_p=request.top_p if request.top_p is not None else defaults.top_p,
             stop=stop,
             seed=request.seed,
+            stream=request.stream,
         )
 
     async def _execute(self, call: ToolCall, ctx: Context, stats: Stats, usage: Usage) -> str:

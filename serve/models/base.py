@@ -38,6 +38,10 @@ class ModelRequest(BaseModel):
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    stream: bool = Field(
+        default=True,
+        description="Whether the caller streams; a deployment answers unary calls in one piece.",
+    )
 
 
 class ModelChunk(BaseModel):

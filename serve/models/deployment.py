@@ -14,7 +14,7 @@ from pydantic import TypeAdapter
 
 from serve.errors import ModelError, RequestError
 from serve.models import BackendConfig, ModelBackend, make_backend
-from serve.models.base import ModelChunk, ModelRequest
+from serve.models.base import ModelChunk, ModelReply, ModelRequest, collect
 
 __all__ = ["ModelDeployment", "parse_backend_config", "stream_model"]
 
@@ -50,6 +50,16 @@ class ModelDeployment:
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk | RequestError]:
         async for item in stream_model(self._backend, request):
             yield item
+
+    async def complete(self, request: ModelRequest) -> ModelReply | RequestError:
+        """The whole reply in one handle call (cheaper than a stream when nobody streams)."""
+        try:
+            return await collect(self._backend.stream(request))
+        except RequestError as exc:
+            return exc
+        except Exception as exc:
+            log.error("model backend failed", exc_info=exc)
+            return ModelError(f"model backend failed: {type(exc).__name__}")
 
     async def check_health(self) -> None:
         await self._backend.check_health()
