@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ray.exceptions import RayError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve.errors import AgentError, ModelError, RequestError
 from serve.loop import AgentLoop, AgentResult, Context, DelegateTarget, Event, ModelCaller
@@ -33,7 +33,7 @@ AgentOutcome = AgentResult | RequestError
 StreamItem = Event | RequestError
 
 
-def model_caller(model: DeploymentHandle | dict[str, Any]) -> ModelCaller:
+def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
     """Calls a model deployment through its handle, or an inline backend from its config."""
     if isinstance(model, dict):
         backend = make_backend(parse_backend_config(model))
@@ -54,9 +54,12 @@ def model_caller(model: DeploymentHandle | dict[str, Any]) -> ModelCaller:
             if isinstance(reply, RequestError):
                 raise reply
             yield ModelChunk(content=reply.content)
-            yield ModelChunk(tool_calls=reply.tool_calls, finish_reason=reply.finish_reason, usage=reply.usage)
+            yield ModelChunk(
+                tool_calls=reply.tool_calls, finish_reason=reply.finish_reason, usage=reply.usage
+            )
             return
-        async for item in streaming.stream.remote(request):
+        items = cast(DeploymentResponseGenerator[Any], streaming.stream.remote(request))
+        async for item in items:
             if isinstance(item, RequestError):
                 raise item
             yield item
@@ -64,7 +67,7 @@ def model_caller(model: DeploymentHandle | dict[str, Any]) -> ModelCaller:
     return remote
 
 
-def delegate_target(handle: DeploymentHandle, description: str) -> DelegateTarget:
+def delegate_target(handle: DeploymentHandle[Any], description: str) -> DelegateTarget:
     async def call(request: ChatRequest, ctx: Context) -> AgentResult:
         outcome: AgentOutcome = await handle.chat.remote(request, ctx)
         if isinstance(outcome, RequestError):
@@ -79,8 +82,8 @@ class AgentDeployment:
         self,
         agents_dir: str,
         name: str,
-        model: DeploymentHandle | dict[str, Any],
-        delegates: dict[str, tuple[DeploymentHandle, str]],
+        model: DeploymentHandle[Any] | dict[str, Any],
+        delegates: dict[str, tuple[DeploymentHandle[Any], str]],
     ) -> None:
         spec = load_agent(Path(agents_dir) / name)
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])

@@ -9,11 +9,12 @@ tool modules included, before Ray Serve starts a single replica.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve as rayserve
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from serve.agent import AgentDeployment
 from serve.errors import ConfigError
@@ -103,6 +104,11 @@ def agent_card(spec: AgentSpec) -> dict[str, Any]:
     }
 
 
+def _deployment(cls: type) -> Deployment:
+    # rayserve.deployment's overloads do not tell a class from options; it is a class here.
+    return cast(Deployment, rayserve.deployment(cls))
+
+
 def build_app(args: dict[str, Any]) -> Application:
     fleet, agents_dir, specs = validate_fleet(args)
     used = {spec.manifest.model.backend for spec in specs.values()}
@@ -113,7 +119,7 @@ def build_app(args: dict[str, Any]) -> Application:
             models[name] = config.model_dump(mode="json")
         else:
             models[name] = (
-                rayserve.deployment(ModelDeployment)
+                _deployment(ModelDeployment)
                 .options(name=f"model-{name}", ray_actor_options=SERVICE_ACTOR_OPTIONS)
                 .bind(name, config.model_dump(mode="json"))
             )
@@ -121,7 +127,7 @@ def build_app(args: dict[str, Any]) -> Application:
     for name in delegation_order(specs):
         m = specs[name].manifest
         bound[name] = (
-            rayserve.deployment(AgentDeployment)
+            _deployment(AgentDeployment)
             .options(
                 name=name,
                 autoscaling_config=m.autoscaling.ray_config(),
@@ -136,7 +142,8 @@ def build_app(args: dict[str, Any]) -> Application:
             )
         )
     cards = {name: agent_card(spec) for name, spec in specs.items()}
-    ingress = rayserve.deployment(Ingress)
-    return ingress.options(name="ingress", ray_actor_options=SERVICE_ACTOR_OPTIONS).bind(
-        cards, bound, fleet.ingress.model_dump()
+    return (
+        _deployment(Ingress)
+        .options(name="ingress", ray_actor_options=SERVICE_ACTOR_OPTIONS)
+        .bind(cards, bound, fleet.ingress.model_dump())
     )

@@ -125,7 +125,10 @@ def _extension(ctx: Context, card: dict[str, Any], result: AgentResult) -> dict[
 @rayserve.ingress(app)
 class Ingress:
     def __init__(
-        self, cards: dict[str, dict[str, Any]], agents: dict[str, DeploymentHandle], options: dict[str, Any]
+        self,
+        cards: dict[str, dict[str, Any]],
+        agents: dict[str, DeploymentHandle[Any]],
+        options: dict[str, Any],
     ) -> None:
         self._cards = cards
         self._agents = agents
@@ -181,7 +184,7 @@ class Ingress:
         )
         return JSONResponse(body, headers={"x-request-id": ctx.request_id})
 
-    async def _call(self, handle: DeploymentHandle, chat: ChatRequest, ctx: Context) -> AgentResult:
+    async def _call(self, handle: DeploymentHandle[Any], chat: ChatRequest, ctx: Context) -> AgentResult:
         try:
             outcome = await asyncio.wait_for(handle.chat.remote(chat, ctx), self._options.request_timeout_s)
         except TimeoutError:
@@ -194,7 +197,7 @@ class Ingress:
         return result
 
     async def _stream(
-        self, chat: ChatRequest, card: dict[str, Any], handle: DeploymentHandle, ctx: Context
+        self, chat: ChatRequest, card: dict[str, Any], handle: DeploymentHandle[Any], ctx: Context
     ) -> Response:
         deadline = time.monotonic() + self._options.request_timeout_s
         events = handle.options(stream=True).stream.remote(chat, ctx)

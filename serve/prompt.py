@@ -33,7 +33,7 @@ class PromptRenderer:
                 fields[name] = (kind, ...)
             else:
                 fields[name] = (kind | None, None)
-        self._schema: type[BaseModel] = create_model(  # type: ignore[call-overload]
+        self._schema: type[BaseModel] = create_model(
             f"{self._agent}_prompt", __config__=ConfigDict(extra="ignore"), **fields
         )
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)

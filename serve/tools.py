@@ -96,9 +96,7 @@ def _schema_from_signature(func: Callable[..., Any], name: str) -> type[BaseMode
             raise ConfigError(f"tool {name}: parameter {param.name!r} needs a type annotation")
         default = ... if param.default is param.empty else param.default
         fields[param.name] = (hints[param.name], default)
-    model: type[BaseModel] = create_model(  # type: ignore[call-overload]
-        f"{name}_args", __config__=ConfigDict(extra="forbid"), **fields
-    )
+    model: type[BaseModel] = create_model(f"{name}_args", __config__=ConfigDict(extra="forbid"), **fields)
     return model
 
 

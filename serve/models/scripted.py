@@ -141,7 +141,7 @@ class ScriptedBackend:
             prompt_tokens=prompt_tokens,
             completion_tokens=len(pieces) + sum(_words(c.function.arguments) for c in tool_calls),
         )
-        yield ModelChunk(tool_calls=tool_calls, finish_reason=finish, usage=usage)  # type: ignore[arg-type]
+        yield ModelChunk(tool_calls=tool_calls, finish_reason=finish, usage=usage)
 
     @staticmethod
     def _call(call: ScriptedCall, variables: dict[str, str], turn: int, index: int) -> ToolCall:
