@@ -17,10 +17,10 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from serve.agent import AgentDeployment
-from serve.errors import ConfigError
+from serve.errors import ConfigError, field_path
 from serve.ingress import Ingress, IngressOptions
 from serve.manifest import MANIFEST_FILE, AgentSpec, delegation_order, load_fleet
-from serve.models import BackendConfig
+from serve.models import BACKEND_KINDS, BackendConfig
 from serve.models.deployment import ModelDeployment
 from serve.settings import settings
 from serve.tools import load_tools
@@ -57,7 +57,7 @@ def _parse_args(args: dict[str, Any]) -> FleetArgs:
         return FleetArgs.model_validate(args)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = "args." + ".".join(str(p) for p in err["loc"])
+        field = "args." + field_path(err["loc"], BACKEND_KINDS)
         raise ConfigError(err["msg"], field=field) from None
 
 

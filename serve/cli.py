@@ -75,7 +75,10 @@ def validate(configs: tuple[Path, ...], agents_dir: Path | None) -> None:
                 spec = load_agent(folder)
                 load_tools(folder, [t.name for t in spec.manifest.tools])
                 click.echo(f"ok  {folder}")
-        for path in configs or tuple(sorted(Path("configs").glob("*.yaml"))):
+        paths = configs or tuple(sorted(Path("configs").glob("*.yaml")))
+        if not paths and agents_dir is None:
+            raise ConfigError("no configs given and none found in ./configs (run it from the checkout)")
+        for path in paths:
             apps = validate_config(path)
             click.echo(f"ok  {path} ({', '.join(apps) or 'no Fleet applications'})")
     except ConfigError as exc:

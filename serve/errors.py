@@ -27,6 +27,7 @@ __all__ = [
     "Timeout",
     "ToolError",
     "envelope",
+    "field_path",
 ]
 
 
@@ -133,6 +134,31 @@ class Timeout(RequestError):
 
 class ToolError(FleetError):
     """A tool failed or timed out; reported to the model as the tool's result."""
+
+
+def field_path(loc: tuple[int | str, ...], skip: frozenset[str] = frozenset()) -> str:
+    """A pydantic error location as the user wrote it: ``tools[0].scope``.
+
+    ``skip`` names the tags pydantic adds for union members and discriminators (the
+    ``scripted`` in ``models.default.scripted.script``), which the user never wrote.
+    """
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in skip and not _is_union_tag(part):
+            out += f".{part}" if out else part
+    return out
+
+
+def _is_union_tag(part: str) -> bool:
+    # pydantic names union members by their type: "str", "list[TextPart]", "literal['a']",
+    # "function-after[...]", "dict[str,any]", or a model class name (capitalised).
+    return (
+        part in {"str", "int", "float", "bool"}
+        or part.startswith(("list[", "literal[", "function-", "dict[", "tuple[", "union["))
+        or part[:1].isupper()
+    )
 
 
 def envelope(error: RequestError) -> dict[str, Any]:

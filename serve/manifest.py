@@ -14,9 +14,17 @@ from typing import Annotated, Any, Literal
 import jinja2
 import jinja2.meta
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from serve.errors import ConfigError
+from serve.errors import ConfigError, field_path
 
 __all__ = [
     "API_VERSION",
@@ -31,6 +39,9 @@ API_VERSION = "fleet/v1"
 MANIFEST_FILE = "agent.yaml"
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 SCOPE_PATTERN = r"^[a-z][a-z0-9_.:-]*$"
+
+
+VARIABLE_TYPES: dict[str, type] = {"string": str, "integer": int, "number": float, "boolean": bool}
 
 
 class Strict(BaseModel):
@@ -66,6 +77,17 @@ class PromptVariable(Strict):
         default=False, description="A request must set it (ignored when a default exists)."
     )
 
+    @model_validator(mode="after")
+    def _default_has_the_type(self) -> PromptVariable:
+        if self.default is not None:
+            try:
+                TypeAdapter(VARIABLE_TYPES[self.type]).validate_python(
+                    self.default, strict=self.type != "number"
+                )
+            except ValidationError:
+                raise ValueError(f"default {self.default!r} is not of type {self.type}") from None
+        return self
+
 
 class Prompt(Strict):
     template: str = Field(
@@ -82,6 +104,8 @@ class Prompt(Strict):
         for key in value:
             if not key.isidentifier():
                 raise ValueError(f"variable name {key!r} is not an identifier")
+            if key == "agent":
+                raise ValueError("variable name 'agent' is reserved: templates get the agent's name as it")
         return value
 
 
@@ -225,11 +249,12 @@ def manifest_json_schema() -> dict[str, Any]:
     return schema
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+def _manifest_error(exc: ValidationError, path: Path) -> ConfigError:
+    first = exc.errors()[0]
+    field, message = field_path(first["loc"]), first["msg"].removeprefix("Value error, ")
+    if not field and ": " in message:  # a cross-field check names its field first
+        field, message = message.split(": ", 1)
+    return ConfigError(message, file=str(path), field=field)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -250,8 +275,7 @@ def load_agent(folder: Path) -> AgentSpec:
     try:
         manifest = AgentManifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(first["msg"], file=str(path), field=_field_path(first["loc"])) from None
+        raise _manifest_error(exc, path) from None
     if manifest.name != folder.name:
         raise ConfigError(
             f"name {manifest.name!r} differs from its folder {folder.name!r}",

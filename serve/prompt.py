@@ -13,11 +13,9 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from serve.errors import InvalidRequest
-from serve.manifest import AgentSpec
+from serve.manifest import VARIABLE_TYPES, AgentSpec
 
 __all__ = ["PromptRenderer"]
-
-_TYPES: dict[str, type] = {"string": str, "integer": int, "number": float, "boolean": bool}
 
 
 class PromptRenderer:
@@ -26,7 +24,7 @@ class PromptRenderer:
         variables = spec.manifest.prompt.variables
         fields: dict[str, Any] = {}
         for name, var in variables.items():
-            kind = _TYPES[var.type]
+            kind = VARIABLE_TYPES[var.type]
             if var.default is not None:
                 fields[name] = (kind, var.default)
             elif var.required:

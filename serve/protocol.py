@@ -11,9 +11,9 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.errors import InvalidRequest
+from serve.errors import InvalidRequest, field_path
 
 __all__ = [
     "ChatRequest",
@@ -133,14 +133,6 @@ class ChatRequest(Wire):
     metadata: dict[str, str] | None = None
     store: bool | None = None
 
-    @model_validator(mode="after")
-    def _tool_choice_names_a_tool(self) -> ChatRequest:
-        if isinstance(self.tool_choice, NamedToolChoice):
-            names = {t.function.name for t in self.tools or []}
-            if self.tool_choice.function.name not in names:
-                raise ValueError("tool_choice names a function that is not in tools")
-        return self
-
     @property
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -162,20 +154,14 @@ class ChatRequest(Wire):
         return out
 
 
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
 def _param(loc: tuple[int | str, ...]) -> str:
-    # pydantic adds the discriminator tag ("user") and union member names to the
-    # location; the OpenAI ``param`` is the path a client wrote.
-    parts: list[str] = []
-    for piece in loc:
-        if isinstance(piece, int):
-            parts.append(f"[{piece}]")
-        elif piece in {"system", "developer", "user", "assistant", "tool"} and parts:
-            continue
-        elif piece.startswith(("str", "list[", "literal[", "function-", "NamedToolChoice")):
-            continue
-        else:
-            parts.append(("." if parts else "") + piece)
-    return "".join(parts)
+    # A message's role is the discriminator tag pydantic puts after its index
+    # (messages[0].user.content); the top-level field `user` must stay.
+    kept = [p for i, p in enumerate(loc) if not (p in _ROLES and i and isinstance(loc[i - 1], int))]
+    return field_path(tuple(kept))
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -187,7 +173,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     try:
-        return ChatRequest.model_validate(data)
+        request = ChatRequest.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = _param(err["loc"]) or None
@@ -198,6 +184,13 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         else:
             msg = f"Invalid value for {param}: {err['msg']}" if param else err["msg"]
         raise InvalidRequest(msg, param=param, code="invalid_value") from None
+    if isinstance(request.tool_choice, NamedToolChoice):
+        name = request.tool_choice.function.name
+        if name not in {t.function.name for t in request.tools or []}:
+            raise InvalidRequest(
+                f"tool_choice names function {name!r}, which is not in tools", param="tool_choice"
+            )
+    return request
 
 
 class Usage(BaseModel):

@@ -81,6 +81,7 @@ class Tool:
 
     async def _call(self, args: BaseModel) -> Any:
         kwargs = {name: getattr(args, name) for name in type(args).model_fields}
+        kwargs.update(args.model_extra or {})  # a LangChain tool with a dict schema
         if inspect.iscoroutinefunction(self._func):
             return await self._func(**kwargs)
         return await asyncio.to_thread(self._func, **kwargs)
@@ -169,6 +170,7 @@ def load_tools(folder: Path, names: list[str]) -> dict[str, Tool]:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[module_name]
         raise ConfigError(f"importing failed: {type(exc).__name__}: {exc}", file=str(path)) from exc
     found: dict[str, Tool] = {}
     for value in vars(module).values():

@@ -11,6 +11,7 @@ from serve.models.scripted import ScriptedBackend, ScriptedConfig
 from serve.models.upstream import OpenAIBackend, OpenAIConfig
 
 __all__ = [
+    "BACKEND_KINDS",
     "BackendConfig",
     "ModelBackend",
     "ModelChunk",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 BackendConfig = Annotated[ScriptedConfig | OpenAIConfig, Field(discriminator="kind")]
+BACKEND_KINDS = frozenset({"scripted", "openai"})
 
 
 def make_backend(config: ScriptedConfig | OpenAIConfig) -> ModelBackend:

@@ -1,0 +1,238 @@
+"""serve.app without Ray running: FleetArgs, validate_fleet and agent cards."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from serve.app import FleetArgs, agent_card, project_root, validate_fleet
+from serve.errors import ConfigError
+from serve.manifest import load_agent
+from serve.models.scripted import ScriptedConfig
+from serve.settings import settings
+from tests.unit.conftest import AGENTS, EXAMPLE_AGENTS, LOCAL_CONFIG, ROOT, TEST_APP_CONFIG, write_agent
+
+SCRIPTED = {"kind": "scripted", "script": [{"replies": [{"content": "hi"}]}]}
+
+
+def local_args() -> dict[str, Any]:
+    config = yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    args: dict[str, Any] = app["args"]
+    return args
+
+
+@pytest.fixture
+def fleet_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("FLEET_HOME", str(tmp_path))
+    settings.cache_clear()
+    yield tmp_path
+    monkeypatch.delenv("FLEET_HOME")
+    settings.cache_clear()
+
+
+def test_local_config_validates() -> None:
+    fleet, agents_dir, specs = validate_fleet(local_args())
+    assert agents_dir == ROOT / "agents"
+    assert fleet.agents == EXAMPLE_AGENTS
+    assert list(specs) == EXAMPLE_AGENTS
+    assert isinstance(fleet.models["default"], ScriptedConfig)
+    assert fleet.ingress.request_timeout_s == 300.0
+    assert specs["orchestrator"].manifest.delegates == [
+        "hr-policy-advisor",
+        "supply-chain-optimizer",
+        "fleet-monitor",
+    ]
+
+
+def test_integration_test_config_validates() -> None:
+    app = yaml.safe_load(TEST_APP_CONFIG.read_text(encoding="utf-8"))
+    fleet, agents_dir, specs = validate_fleet(app["args"])
+    assert agents_dir == ROOT / "tests" / "integration" / "agents"
+    assert list(specs) == ["tester", "helper"]
+    assert fleet.ingress.request_timeout_s == 4
+    assert fleet.models["default"].words_per_chunk == 1
+
+
+def test_project_root_is_the_checkout() -> None:
+    assert project_root() == ROOT
+
+
+def test_fleet_home_moves_relative_agents_dir(fleet_home: Path) -> None:
+    write_agent(fleet_home / "agents", "solo")
+    _, agents_dir, specs = validate_fleet({"agents": ["solo"], "models": {"default": SCRIPTED}})
+    assert agents_dir == fleet_home / "agents"
+    assert list(specs) == ["solo"]
+
+
+def test_absolute_agents_dir(tmp_path: Path) -> None:
+    write_agent(tmp_path, "solo")
+    fleet, agents_dir, _ = validate_fleet(
+        {"agents_dir": str(tmp_path), "agents": ["solo"], "models": {"default": SCRIPTED}}
+    )
+    assert agents_dir == tmp_path
+    assert fleet.agents_dir == str(tmp_path)
+
+
+def test_fleet_args_defaults() -> None:
+    args = FleetArgs.model_validate({"agents": ["a"], "models": {"default": SCRIPTED}})
+    assert args.agents_dir == "agents"
+    assert args.ingress.model_dump() == {
+        "max_body_bytes": 1 << 20,
+        "request_timeout_s": 300.0,
+        "retry_after_s": 1,
+    }
+
+
+BROKEN_ARGS: list[tuple[str, dict[str, Any], str]] = [
+    ("no-agents", {"models": {"default": SCRIPTED}}, "args.agents: Field required"),
+    (
+        "empty-agents",
+        {"agents": [], "models": {"default": SCRIPTED}},
+        "args.agents: List should have at least 1 item after validation, not 0",
+    ),
+    (
+        "empty-models",
+        {"agents": ["orchestrator"], "models": {}},
+        "args.models: Dictionary should have at least 1 item after validation, not 0",
+    ),
+    (
+        "unknown-kind",
+        {"agents": ["orchestrator"], "models": {"default": {"kind": "llama"}}},
+        "args.models.default: Input tag 'llama' found using 'kind' does not match any of the expected "
+        "tags: 'scripted', 'openai'",
+    ),
+    (
+        "unknown-key",
+        {"agents": ["orchestrator"], "models": {"default": SCRIPTED}, "replicas": 3},
+        "args.replicas: Extra inputs are not permitted",
+    ),
+    (
+        "unknown-ingress-option",
+        {"agents": ["orchestrator"], "models": {"default": SCRIPTED}, "ingress": {"port": 1}},
+        "args.ingress.port: Extra inputs are not permitted",
+    ),
+    (
+        "bad-timeout",
+        {"agents": ["orchestrator"], "models": {"default": SCRIPTED}, "ingress": {"request_timeout_s": 0}},
+        "args.ingress.request_timeout_s: Input should be greater than 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "message"), BROKEN_ARGS, ids=[c[0] for c in BROKEN_ARGS])
+def test_broken_args(name: str, args: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_fleet(args)
+    assert str(info.value) == message
+    assert info.value.file is None
+    assert info.value.field == message.split(": ", 1)[0]
+
+
+def test_broken_model_config_names_the_path_the_user_wrote() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_fleet({"agents": ["orchestrator"], "models": {"default": {"kind": "scripted"}}})
+    assert info.value.field == "args.models.default.script"
+
+
+def test_missing_agent() -> None:
+    args = local_args()
+    args["agents"] = [*args["agents"], "ghost"]
+    with pytest.raises(ConfigError) as info:
+        validate_fleet(args)
+    assert str(info.value) == f"no agent 'ghost': {str(ROOT / 'agents' / 'ghost' / 'agent.yaml')!r} not found"
+
+
+def test_delegate_left_out_of_the_config() -> None:
+    args = local_args()
+    args["agents"] = ["orchestrator", "hr-policy-advisor"]
+    with pytest.raises(ConfigError) as info:
+        validate_fleet(args)
+    assert info.value.file == str(AGENTS / "orchestrator" / "agent.yaml")
+    assert info.value.field == "delegates[1]"
+    assert "delegate 'supply-chain-optimizer' is not part of this fleet" in str(info.value)
+
+
+def test_backend_not_in_models() -> None:
+    args = copy.deepcopy(local_args())
+    args["models"] = {"other": args["models"]["default"]}
+    with pytest.raises(ConfigError) as info:
+        validate_fleet(args)
+    manifest = str(AGENTS / "orchestrator" / "agent.yaml")
+    assert str(info.value) == (
+        f"{manifest}: model.backend: model backend 'default' is not in the config's models (other)"
+    )
+
+
+def test_tool_modules_are_checked(tmp_path: Path) -> None:
+    folder = write_agent(tmp_path, "toolless", tools=[{"name": "echo", "scope": "s"}], scopes=["s"])
+    with pytest.raises(ConfigError) as info:
+        validate_fleet({"agents_dir": str(tmp_path), "agents": ["toolless"], "models": {"default": SCRIPTED}})
+    assert info.value.file == str(folder / "agent.yaml")
+    assert "does not exist" in str(info.value)
+
+
+def test_agent_card() -> None:
+    card = agent_card(load_agent(AGENTS / "hr-policy-advisor"))
+    assert card == {
+        "object": "agent",
+        "name": "hr-policy-advisor",
+        "version": "1.0.0",
+        "role": "domain",
+        "description": "Answers employee questions from the HR handbook and looks up leave balances.",
+        "owner": {"team": "People Operations", "contact": "people-ops@example.com"},
+        "model": "default",
+        "tools": [
+            {
+                "name": "search_handbook",
+                "scope": "hr.handbook.read",
+                "approval": False,
+                "timeout_s": 5.0,
+                "description": "Search the HR handbook; returns the best matching sections, best first.",
+            },
+            {
+                "name": "leave_balance",
+                "scope": "hr.leave.read",
+                "approval": False,
+                "timeout_s": 5.0,
+                "description": "Annual leave of an employee: entitlement, carried over, taken, pending, remaining.",
+            },
+        ],
+        "delegates": [],
+        "scopes": ["hr.handbook.read", "hr.leave.read"],
+        "data": ["internal", "pii"],
+        "policies": {
+            "pii": "redact",
+            "compliance": ["gdpr"],
+            "cost": {"per_request_usd": "0.05", "per_day_usd": "25"},
+            "files": [],
+        },
+        "sla": {"p95_latency_ms": 4000, "availability": 0.995},
+        "kpis": [
+            {"name": "resolution_rate", "target": 0.85, "direction": "higher", "unit": ""},
+            {"name": "handle_time_s", "target": 60.0, "direction": "lower", "unit": "s"},
+        ],
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 4,
+            "initial_replicas": None,
+            "target_ongoing_requests": 4.0,
+            "upscale_delay_s": 10.0,
+            "downscale_delay_s": 300.0,
+            "max_ongoing_requests": 32,
+        },
+        "max_turns": 4,
+    }
+
+
+def test_orchestrator_card_lists_delegates_and_no_tools() -> None:
+    card = agent_card(load_agent(AGENTS / "orchestrator"))
+    assert card["tools"] == []
+    assert card["delegates"] == ["hr-policy-advisor", "supply-chain-optimizer", "fleet-monitor"]
+    assert card["role"] == "orchestration"

@@ -1,0 +1,160 @@
+"""The `fleet` CLI (click's CliRunner): validate and schema. No Ray cluster is involved."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+from jsonschema import Draft202012Validator
+
+from serve.cli import main
+from tests.unit.conftest import AGENTS, EXAMPLE_AGENTS, LOCAL_CONFIG, ROOT
+
+
+def fleet(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def write_config(tmp_path: Path, change: Any) -> Path:
+    config = yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))
+    change(config["applications"][0]["args"])
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_validate_local_config() -> None:
+    result = fleet("validate", str(LOCAL_CONFIG))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"ok  {LOCAL_CONFIG} (fleet)\n"
+
+
+def test_validate_defaults_to_configs_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    result = fleet("validate")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "ok  configs/local.yaml (fleet)\n"
+
+
+def test_validate_with_no_config_found_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = fleet("validate")
+    assert result.output != ""
+
+
+def test_validate_agents_dir() -> None:
+    result = fleet("validate", "--agents-dir", str(AGENTS), str(LOCAL_CONFIG))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[:-1] == [f"ok  {AGENTS / name}" for name in sorted(EXAMPLE_AGENTS)]
+    assert lines[-1] == f"ok  {LOCAL_CONFIG} (fleet)"
+
+
+def test_validate_config_naming_a_missing_agent(tmp_path: Path) -> None:
+    path = write_config(tmp_path, lambda args: args["agents"].append("ghost"))
+    result = fleet("validate", str(path))
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"error: {path}: applications[0]: no agent 'ghost': "
+        f"{str(ROOT / 'agents' / 'ghost' / 'agent.yaml')!r} not found\n"
+    )
+
+
+def test_validate_config_with_broken_args(tmp_path: Path) -> None:
+    path = write_config(tmp_path, lambda args: args.pop("models"))
+    result = fleet("validate", str(path))
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {path}: applications[0]: args.models: Field required\n"
+
+
+def test_validate_names_the_broken_manifest(tmp_path: Path) -> None:
+    agents = tmp_path / "agents"
+    shutil.copytree(AGENTS, agents)
+    manifest = agents / "hr-policy-advisor" / "agent.yaml"
+    data = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+    data["autoscaling"]["min_replicas"] = 9
+    manifest.write_text(yaml.safe_dump(data), encoding="utf-8")
+    path = write_config(tmp_path, lambda args: args.update(agents_dir=str(agents)))
+    result = fleet("validate", str(path))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: {manifest}: autoscaling: ")
+    assert "min_replicas must not exceed max_replicas" in result.stderr
+
+
+def test_validate_agents_dir_reports_a_broken_agent(tmp_path: Path) -> None:
+    agents = tmp_path / "agents"
+    shutil.copytree(AGENTS / "orchestrator", agents / "orchestrator")
+    (agents / "orchestrator" / "prompt.md").write_text("Hello {{ who }}", encoding="utf-8")
+    result = fleet("validate", "--agents-dir", str(agents), str(LOCAL_CONFIG))
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: {agents / 'orchestrator' / 'agent.yaml'}: prompt.variables: "
+        "template uses undeclared variables ['who']\n"
+    )
+
+
+def test_validate_config_that_ray_rejects(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("applications: 3\n", encoding="utf-8")
+    result = fleet("validate", str(path))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: {path}: applications: ")
+
+
+def test_validate_config_that_is_not_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("applications: [\n", encoding="utf-8")
+    result = fleet("validate", str(path))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: {path}: ")
+
+
+def test_validate_missing_config_file(tmp_path: Path) -> None:
+    result = fleet("validate", str(tmp_path / "nope.yaml"))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: {tmp_path / 'nope.yaml'}: ")
+
+
+def test_validate_skips_non_fleet_applications(tmp_path: Path) -> None:
+    path = tmp_path / "other.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"applications": [{"name": "other", "import_path": "mypkg.app:app", "route_prefix": "/x"}]}
+        ),
+        encoding="utf-8",
+    )
+    result = fleet("validate", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"ok  {path} (no Fleet applications)\n"
+
+
+def test_schema_is_a_json_schema() -> None:
+    result = fleet("schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    Draft202012Validator.check_schema(schema)
+    assert "apiVersion" in schema["properties"]
+    assert {"apiVersion", "name", "version", "role", "description", "owner", "prompt", "sla"} <= set(
+        schema["required"]
+    )
+    assert schema["additionalProperties"] is False
+
+
+def test_schema_to_file(tmp_path: Path) -> None:
+    out = tmp_path / "agent.schema.json"
+    result = fleet("schema", "-o", str(out))
+    assert result.exit_code == 0
+    assert result.stdout == ""
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(fleet("schema").stdout)
+
+
+def test_readme_schema_file_is_current() -> None:
+    shipped = AGENTS / "agent.schema.json"
+    assert shipped.is_file()
+    assert json.loads(shipped.read_text(encoding="utf-8")) == json.loads(fleet("schema").stdout)

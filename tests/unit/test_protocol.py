@@ -1,0 +1,275 @@
+"""serve.protocol: request validation with OpenAI-style params, conversations, response shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from serve.errors import InvalidRequest
+from serve.protocol import (
+    ChatRequest,
+    FunctionCall,
+    ToolCall,
+    Usage,
+    chunk,
+    completion,
+    parse_chat_request,
+)
+
+USER = [{"role": "user", "content": "hi"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps({"model": "orchestrator", "messages": USER, **fields}).encode()
+
+
+def error_for(raw: bytes) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_request(raw)
+    return info.value
+
+
+def test_minimal_request() -> None:
+    request = parse_chat_request(body())
+    assert request.model == "orchestrator"
+    assert request.stream is False
+    assert request.tools is None and request.tool_choice is None
+    assert request.conversation() == [{"role": "user", "content": "hi"}]
+
+
+def test_full_request() -> None:
+    request = parse_chat_request(
+        body(
+            stream=True,
+            stream_options={"include_usage": True},
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            max_tokens=10,
+            temperature=0.5,
+            top_p=0.9,
+            n=1,
+            stop="END",
+            seed=1,
+            metadata={"company": "Globex"},
+            user="u1",
+        )
+    )
+    assert request.stream and request.stream_options and request.stream_options.include_usage
+    assert request.tools and request.tools[0].function.name == "get_weather"
+    assert request.tools[0].function.parameters == {"type": "object", "properties": {}}
+    assert request.metadata == {"company": "Globex"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"messages": []}, "messages", "Invalid value for messages: List should have at least 1 item"),
+        (
+            {"messages": [{"role": "user", "content": 123}]},
+            "messages[0].content",
+            "Invalid value for messages[0].content: Input should be a valid string",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "text": "x"}]}]},
+            "messages[0].content",
+            "Invalid value for messages[0].content: ",
+        ),
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "messages[0]",
+            "Invalid value for messages[0]: Input tag 'robot' found using 'role'",
+        ),
+        (
+            {"messages": [*USER, {"role": "tool", "content": "x"}]},
+            "messages[1].tool_call_id",
+            "Missing required parameter: messages[1].tool_call_id",
+        ),
+        (
+            {"temperature": 3},
+            "temperature",
+            "Invalid value for temperature: Input should be less than or equal to 2",
+        ),
+        ({"top_p": 0}, "top_p", "Invalid value for top_p: Input should be greater than 0"),
+        ({"max_tokens": 0}, "max_tokens", "Invalid value for max_tokens: Input should be greater than 0"),
+        ({"frobnicate": True}, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
+        ({"n": 2}, "n", "Invalid value for n: Input should be 1"),
+        (
+            {"tool_choice": "sometimes"},
+            "tool_choice",
+            "Invalid value for tool_choice: Input should be 'none', 'auto' or 'required'",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name"}}]},
+            "tools[0].function.name",
+            "Invalid value for tools[0].function.name: String should match pattern",
+        ),
+        ({"metadata": {"company": 5}}, "metadata.company", "Invalid value for metadata.company: "),
+    ],
+    ids=lambda v: v if isinstance(v, str) and "." not in v and " " not in v else None,
+)
+def test_invalid_requests_name_the_param(fields: dict[str, Any], param: str, message: str) -> None:
+    err = error_for(body(**fields))
+    assert err.param == param
+    assert err.message.startswith(message)
+    assert err.code == "invalid_value"
+    assert err.status == 400
+    assert err.type == "invalid_request_error"
+
+
+def test_missing_messages() -> None:
+    err = error_for(json.dumps({"model": "orchestrator"}).encode())
+    assert (err.param, err.message) == ("messages", "Missing required parameter: messages")
+
+
+def test_missing_model() -> None:
+    err = error_for(json.dumps({"messages": USER}).encode())
+    assert (err.param, err.message) == ("model", "Missing required parameter: model")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{", "request body is not valid JSON: "),
+        (b"\xff", "request body is not valid JSON: "),
+        (b"[1, 2]", "request body must be a JSON object"),
+    ],
+)
+def test_body_that_is_not_a_json_object(raw: bytes, message: str) -> None:
+    err = error_for(raw)
+    assert err.param is None
+    assert err.code == "invalid_json"
+    assert err.message.startswith(message)
+
+
+def test_tool_choice_naming_a_missing_tool() -> None:
+    err = error_for(body(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}))
+    assert err.message == "tool_choice names function 'nope', which is not in tools"
+    assert err.param == "tool_choice"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"stream": "maybe"}, "stream"),
+        ({"stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "strict": "maybe"}}]},
+            "tools[0].function.strict",
+        ),
+    ],
+)
+def test_params_starting_with_str_are_named(fields: dict[str, Any], param: str) -> None:
+    assert error_for(body(**fields)).param == param
+
+
+def test_conversation_joins_text_parts() -> None:
+    request = ChatRequest.model_validate(
+        {
+            "model": "a",
+            "messages": [
+                {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}],
+                },
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "42"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "It is 42."}]},
+            ],
+        }
+    )
+    assert request.conversation() == [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Hello, world"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "It is 42."},
+    ]
+
+
+def test_completion_limit_prefers_max_completion_tokens() -> None:
+    assert parse_chat_request(body(max_tokens=5)).completion_limit == 5
+    assert parse_chat_request(body(max_tokens=5, max_completion_tokens=9)).completion_limit == 9
+    assert parse_chat_request(body()).completion_limit is None
+
+
+def test_usage() -> None:
+    usage = Usage(prompt_tokens=3, completion_tokens=4)
+    usage.add(Usage(prompt_tokens=1, completion_tokens=2))
+    assert usage.total_tokens == 10
+    assert usage.wire() == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+
+
+def test_completion_shape() -> None:
+    call = ToolCall(id="c1", function=FunctionCall(name="f", arguments='{"x": 1}'))
+    out = completion(
+        completion_id="chatcmpl-1",
+        model="orchestrator",
+        content=None,
+        tool_calls=[call],
+        finish_reason="tool_calls",
+        usage=Usage(prompt_tokens=2, completion_tokens=1),
+        extension={"request_id": "req_1"},
+    )
+    assert isinstance(out.pop("created"), int)
+    assert out == {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "orchestrator",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+        "fleet": {"request_id": "req_1"},
+    }
+
+
+def test_completion_without_tool_calls_has_no_tool_calls_key() -> None:
+    out = completion(
+        completion_id="x",
+        model="m",
+        content="hi",
+        tool_calls=[],
+        finish_reason="stop",
+        usage=Usage(),
+        extension={},
+    )
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+
+
+def test_chunk_shapes() -> None:
+    piece = chunk(completion_id="x", model="m", created=5, delta={"content": "hi"})
+    assert piece == {
+        "id": "x",
+        "object": "chat.completion.chunk",
+        "created": 5,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}],
+    }
+    final = chunk(completion_id="x", model="m", created=5, usage=Usage(prompt_tokens=1), extension={"a": 1})
+    assert final["choices"] == []
+    assert final["usage"] == {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+    assert final["fleet"] == {"a": 1}
