@@ -22,8 +22,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
+CONFIG ?= configs/local.yaml
+
 up: install
-	$(BIN)/fleet up --config configs/local.yaml
+	$(BIN)/fleet up --config $(CONFIG)
 
 down:
 	$(BIN)/fleet down

@@ -1,6 +1,7 @@
 """One local Ray cluster for all integration tests, deployed with `serve deploy`.
 
-The deployed config is configs/local.yaml, verbatim but for the HTTP port, plus a second
+The deployed config is configs/scripted.yaml (the example fleet on the scripted model),
+verbatim but for the HTTP port, plus a second
 application (tests/integration/fleet-test.yaml) whose scripted model drives every path
 of the agent loop. The cluster is stopped when the package's tests end, even on failure.
 """
@@ -57,7 +58,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_SERVE_LOG_TO_STDERR="0", RAY_DEDUP_LOGS="0")
     port, dash_port = free_port(), free_port()
     work = tmp_path_factory.mktemp("fleet")
-    config = yaml.safe_load((ROOT / "configs/local.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs/scripted.yaml").read_text())
     config["http_options"]["port"] = port
     config["applications"].append(yaml.safe_load((HERE / "fleet-test.yaml").read_text()))
     config_path = work / "deploy.yaml"

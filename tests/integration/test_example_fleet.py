@@ -1,4 +1,4 @@
-"""The example fleet (configs/local.yaml) over HTTP, with the openai client."""
+"""The example fleet on the scripted model (configs/scripted.yaml) over HTTP, with the openai client."""
 
 from __future__ import annotations
 

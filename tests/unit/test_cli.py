@@ -38,7 +38,9 @@ def test_validate_defaults_to_configs_folder(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.chdir(ROOT)
     result = fleet("validate")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "ok  configs/local.yaml (fleet)\n"
+    expected = [f"ok  {p.relative_to(ROOT)} (fleet)" for p in sorted((ROOT / "configs").glob("*.yaml"))]
+    assert result.stdout.splitlines() == expected
+    assert "ok  configs/local.yaml (fleet)" in expected
 
 
 def test_validate_with_no_config_found_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
