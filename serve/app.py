@@ -20,7 +20,7 @@ from serve.agent import AgentDeployment
 from serve.errors import ConfigError, field_path
 from serve.ingress import Ingress, IngressOptions
 from serve.manifest import MANIFEST_FILE, AgentSpec, delegation_order, load_fleet
-from serve.models import BACKEND_KINDS, BackendConfig
+from serve.models import BACKEND_KINDS, BackendConfig, VLLMConfig
 from serve.models.deployment import ModelDeployment
 from serve.settings import settings
 from serve.tools import load_tools
@@ -104,6 +104,29 @@ def agent_card(spec: AgentSpec) -> dict[str, Any]:
     }
 
 
+def model_deployment_options(name: str, config: Any) -> dict[str, Any]:
+    """Options of a model backend's deployment; an engine gets LLM-shaped ones."""
+    if not isinstance(config, VLLMConfig):
+        return {"name": f"model-{name}", "ray_actor_options": SERVICE_ACTOR_OPTIONS}
+    return {
+        "name": f"model-{name}",
+        "ray_actor_options": config.ray_actor_options(),
+        # Scale on queue depth: a replica is "full" when its engine batch is; requests
+        # beyond twice that wait in the handle's queue instead of the engine's.
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": 1,
+            "target_ongoing_requests": config.max_num_seqs,
+            "upscale_delay_s": 15,
+            "downscale_delay_s": 600,
+        },
+        "max_ongoing_requests": 2 * config.max_num_seqs,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 30,
+    }
+
+
 def _deployment(cls: type) -> Deployment:
     # rayserve.deployment's overloads do not tell a class from options; it is a class here.
     return cast(Deployment, rayserve.deployment(cls))
@@ -120,7 +143,7 @@ def build_app(args: dict[str, Any]) -> Application:
         else:
             models[name] = (
                 _deployment(ModelDeployment)
-                .options(name=f"model-{name}", ray_actor_options=SERVICE_ACTOR_OPTIONS)
+                .options(**model_deployment_options(name, config))
                 .bind(name, config.model_dump(mode="json"))
             )
     bound: dict[str, Any] = {}

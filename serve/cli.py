@@ -146,6 +146,21 @@ def wait_running(apps: list[str], timeout_s: float, dashboard: str | None = None
     raise click.ClickException(f"the fleet was not running after {timeout_s:g}s ({last})")
 
 
+def _prepare_models(path: Path) -> None:
+    """Convert embedded models now, with progress, rather than silently inside a replica."""
+    from serve.models import VLLMConfig
+    from serve.models.embedded import EMBEDDED_MODELS, ensure_model
+
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for app in raw.get("applications", []):
+        if app.get("import_path") != BUILDER:
+            continue
+        for name, model in (app.get("args") or {}).get("models", {}).items():
+            if model.get("kind") == "vllm" and VLLMConfig.model_validate(model).model in EMBEDDED_MODELS:
+                click.echo(f"Model {name}: preparing the embedded model ...")
+                click.echo(f"Model {name}: {ensure_model()}")
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("configs/local.yaml"))
 @click.option("--timeout", "timeout_s", type=float, default=900.0, help="Seconds to wait for the fleet.")
@@ -155,6 +170,7 @@ def up(config_path: Path, timeout_s: float) -> None:
         apps = validate_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    _prepare_models(config_path)
     _ensure_cluster()
     click.echo(f"Deploying {config_path} (serve deploy) ...")
     deploy = _run([str(BIN / "serve"), "deploy", str(config_path), "-a", settings().dashboard_address])

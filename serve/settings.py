@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     home: Path | None = Field(
         default=None, description="Where relative paths in deploy configs start (default: the checkout)."
     )
+    model_cache: Path | None = Field(
+        default=None, description="Where converted embedded models live (default ~/.cache/fleet/models)."
+    )
     dashboard_address: str = Field(
         default="http://127.0.0.1:8265",
         description="Dashboard of the Ray cluster `fleet up` deploys to; none there: start one.",

@@ -9,6 +9,7 @@ from pydantic import Field
 from serve.models.base import ModelBackend, ModelChunk, ModelReply, ModelRequest, collect
 from serve.models.scripted import ScriptedBackend, ScriptedConfig
 from serve.models.upstream import OpenAIBackend, OpenAIConfig
+from serve.models.vllm_engine import VLLMConfig
 
 __all__ = [
     "BACKEND_KINDS",
@@ -17,16 +18,21 @@ __all__ = [
     "ModelChunk",
     "ModelReply",
     "ModelRequest",
+    "VLLMConfig",
     "collect",
     "make_backend",
 ]
 
-BackendConfig = Annotated[ScriptedConfig | OpenAIConfig, Field(discriminator="kind")]
-BACKEND_KINDS = frozenset({"scripted", "openai"})
+BackendConfig = Annotated[ScriptedConfig | OpenAIConfig | VLLMConfig, Field(discriminator="kind")]
+BACKEND_KINDS = frozenset({"scripted", "openai", "vllm"})
 
 
-def make_backend(config: ScriptedConfig | OpenAIConfig) -> ModelBackend:
+def make_backend(config: ScriptedConfig | OpenAIConfig | VLLMConfig) -> ModelBackend:
     """The backend object for a config (in the model deployment's replica)."""
     if isinstance(config, ScriptedConfig):
         return ScriptedBackend(config)
+    if isinstance(config, VLLMConfig):
+        from serve.models.vllm_engine import VLLMBackend  # imports vLLM: only where it runs
+
+        return VLLMBackend(config)
     return OpenAIBackend(config)

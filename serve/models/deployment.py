@@ -63,3 +63,9 @@ class ModelDeployment:
 
     async def check_health(self) -> None:
         await self._backend.check_health()
+
+    def __del__(self) -> None:
+        # Ray Serve calls this when it stops the replica: stop an engine's processes too.
+        shutdown = getattr(self._backend, "shutdown", None)
+        if shutdown is not None:
+            shutdown()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.errors import ConfigError
+from serve.settings import settings
 
 __all__ = ["EMBEDDED_MODELS", "MODEL_DIR_NAME", "ensure_model", "model_cache_root"]
 
@@ -43,7 +44,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "smollm2-135m-instruct"
 CACHE_ENV = "FLEET_MODEL_CACHE"
 CHECKSUMS = "SHA256SUMS"
-# Names a config's ``model`` may use for this model.
+# The names a vllm backend config's ``model`` may use for this model.
 EMBEDDED_MODELS = frozenset({"embedded:smollm2"})
 
 # Q4_1 blocks dequantize exactly into float32; bfloat16 would round them a second time,
@@ -57,13 +58,10 @@ _CHUNK = 1 << 20
 
 def model_cache_root() -> Path:
     """Where converted models live: ``$FLEET_MODEL_CACHE``, else ``~/.cache/fleet/models``."""
-    # Read here rather than through serve.settings, whose Settings does not (yet) declare it.
-    configured = os.environ.get(CACHE_ENV)
+    configured = settings().model_cache
     if configured:
-        return Path(configured).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "fleet" / "models"
+        return configured.expanduser()
+    return Path.home() / ".cache" / "fleet" / "models"
 
 
 def _gguf_path() -> Path:
@@ -164,9 +162,10 @@ def _convert(gguf: Path, target: Path) -> None:
             quantization_config=GgufConfig(dequantize=True),
             local_files_only=True,
         )
-        # The weights are plain tensors now; dropping the GGUF marker makes the model
-        # serializable and keeps vLLM from treating the folder as a GGUF checkpoint.
-        model.hf_quantizer.remove_quantization_config(model)
+        # dequantize=True makes transformers drop the GGUF marker itself; were it kept,
+        # saving would fail and vLLM would take the folder for a GGUF checkpoint.
+        if getattr(model.config, "quantization_config", None) is not None:
+            raise ConfigError("transformers kept the GGUF quantization; the weights would not be dense")
         bar.update()
         bar.set_postfix_str(steps[3])
         model.save_pretrained(target, safe_serialization=True)

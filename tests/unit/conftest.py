@@ -17,7 +17,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 AGENTS = ROOT / "agents"
 EXAMPLE_AGENTS = ["orchestrator", "hr-policy-advisor", "supply-chain-optimizer", "fleet-monitor"]
-LOCAL_CONFIG = ROOT / "configs" / "local.yaml"
+# The example fleet on the scripted model: its args are fully deterministic.
+LOCAL_CONFIG = ROOT / "configs" / "scripted.yaml"
 TEST_APP_CONFIG = ROOT / "tests" / "integration" / "fleet-test.yaml"
 
 T = TypeVar("T")

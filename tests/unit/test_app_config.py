@@ -106,7 +106,7 @@ BROKEN_ARGS: list[tuple[str, dict[str, Any], str]] = [
         "unknown-kind",
         {"agents": ["orchestrator"], "models": {"default": {"kind": "llama"}}},
         "args.models.default: Input tag 'llama' found using 'kind' does not match any of the expected "
-        "tags: 'scripted', 'openai'",
+        "tags: 'scripted', 'openai', 'vllm'",
     ),
     (
         "unknown-key",

@@ -1,0 +1,43 @@
+"""The README's first command, run once for the e2e package: `make up`, then `make down`.
+
+`make up` serves configs/local.yaml: the example fleet on the real vLLM engine (CPU
+build) and the embedded SmolLM2-135M-Instruct. This is the test run's one engine.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+BASE_URL = "http://127.0.0.1:8000"
+
+
+def readme_block(lang: str, after: str) -> str:
+    start = README.index(after)
+    match = re.search(rf"```{lang}\n(.*?)```", README[start:], re.S)
+    assert match, f"no {lang} block after {after!r}"
+    return match.group(1)
+
+
+@pytest.fixture(scope="package")
+def fleet_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("e2e") / "make-up.log"
+    commands = readme_block("bash", "## Two commands on a fresh machine")
+    up = next(line.split("#")[0].strip() for line in commands.splitlines() if line.startswith("make up"))
+    try:
+        with log.open("w") as out:
+            done = subprocess.run(
+                up, shell=True, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=1800
+            )
+        text = log.read_text()
+        assert done.returncode == 0, text[-3000:]
+        assert f"Fleet is up: {BASE_URL}/v1" in text
+        yield text
+    finally:
+        subprocess.run("make down", shell=True, cwd=ROOT, capture_output=True, timeout=300)
