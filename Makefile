@@ -15,9 +15,10 @@ export RAY_SERVE_LOG_TO_STDERR ?= 0
 $(STAMP): requirements.lock pyproject.toml
 	@echo "[1/2] creating $(VENV) and installing the pinned packages (requirements.lock) ..."
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	@# pip's "Location ... is ignored" lines come from this machine's pip config: noise.
+	@bash -o pipefail -c '$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }' 
 	@echo "[2/2] installing fleet (editable) ..."
-	@$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	@bash -o pipefail -c '$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }' 
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)
@@ -40,6 +41,7 @@ check: install
 
 bench: install
 	$(BIN)/python loadtests/bench.py
+	$(BIN)/python loadtests/bench_llm.py
 
 schema: install
 	$(BIN)/fleet schema -o agents/agent.schema.json
