@@ -69,7 +69,11 @@ def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
 
 def delegate_target(handle: DeploymentHandle[Any], description: str) -> DelegateTarget:
     async def call(request: ChatRequest, ctx: Context) -> AgentResult:
-        outcome: AgentOutcome = await handle.chat.remote(request, ctx)
+        try:
+            outcome: AgentOutcome = await handle.chat.remote(request, ctx)
+        except Exception as exc:  # the delegate's replica died or is unavailable
+            # A RequestError becomes a tool error the model is told about.
+            raise AgentError(f"agent {request.model!r} is unavailable: {type(exc).__name__}") from None
         if isinstance(outcome, RequestError):
             raise outcome
         return outcome
@@ -89,7 +93,6 @@ class AgentDeployment:
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
         targets = {n: delegate_target(h, desc) for n, (h, desc) in delegates.items()}
         self.name = name
-        self.version = spec.manifest.version
         self._loop = AgentLoop(spec, tools, model_caller(model), targets)
 
     async def chat(self, request: ChatRequest, ctx: Context) -> AgentOutcome:

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve as rayserve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -48,10 +48,13 @@ class IngressOptions(BaseModel):
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="Largest request body (413 above).")
     request_timeout_s: float = Field(default=300.0, gt=0, description="Deadline per request (504 after).")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After sent with 503.")
+    max_ongoing_requests: int = Field(
+        default=512, gt=0, description="Requests one ingress replica holds at once (streams included)."
+    )
 
 
-def error_response(exc: RequestError, request_id: str | None = None, retry_after: int = 1) -> JSONResponse:
-    headers = {"x-request-id": request_id} if request_id else {}
+def error_response(exc: RequestError, retry_after: int = 1) -> JSONResponse:
+    headers = {}
     if exc.status in (429, 503):
         headers["retry-after"] = str(retry_after)
     return JSONResponse(envelope(exc), status_code=exc.status, headers=headers)
@@ -87,6 +90,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     return bytes(body)
+
+
+def handle_error(exc: Exception, agent: str) -> RequestError:
+    """What a failed call to an agent's handle means for the client."""
+    if isinstance(exc, BackPressureError):
+        return Overloaded(f"agent {agent!r} is at capacity; retry later")
+    if isinstance(exc, DeploymentUnavailableError):
+        return Overloaded(f"agent {agent!r} is not available yet; retry later")
+    log.error("call to agent %s failed", agent, exc_info=exc)
+    return AgentError(f"agent {agent!r} failed: {type(exc).__name__}")
 
 
 def _sse(data: dict[str, Any] | str) -> str:
@@ -163,7 +176,9 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        ctx = Context.new()
+        # Ray's proxy gives every request an X-Request-ID (the client's, if it sent one)
+        # and returns it as a response header: Fleet's request id is that id.
+        ctx = Context.new(request.headers.get("x-request-id"))
         try:
             chat = parse_chat_request(await read_body(request, self._options.max_body_bytes))
             card = self._card(chat.model)
@@ -172,7 +187,7 @@ class Ingress:
                 return await self._stream(chat, card, handle, ctx)
             result = await self._call(handle, chat, ctx)
         except RequestError as exc:
-            return error_response(exc, ctx.request_id, self._options.retry_after_s)
+            return error_response(exc, self._options.retry_after_s)
         body = completion(
             completion_id="chatcmpl-" + ctx.request_id.removeprefix("req_"),
             model=chat.model,
@@ -182,15 +197,17 @@ class Ingress:
             usage=result.usage,
             extension=_extension(ctx, card, result),
         )
-        return JSONResponse(body, headers={"x-request-id": ctx.request_id})
+        return JSONResponse(body)
 
     async def _call(self, handle: DeploymentHandle[Any], chat: ChatRequest, ctx: Context) -> AgentResult:
+        response = handle.chat.remote(chat, ctx)
         try:
-            outcome = await asyncio.wait_for(handle.chat.remote(chat, ctx), self._options.request_timeout_s)
+            outcome = await asyncio.wait_for(response, self._options.request_timeout_s)
         except TimeoutError:
+            response.cancel()  # type: ignore[no-untyped-call]  # else the agent, its delegates and its model keep working
             raise Timeout(f"the agent did not answer within {self._options.request_timeout_s:g}s") from None
-        except BackPressureError:
-            raise Overloaded(f"agent {chat.model!r} is at capacity; retry later") from None
+        except Exception as exc:
+            raise handle_error(exc, chat.model) from None
         if isinstance(outcome, RequestError):
             raise outcome
         result: AgentResult = outcome
@@ -209,7 +226,7 @@ class Ingress:
         return StreamingResponse(
             self._sse(chat, card, ctx, first, events, deadline),
             media_type="text/event-stream",
-            headers={"x-request-id": ctx.request_id, "cache-control": "no-cache"},
+            headers={"cache-control": "no-cache"},
         )
 
     async def _next(self, events: Any, deadline: float, agent: str) -> Any:
@@ -220,11 +237,8 @@ class Ingress:
         except TimeoutError:
             events.cancel()
             return Timeout(f"the agent did not answer within {self._options.request_timeout_s:g}s")
-        except BackPressureError:
-            return Overloaded(f"agent {agent!r} is at capacity; retry later")
         except Exception as exc:  # a replica died mid-stream: end it with an envelope
-            log.error("stream from agent %s failed", agent, exc_info=exc)
-            return AgentError(f"agent {agent!r} failed mid-stream")
+            return handle_error(exc, agent)
 
     async def _sse(
         self, chat: ChatRequest, card: dict[str, Any], ctx: Context, first: Any, events: Any, deadline: float

@@ -42,8 +42,8 @@ class Context:
     chain: tuple[str, ...] = ()
 
     @staticmethod
-    def new() -> Context:
-        return Context(request_id="req_" + uuid.uuid4().hex)
+    def new(request_id: str | None = None) -> Context:
+        return Context(request_id=request_id or "req_" + uuid.uuid4().hex)
 
     def enter(self, agent: str) -> Context:
         return Context(request_id=self.request_id, chain=(*self.chain, agent))
@@ -124,7 +124,7 @@ class AgentLoop:
         choice = request.tool_choice
         tool_choice: Any = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice or "auto"
         stats, usage, text = Stats(), Usage(), []
-        for _ in range(self.manifest.max_turns):
+        for turn in range(1, self.manifest.max_turns + 1):
             stats.turns += 1
             content, calls, finish = [], [], "stop"
             async for piece in self._model(self._model_request(request, messages, schemas, tool_choice)):
@@ -139,17 +139,21 @@ class AgentLoop:
             if not calls:
                 yield Finished(AgentResult("".join(text), [], finish, usage, stats))
                 return
-            messages.append(_assistant("".join(content), calls))
-            mine = [c for c in calls if c.function.name not in client_tools]
             theirs = [c for c in calls if c.function.name in client_tools]
-            results = await asyncio.gather(*(self._execute(c, ctx, stats, usage) for c in mine))
-            messages.extend(
-                {"role": "tool", "tool_call_id": c.id, "content": r}
-                for c, r in zip(mine, results, strict=False)
-            )
             if theirs:
+                # The client runs its tools and comes back with the whole conversation;
+                # server-side calls of this turn are not run (their results would be
+                # lost with it): the model makes them again on the next request.
                 yield Finished(AgentResult("".join(text) or None, theirs, "tool_calls", usage, stats))
                 return
+            if turn == self.manifest.max_turns:
+                break  # no turn left to read the results: do not run the tools
+            messages.append(_assistant("".join(content), calls))
+            results = await asyncio.gather(*(self._execute(c, ctx, stats, usage) for c in calls))
+            messages.extend(
+                {"role": "tool", "tool_call_id": c.id, "content": r}
+                for c, r in zip(calls, results, strict=True)
+            )
             tool_choice = "auto"
         raise MaxTurnsExceeded(
             f"agent {self.manifest.name!r} did not finish within max_turns={self.manifest.max_turns}"
@@ -219,7 +223,7 @@ class AgentLoop:
         stats.delegations.append(agent)
         request = ChatRequest(model=agent, messages=[UserMessage(role="user", content=args.task)])
         try:
-            result = await delegate.call(request, ctx.enter(self.manifest.name))
+            result = await delegate.call(request, ctx)
         except RequestError as exc:
             raise ToolError(f"agent {agent!r} failed: {exc.message}") from None
         usage.add(result.usage)

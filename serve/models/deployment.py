@@ -66,6 +66,6 @@ class ModelDeployment:
 
     def __del__(self) -> None:
         # Ray Serve calls this when it stops the replica: stop an engine's processes too.
-        shutdown = getattr(self._backend, "shutdown", None)
+        shutdown = getattr(getattr(self, "_backend", None), "shutdown", None)
         if shutdown is not None:
             shutdown()

@@ -40,7 +40,16 @@ def test_orchestrator_delegates_leave_question_to_hr_agent(client: openai.OpenAI
     ext = reply.model_extra["fleet"]  # type: ignore[index]
     assert ext["delegations"] == ["hr-policy-advisor"]
     assert ext["agent"] == "orchestrator" and ext["agent_version"] == "1.0.0"
-    assert ext["request_id"].startswith("req_")
+
+
+def test_request_id_is_one_header_and_the_extension_field(api: httpx.Client) -> None:
+    body = {"model": "orchestrator", "messages": [{"role": "user", "content": "hello"}]}
+    mine = api.post("/v1/chat/completions", json=body, headers={"x-request-id": "ticket-4711"})
+    assert mine.headers.get_list("x-request-id") == ["ticket-4711"]
+    assert mine.json()["fleet"]["request_id"] == "ticket-4711"
+    theirs = api.post("/v1/chat/completions", json=body)
+    assert len(theirs.headers.get_list("x-request-id")) == 1
+    assert theirs.json()["fleet"]["request_id"] == theirs.headers["x-request-id"]
 
 
 def test_domain_agent_runs_its_tool_server_side(client: openai.OpenAI) -> None:

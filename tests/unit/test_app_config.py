@@ -85,6 +85,7 @@ def test_fleet_args_defaults() -> None:
     assert args.agents_dir == "agents"
     assert args.ingress.model_dump() == {
         "max_body_bytes": 1 << 20,
+        "max_ongoing_requests": 512,
         "request_timeout_s": 300.0,
         "retry_after_s": 1,
     }

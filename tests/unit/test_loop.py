@@ -330,7 +330,8 @@ def test_delegation(harness: Harness) -> None:
     assert request == ChatRequest(
         model="helper", messages=[UserMessage(role="user", content="#delegate ask helper")]
     )
-    assert child_ctx == Context(request_id="req_abc", chain=("ingress", "tester"))
+    # The loop passes its context on; the delegate's deployment adds its own name on entry.
+    assert child_ctx == Context(request_id="req_abc", chain=("ingress",))
     # turn 1: 6 prompt / 4 argument words; turn 2: 9 prompt / 5 answer words; helper: 7 / 3
     assert result.usage == Usage(prompt_tokens=6 + 9 + 7, completion_tokens=4 + 5 + 3)
 
@@ -400,7 +401,9 @@ def test_mixed_server_and_client_calls(harness: Harness) -> None:
     assert result.finish_reason == "tool_calls"
     assert result.content == "checking"
     assert [c.function.name for c in result.tool_calls] == ["get_weather"]
-    assert result.stats.tool_calls == 1  # the server-side echo ran
+    # The server-side echo of that turn is not run: its result could not reach the
+    # client's next request, so the model calls it again then.
+    assert result.stats.tool_calls == 0
 
 
 @pytest.mark.parametrize(
@@ -488,3 +491,11 @@ def test_context() -> None:
     assert ctx.request_id.startswith("req_") and len(ctx.request_id) == 36
     assert ctx.chain == ()
     assert ctx.enter("a").enter("b") == Context(request_id=ctx.request_id, chain=("a", "b"))
+
+
+def test_last_turn_does_not_run_tools_nobody_would_read(harness: Harness) -> None:
+    with pytest.raises(MaxTurnsExceeded):
+        harness.ask("#loop")
+    # max_turns=3: the calls of turns 1 and 2 ran; those of turn 3 had no turn left.
+    assert len(harness.requests) == 3
+    assert sum(1 for m in harness.requests[-1].messages if m["role"] == "tool") == 2

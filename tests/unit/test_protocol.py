@@ -273,3 +273,17 @@ def test_chunk_shapes() -> None:
     assert final["choices"] == []
     assert final["usage"] == {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
     assert final["fleet"] == {"a": 1}
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_request(b"[" * 100_000)
+    assert info.value.code == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"seed": 2**64}, "seed"), ({"presence_penalty": 0.5}, "presence_penalty")],
+)
+def test_values_the_engine_cannot_honour_are_refused(fields: dict[str, Any], param: str) -> None:
+    assert error_for(body(**fields)).param == param
