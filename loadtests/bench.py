@@ -2,6 +2,7 @@
 
 Rungs (all on one local Ray cluster started here, all over HTTP through Serve's proxy):
 - ``bare-chain``: a bare Ray Serve ingress -> handle -> echo deployment (the baseline);
+- ``fastapi-chain``: the same chain behind a FastAPI ingress, as Fleet's is;
 - ``fleet``: a Fleet agent on the scripted backend (zero delay, no tools), the model as
   its own deployment, exactly as configs/local.yaml deploys it;
 - ``fleet-inline``: the same agent with the scripted backend inline in the agent replica.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the annotations here
 
 HERE = Path(__file__).resolve().parent
 ECHO_REPLY = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "pong"}}]}
@@ -32,7 +34,6 @@ ECHO_REPLY = {"choices": [{"index": 0, "message": {"role": "assistant", "content
 
 def bare_chain() -> Any:
     from ray import serve as rayserve
-    from starlette.requests import Request
 
     @rayserve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
     class Echo:
@@ -49,6 +50,32 @@ def bare_chain() -> Any:
             return result
 
     return BareIngress.bind(Echo.bind())
+
+
+def fastapi_chain() -> Any:
+    """The bare chain with a FastAPI ingress (how Fleet's ingress is built): splits
+    Fleet's overhead into FastAPI-on-Serve and Fleet's own."""
+    from ray import serve as rayserve
+
+    api = FastAPI()
+
+    @rayserve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+    class Echo:
+        async def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
+            return {**ECHO_REPLY, "model": body["model"]}
+
+    @rayserve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+    @rayserve.ingress(api)
+    class FastAPIIngress:
+        def __init__(self, echo: Any) -> None:
+            self.echo = echo
+
+        @api.post("/v1/chat/completions")
+        async def chat(self, request: Request) -> dict[str, Any]:
+            result: dict[str, Any] = await self.echo.remote(await request.json())
+            return result
+
+    return FastAPIIngress.bind(Echo.bind())
 
 
 def fleet_app(inline: bool) -> Any:
@@ -121,6 +148,7 @@ def main() -> None:
     body = {"model": "echo-agent", "messages": [{"role": "user", "content": "ping"}]}
     rungs = {
         "bare-chain": (bare_chain(), "/bare", "/bare"),
+        "fastapi-chain": (fastapi_chain(), "/fastapi", "/fastapi/v1/chat/completions"),
         "fleet": (fleet_app(inline=False), "/fleet", "/fleet/v1/chat/completions"),
         "fleet-inline": (fleet_app(inline=True), "/inline", "/inline/v1/chat/completions"),
     }
@@ -151,7 +179,7 @@ def ratios(rungs: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
     """Fleet against the bare chain: goal throughput >= 0.8x and p50 <= 1.25x."""
     out: dict[str, Any] = {}
     base = rungs["bare-chain"]
-    for name in ("fleet", "fleet-inline"):
+    for name in ("fastapi-chain", "fleet", "fleet-inline"):
         for c in concurrency:
             key = f"c{c}"
             out[f"{name}/{key}"] = {
