@@ -60,7 +60,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     work = tmp_path_factory.mktemp("fleet")
     config = yaml.safe_load((ROOT / "configs/scripted.yaml").read_text())
     config["http_options"]["port"] = port
-    config["applications"].append(yaml.safe_load((HERE / "fleet-test.yaml").read_text()))
+    test_app = yaml.safe_load((HERE / "fleet-test.yaml").read_text())
+    test_app["args"]["models"]["upstream"]["base_url"] = f"http://127.0.0.1:{port}/test/v1"
+    config["applications"].append(test_app)
     config_path = work / "deploy.yaml"
     config_path.write_text(yaml.safe_dump(config))
 

@@ -222,3 +222,18 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tester", messages=[])
     assert info.value.param == "messages"  # type: ignore[attr-defined]
+
+
+def test_openai_backend_talks_to_a_real_openai_compatible_upstream(client: openai.OpenAI) -> None:
+    # relay's model is the `openai` backend; its upstream is this Fleet's helper agent.
+    reply = client.chat.completions.create(model="relay", messages=[{"role": "user", "content": "ping"}])
+    assert reply.choices[0].message.content == "helper handled: ping"
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    chunks = list(
+        client.chat.completions.create(
+            model="relay", messages=[{"role": "user", "content": "ping pong"}], stream=True
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "helper handled: ping pong"
+    )

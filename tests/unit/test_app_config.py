@@ -55,7 +55,8 @@ def test_integration_test_config_validates() -> None:
     app = yaml.safe_load(TEST_APP_CONFIG.read_text(encoding="utf-8"))
     fleet, agents_dir, specs = validate_fleet(app["args"])
     assert agents_dir == ROOT / "tests" / "integration" / "agents"
-    assert list(specs) == ["tester", "helper"]
+    assert list(specs) == ["tester", "helper", "relay"]
+    assert specs["relay"].manifest.model.backend == "upstream"
     assert fleet.ingress.request_timeout_s == 4
     assert fleet.models["default"].words_per_chunk == 1
 
