@@ -154,16 +154,18 @@ def main() -> None:
     }
     results: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(), **environment(), "rungs": {}}
     try:
-        for name, (app, prefix, path) in rungs.items():
+        # Deploy every rung first, then measure them in turn on the same warm cluster: no
+        # rung pays for another's replicas starting or stopping.
+        for name, (app, prefix, _) in rungs.items():
             print(f"[{name}] deploying ...", flush=True)
             rayserve.run(app, name=name, route_prefix=prefix)
+        for name, (_, _, path) in rungs.items():
             url = f"http://127.0.0.1:{port}{path}"
             asyncio.run(load(url, body, 4, args.warmup))
             for c in args.concurrency:
                 figures = asyncio.run(load(url, body, c, args.seconds))
                 results["rungs"].setdefault(name, {})[f"c{c}"] = figures
                 print(f"[{name}] concurrency {c}: {figures}", flush=True)
-            rayserve.delete(name)
     finally:
         rayserve.shutdown()
         ray.shutdown()
