@@ -21,7 +21,7 @@ from serve.loop import AgentLoop, AgentResult, Context, DelegateTarget, Event, M
 from serve.manifest import load_agent
 from serve.models import make_backend
 from serve.models.base import ModelChunk, ModelRequest
-from serve.models.deployment import parse_backend_config, stream_model
+from serve.models.deployment import parse_backend_config, raise_errors, stream_model
 from serve.protocol import ChatRequest
 from serve.tools import load_tools
 
@@ -38,11 +38,8 @@ def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
     if isinstance(model, dict):
         backend = make_backend(parse_backend_config(model))
 
-        async def inline(request: ModelRequest) -> AsyncIterator[ModelChunk]:
-            async for item in stream_model(backend, request):
-                if isinstance(item, RequestError):
-                    raise item
-                yield item
+        def inline(request: ModelRequest) -> AsyncIterator[ModelChunk]:
+            return raise_errors(stream_model(backend, request))
 
         return inline
 
@@ -59,9 +56,7 @@ def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
             )
             return
         items = cast(DeploymentResponseGenerator[Any], streaming.stream.remote(request))
-        async for item in items:
-            if isinstance(item, RequestError):
-                raise item
+        async for item in raise_errors(items):
             yield item
 
     return remote

@@ -16,7 +16,7 @@ from serve.errors import ModelError, RequestError
 from serve.models import BackendConfig, ModelBackend, make_backend
 from serve.models.base import ModelChunk, ModelReply, ModelRequest, collect
 
-__all__ = ["ModelDeployment", "parse_backend_config", "stream_model"]
+__all__ = ["ModelDeployment", "as_model_error", "parse_backend_config", "raise_errors", "stream_model"]
 
 log = logging.getLogger("fleet.model")
 _CONFIG: TypeAdapter[Any] = TypeAdapter(BackendConfig)
@@ -26,6 +26,14 @@ def parse_backend_config(raw: dict[str, Any]) -> Any:
     return _CONFIG.validate_python(raw)
 
 
+def as_model_error(exc: Exception) -> RequestError:
+    """A backend's failure as the client may see it; an engine's bug never as a stack trace."""
+    if isinstance(exc, RequestError):
+        return exc
+    log.error("model backend failed", exc_info=exc)
+    return ModelError(f"model backend failed: {type(exc).__name__}")
+
+
 async def stream_model(
     backend: ModelBackend, request: ModelRequest
 ) -> AsyncIterator[ModelChunk | RequestError]:
@@ -33,11 +41,16 @@ async def stream_model(
     try:
         async for piece in backend.stream(request):
             yield piece
-    except RequestError as exc:
-        yield exc
-    except Exception as exc:  # an engine's bug must not escape as a stack trace
-        log.error("model backend failed", exc_info=exc)
-        yield ModelError(f"model backend failed: {type(exc).__name__}")
+    except Exception as exc:
+        yield as_model_error(exc)
+
+
+async def raise_errors(items: AsyncIterator[ModelChunk | RequestError]) -> AsyncIterator[ModelChunk]:
+    """The caller's side of :func:`stream_model`: an error value is raised again."""
+    async for item in items:
+        if isinstance(item, RequestError):
+            raise item
+        yield item
 
 
 class ModelDeployment:
@@ -55,11 +68,8 @@ class ModelDeployment:
         """The whole reply in one handle call (cheaper than a stream when nobody streams)."""
         try:
             return await collect(self._backend.stream(request))
-        except RequestError as exc:
-            return exc
         except Exception as exc:
-            log.error("model backend failed", exc_info=exc)
-            return ModelError(f"model backend failed: {type(exc).__name__}")
+            return as_model_error(exc)
 
     async def check_health(self) -> None:
         await self._backend.check_health()
