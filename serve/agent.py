@@ -16,12 +16,15 @@ from typing import Any, cast
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from serve.audit_service import AuditClient
 from serve.errors import AgentError, ModelError, RequestError
-from serve.loop import AgentLoop, AgentResult, Context, DelegateTarget, Event, ModelCaller
+from serve.governance import GovernanceConfig, Governor, build_engines
+from serve.loop import AgentLoop, AgentResult, Context, DelegateTarget, Event, Finished, ModelCaller
 from serve.manifest import load_agent
 from serve.models import make_backend
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.deployment import parse_backend_config, raise_errors, stream_model
+from serve.policy.guard import AgentGuard
 from serve.protocol import ChatRequest
 from serve.tools import load_tools
 
@@ -62,7 +65,7 @@ def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
     return remote
 
 
-def delegate_target(handle: DeploymentHandle[Any], description: str) -> DelegateTarget:
+def delegate_target(handle: DeploymentHandle[Any], description: str, scopes: list[str]) -> DelegateTarget:
     async def call(request: ChatRequest, ctx: Context) -> AgentResult:
         try:
             outcome: AgentOutcome = await handle.chat.remote(request, ctx)
@@ -73,7 +76,7 @@ def delegate_target(handle: DeploymentHandle[Any], description: str) -> Delegate
             raise outcome
         return outcome
 
-    return DelegateTarget(description=description, call=call)
+    return DelegateTarget(description=description, call=call, scopes=tuple(scopes))
 
 
 class AgentDeployment:
@@ -82,30 +85,54 @@ class AgentDeployment:
         agents_dir: str,
         name: str,
         model: DeploymentHandle[Any] | dict[str, Any],
-        delegates: dict[str, tuple[DeploymentHandle[Any], str]],
+        delegates: dict[str, tuple[DeploymentHandle[Any], str, list[str]]],
+        governance: dict[str, Any],
+        root: str,
+        audit: DeploymentHandle[Any],
     ) -> None:
         spec = load_agent(Path(agents_dir) / name)
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
-        targets = {n: delegate_target(h, desc) for n, (h, desc) in delegates.items()}
+        targets = {n: delegate_target(h, desc, scopes) for n, (h, desc, scopes) in delegates.items()}
+        config = GovernanceConfig.model_validate(governance)
+        engine, shadow = build_engines(config, Path(root), spec.manifest.policies.files)
+        self._audit = AuditClient(audit, config.audit.commit_timeout_s)
+        self._guard = AgentGuard(Governor(engine, shadow, self._audit), spec)
         self.name = name
-        self._loop = AgentLoop(spec, tools, model_caller(model), targets)
+        self._loop = AgentLoop(spec, tools, model_caller(model), targets, self._guard)
 
     async def chat(self, request: ChatRequest, ctx: Context) -> AgentOutcome:
+        ctx = self._guard.enter(ctx)
+        outcome: AgentOutcome
         try:
-            return await self._loop.run(request, ctx.enter(self.name))
+            outcome = await self._loop.run(request, ctx)
+        except RequestError as exc:
+            outcome = exc
+        except Exception as exc:
+            outcome = self._internal(exc, ctx)
+        try:
+            await self._audit.commit()  # no answer leaves before its audit records are durable
         except RequestError as exc:
             return exc
-        except Exception as exc:
-            return self._internal(exc, ctx)
+        return outcome
 
     async def stream(self, request: ChatRequest, ctx: Context) -> AsyncIterator[StreamItem]:
+        ctx = self._guard.enter(ctx)
+        failure: RequestError
         try:
-            async for event in self._loop.events(request, ctx.enter(self.name)):
+            async for event in self._loop.events(request, ctx):
+                if isinstance(event, Finished):
+                    await self._audit.commit()
                 yield event
+            return
         except RequestError as exc:
-            yield exc
+            failure = exc
         except Exception as exc:
-            yield self._internal(exc, ctx)
+            failure = self._internal(exc, ctx)
+        try:
+            await self._audit.commit()
+        except RequestError as exc:
+            failure = exc
+        yield failure
 
     def _internal(self, exc: Exception, ctx: Context) -> RequestError:
         log.error("agent %s failed on %s", self.name, ctx.request_id, exc_info=exc)

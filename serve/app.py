@@ -17,7 +17,9 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from serve.agent import AgentDeployment
+from serve.audit_service import AuditService
 from serve.errors import ConfigError, field_path
+from serve.governance import GovernanceConfig, build_engines
 from serve.ingress import Ingress, IngressOptions
 from serve.manifest import MANIFEST_FILE, AgentSpec, delegation_order, load_fleet
 from serve.models import BACKEND_KINDS, BackendConfig, VLLMConfig
@@ -25,12 +27,14 @@ from serve.models.deployment import ModelDeployment
 from serve.settings import settings
 from serve.tools import load_tools
 
-__all__ = ["FleetArgs", "agent_card", "build_app", "project_root", "validate_fleet"]
+__all__ = ["FleetArgs", "agent_card", "audit_path", "build_app", "project_root", "validate_fleet"]
 
 # Fleet's replicas wait on I/O (models, tools, handles); a whole CPU each would not let
 # a laptop hold a fleet. The deploy config's ``deployments:`` section overrides these.
 AGENT_ACTOR_OPTIONS = {"num_cpus": 0.1}
 SERVICE_ACTOR_OPTIONS = {"num_cpus": 0.1}
+# The audit log is a file: its one writer lives on the head node, whose disk outlives workers.
+AUDIT_ACTOR_OPTIONS = {"num_cpus": 0.1, "resources": {"node:__internal_head__": 0.001}}
 
 
 class FleetArgs(BaseModel):
@@ -45,6 +49,9 @@ class FleetArgs(BaseModel):
     agents: list[str] = Field(min_length=1, description="Agents to deploy (folder names).")
     models: dict[str, BackendConfig] = Field(min_length=1, description="Model backends by name.")
     ingress: IngressOptions = Field(default_factory=IngressOptions, description="HTTP front door.")
+    governance: GovernanceConfig = Field(
+        default_factory=GovernanceConfig, description="Policies, API keys and the audit log."
+    )
 
 
 def project_root() -> Path:
@@ -77,7 +84,14 @@ def validate_fleet(args: dict[str, Any]) -> tuple[FleetArgs, Path, dict[str, Age
                 field="model.backend",
             )
         load_tools(spec.folder, [t.name for t in spec.manifest.tools])
+        build_engines(fleet.governance, project_root(), spec.manifest.policies.files)
+    build_engines(fleet.governance, project_root())
     return fleet, agents_dir, specs
+
+
+def audit_path(fleet: FleetArgs) -> Path:
+    path = Path(fleet.governance.audit.path)
+    return path if path.is_absolute() else project_root() / path
 
 
 def agent_card(spec: AgentSpec) -> dict[str, Any]:
@@ -146,6 +160,14 @@ def build_app(args: dict[str, Any]) -> Application:
                 .options(**model_deployment_options(name, config))
                 .bind(name, config.model_dump(mode="json"))
             )
+    governance, root = fleet.governance.model_dump(mode="json"), str(project_root())
+    audit = (
+        _deployment(AuditService)
+        .options(
+            name="audit", num_replicas=1, ray_actor_options=AUDIT_ACTOR_OPTIONS, max_ongoing_requests=1000
+        )
+        .bind(str(audit_path(fleet)))
+    )
     bound: dict[str, Any] = {}
     for name in delegation_order(specs):
         m = specs[name].manifest
@@ -161,12 +183,18 @@ def build_app(args: dict[str, Any]) -> Application:
                 str(agents_dir),
                 name,
                 models[m.model.backend],
-                {d: (bound[d], specs[d].manifest.description) for d in m.delegates},
+                {
+                    d: (bound[d], specs[d].manifest.description, list(specs[d].manifest.scopes))
+                    for d in m.delegates
+                },
+                governance,
+                root,
+                audit,
             )
         )
     cards = {name: agent_card(spec) for name, spec in specs.items()}
     return (
         _deployment(Ingress)
         .options(name="ingress", ray_actor_options=SERVICE_ACTOR_OPTIONS)
-        .bind(cards, bound, fleet.ingress.model_dump())
+        .bind(cards, bound, fleet.ingress.model_dump(), governance, root, audit)
     )

@@ -8,6 +8,7 @@ very path a platform team uses), and waits, showing progress, until the fleet an
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -18,8 +19,10 @@ import click
 import yaml
 from pydantic import ValidationError
 
-from serve.app import validate_fleet
+from serve.app import audit_path, validate_fleet
+from serve.audit import audit_key, verify
 from serve.errors import ConfigError
+from serve.governance import hash_key
 from serve.manifest import load_agent, manifest_json_schema
 from serve.settings import settings
 from serve.tools import load_tools
@@ -95,6 +98,57 @@ def schema(output: Path | None) -> None:
         click.echo(text, nl=False)
     else:
         output.write_text(text, encoding="utf-8")
+
+
+@main.group()
+def audit() -> None:
+    """Read the audit log."""
+
+
+@audit.command("verify")
+@click.argument("log", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--config", type=click.Path(path_type=Path), default=Path("configs/local.yaml"), show_default=True
+)
+def audit_verify(log: Path | None, config: Path) -> None:
+    """Check the hash chain and checkpoint; exit 1 at the first bad record."""
+    try:
+        path = log or _audit_log_of(config)
+        report = verify(path, audit_key(path, settings().audit_key))
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if report.ok:
+        click.echo(f"ok  {path}: {report.records} records, chain and checkpoint intact")
+        return
+    where = f"record {report.first_bad}" if report.first_bad is not None else "checkpoint"
+    click.echo(f"TAMPERED  {path}: {where}: {report.problem}", err=True)
+    sys.exit(1)
+
+
+def _audit_log_of(config: Path) -> Path:
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    for app in raw.get("applications", []):
+        if app.get("import_path") == BUILDER:
+            fleet, *_ = validate_fleet(app.get("args") or {})
+            return audit_path(fleet)
+    raise ConfigError("no Fleet application in this config", file=str(config))
+
+
+@main.group()
+def keys() -> None:
+    """Tenant API keys."""
+
+
+@keys.command("new")
+@click.option("--tenant", required=True, help="Tenant the key belongs to.")
+@click.option("--role", "roles", multiple=True, help="A role policies will see (repeatable).")
+def keys_new(tenant: str, roles: tuple[str, ...]) -> None:
+    """Make a key: prints it once, and the config entry that stores only its hash."""
+    key = "fk-" + secrets.token_urlsafe(32)
+    entry = {"tenant": tenant, "key_sha256": hash_key(key), "roles": list(roles)}
+    click.echo(f"API key (shown once, give it to the tenant): {key}", err=True)
+    click.echo(yaml.safe_dump({"tenants": [entry]}, sort_keys=False), nl=False)
 
 
 def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:

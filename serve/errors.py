@@ -23,9 +23,11 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "PolicyDenied",
     "RequestError",
     "Timeout",
     "ToolError",
+    "Unauthorized",
     "envelope",
     "field_path",
 ]
@@ -86,6 +88,34 @@ def _rebuild_request_error(
 class InvalidRequest(RequestError):
     status = 400
     type = "invalid_request_error"
+
+
+class Unauthorized(RequestError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PolicyDenied(RequestError):
+    """A policy decision refused the request; ``decision_id`` finds it in the audit log."""
+
+    status = 403
+    type = "permission_error"
+    code = "policy_denied"
+
+    def __init__(self, message: str, *, decision_id: str, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.decision_id = decision_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_denied, (self.message, self.decision_id, self.param, self.code))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "decision_id": self.decision_id}
+
+
+def _rebuild_denied(message: str, decision_id: str, param: str | None, code: str | None) -> PolicyDenied:
+    return PolicyDenied(message, decision_id=decision_id, param=param, code=code)
 
 
 class NotFound(RequestError):

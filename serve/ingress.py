@@ -12,27 +12,33 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve as rayserve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from serve.audit_service import AuditClient
 from serve.errors import (
     AgentError,
     InvalidRequest,
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    PolicyDenied,
     RequestError,
     Timeout,
     envelope,
 )
+from serve.explain import render_html
+from serve.governance import GovernanceConfig, Governor, authenticate, build_engines
 from serve.loop import AgentResult, ContentDelta, Context, Finished
+from serve.policy.schema import AgentFacts, Principal
 from serve.protocol import ChatRequest, chunk, completion, parse_chat_request
 
 __all__ = ["Ingress", "IngressOptions"]
@@ -57,7 +63,37 @@ def error_response(exc: RequestError, retry_after: int = 1) -> JSONResponse:
     headers = {}
     if exc.status in (429, 503):
         headers["retry-after"] = str(retry_after)
+    if isinstance(exc, PolicyDenied):
+        headers["x-fleet-decision-id"] = exc.decision_id
+    if exc.status == 401:
+        headers["www-authenticate"] = "Bearer"
     return JSONResponse(envelope(exc), status_code=exc.status, headers=headers)
+
+
+def card_facts(card: dict[str, Any], scopes: list[str] | None) -> AgentFacts:
+    """An agent, as policies see it, from its card (the ingress has no manifests)."""
+    own = list(card["scopes"])
+    return AgentFacts(
+        name=card["name"],
+        version=card["version"],
+        role=card["role"],
+        scopes=own if scopes is None else [s for s in own if s in scopes],
+        declared_scopes=own,
+        data=list(card["data"]),
+        pii=card["policies"]["pii"],
+        compliance=list(card["policies"]["compliance"]),
+        tools={
+            t["name"]: {"scope": t["scope"], "approval": t["approval"], "data": t["data"]}
+            for t in card["tools"]
+        },
+        delegates=list(card["delegates"]),
+    )
+
+
+def wants_html(request: Request) -> bool:
+    return request.query_params.get("format") == "html" or (
+        "text/html" in request.headers.get("accept", "") and request.query_params.get("format") != "json"
+    )
 
 
 @app.exception_handler(RequestError)
@@ -129,6 +165,8 @@ def _extension(ctx: Context, card: dict[str, Any], result: AgentResult) -> dict[
         "tool_calls": stats.tool_calls,
         "tool_failures": stats.tool_failures,
         "invalid_tool_calls": stats.invalid_tool_calls,
+        "policy_denials": stats.denials,
+        "escalations": stats.escalations,
         "delegations": stats.delegations,
     }
 
@@ -142,11 +180,19 @@ class Ingress:
         cards: dict[str, dict[str, Any]],
         agents: dict[str, DeploymentHandle[Any]],
         options: dict[str, Any],
+        governance: dict[str, Any],
+        root: str,
+        audit: DeploymentHandle[Any],
     ) -> None:
         self._cards = cards
         self._agents = agents
         self._options = IngressOptions.model_validate(options)
         self._created = int(time.time())
+        config = GovernanceConfig.model_validate(governance)
+        self._tenants = config.tenants
+        self._audit = AuditClient(audit, config.audit.commit_timeout_s)
+        self._audit_handle = audit
+        self._gov = Governor(*build_engines(config, Path(root)), self._audit)
 
     @app.get("/v1/health")
     async def health(self) -> dict[str, Any]:
@@ -174,20 +220,52 @@ class Ingress:
             raise NotFound(f"The model {name!r} does not exist", param="model", code="model_not_found")
         return card
 
+    @app.get("/v1/requests/{request_id}/explain")
+    async def explain(self, request_id: str, request: Request) -> Response:
+        principal = authenticate(request.headers.get("authorization"), self._tenants)
+        report = await self._audit_handle.explain.remote(request_id)
+        # Another tenant's request does not exist, as far as this caller can tell.
+        if report is None or (report["tenant"] != principal.tenant and "admin" not in principal.roles):
+            raise NotFound(f"no explanation for request {request_id!r}", param="request_id")
+        return HTMLResponse(render_html(report)) if wants_html(request) else JSONResponse(report)
+
+    def _admit(self, ctx: Context, card: dict[str, Any]) -> None:
+        """The ingress decision: may this principal call this agent?"""
+        principal = ctx.principal or Principal(tenant="anonymous", authenticated=False)
+        facts = card_facts(card, principal.scopes)
+        decision = self._gov.decide("ingress", ctx, facts, {"agent": card["name"]}, f"call:{card['name']}")
+        if not decision.allowed:
+            reasons = "; ".join(decision.reasons)
+            raise PolicyDenied(
+                f"not allowed to call {card['name']!r}: {reasons}", decision_id=decision.id, param="model"
+            )
+
+    def _finish(self, ctx: Context | None, status: int, **fields: Any) -> None:
+        if ctx is not None:
+            self._gov.event(ctx, "outcome", agent=None, status=status, **fields)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         # Ray's proxy gives every request an X-Request-ID (the client's, if it sent one)
         # and returns it as a response header: Fleet's request id is that id.
-        ctx = Context.new(request.headers.get("x-request-id"))
+        ctx = None
         try:
+            principal = authenticate(request.headers.get("authorization"), self._tenants)
+            ctx = Context.new(request.headers.get("x-request-id"), principal)
             chat = parse_chat_request(await read_body(request, self._options.max_body_bytes))
             card = self._card(chat.model)
+            self._admit(ctx, card)
             handle = self._agents[chat.model]
             if chat.stream:
                 return await self._stream(chat, card, handle, ctx)
             result = await self._call(handle, chat, ctx)
+            await self._audit.commit()
         except RequestError as exc:
+            if ctx is not None:
+                await self._commit_quietly()
+            self._finish(ctx, exc.status, code=exc.code)
             return error_response(exc, self._options.retry_after_s)
+        self._finish(ctx, 200, finish_reason=result.finish_reason)
         body = completion(
             completion_id="chatcmpl-" + ctx.request_id.removeprefix("req_"),
             model=chat.model,
@@ -198,6 +276,12 @@ class Ingress:
             extension=_extension(ctx, card, result),
         )
         return JSONResponse(body)
+
+    async def _commit_quietly(self) -> None:
+        try:
+            await self._audit.commit()
+        except RequestError:
+            log.error("audit records of a failed request are not durable yet")
 
     async def _call(self, handle: DeploymentHandle[Any], chat: ChatRequest, ctx: Context) -> AgentResult:
         response = handle.chat.remote(chat, ctx)
@@ -223,6 +307,7 @@ class Ingress:
         first = await self._next(events, deadline, chat.model)
         if isinstance(first, RequestError):
             raise first
+        await self._audit.commit()
         return StreamingResponse(
             self._sse(chat, card, ctx, first, events, deadline),
             media_type="text/event-stream",
@@ -252,11 +337,13 @@ class Ingress:
         event = first
         while True:
             if isinstance(event, RequestError):
+                self._finish(ctx, event.status, code=event.code)
                 yield _sse(envelope(event))
                 break
             if isinstance(event, ContentDelta):
                 yield piece(delta={"content": event.text})
             elif isinstance(event, Finished):
+                self._finish(ctx, 200, finish_reason=event.result.finish_reason)
                 for text in _final_chunks(chat, card, ctx, event.result, piece):
                     yield text
                 break

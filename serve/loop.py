@@ -14,24 +14,38 @@ Semantics (OpenAI function calling, end to end):
   ``required`` would never let the model answer).
 - Invalid calls (unknown tool, arguments that fail the schema) and tool failures are
   told to the model as the tool's result and counted; they never fail the request.
+- Every step passes the agent's :class:`Guard` (governance): model input and output,
+  each tool call, each delegation and each result. A refused call is told to the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from serve.errors import InvalidRequest, MaxTurnsExceeded, RequestError, ToolError
 from serve.manifest import AgentSpec, delegate_tool_name
 from serve.models.base import ModelChunk, ModelRequest
+from serve.policy.pii import StreamRedactor
+from serve.policy.schema import Principal
 from serve.prompt import PromptRenderer
 from serve.protocol import ChatRequest, NamedToolChoice, ToolCall, Usage, UserMessage
 from serve.tools import DelegateArgs, InvalidToolArguments, Tool
 
-__all__ = ["AgentLoop", "AgentResult", "ContentDelta", "Context", "DelegateTarget", "Finished"]
+__all__ = [
+    "AgentLoop",
+    "AgentResult",
+    "ContentDelta",
+    "Context",
+    "DelegateTarget",
+    "Finished",
+    "Guard",
+    "Refusal",
+]
 
 
 @dataclass(frozen=True)
@@ -40,13 +54,20 @@ class Context:
 
     request_id: str
     chain: tuple[str, ...] = ()
+    principal: Principal | None = None
+    # The most scopes the next agent may act with: its caller's (None: no limit yet).
+    scopes: tuple[str, ...] | None = None
 
     @staticmethod
-    def new(request_id: str | None = None) -> Context:
-        return Context(request_id=request_id or "req_" + uuid.uuid4().hex)
+    def new(request_id: str | None = None, principal: Principal | None = None) -> Context:
+        return Context(
+            request_id=request_id or "req_" + uuid.uuid4().hex,
+            principal=principal,
+            scopes=tuple(principal.scopes) if principal and principal.scopes is not None else None,
+        )
 
     def enter(self, agent: str) -> Context:
-        return Context(request_id=self.request_id, chain=(*self.chain, agent))
+        return Context(self.request_id, (*self.chain, agent), self.principal, self.scopes)
 
 
 @dataclass
@@ -55,6 +76,8 @@ class Stats:
     tool_calls: int = 0
     tool_failures: int = 0
     invalid_tool_calls: int = 0
+    denials: int = 0
+    escalations: int = 0
     delegations: list[str] = field(default_factory=list)
 
 
@@ -73,6 +96,7 @@ class DelegateTarget:
 
     description: str
     call: Callable[[ChatRequest, Context], Awaitable[AgentResult]]
+    scopes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -89,6 +113,32 @@ Event = ContentDelta | Finished
 ModelCaller = Callable[[ModelRequest], AsyncIterator[ModelChunk]]
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A call governance did not let run, and what the model is told."""
+
+    outcome: str  # "deny" or "escalate"
+    message: str
+
+
+class Guard(Protocol):
+    """Governance as the loop sees it (:class:`serve.policy.guard.AgentGuard`)."""
+
+    holds_output: bool
+
+    def model_input(self, ctx: Context, messages: list[dict[str, Any]], turn: int) -> None: ...
+
+    def model_output(self, ctx: Context, text: str, turn: int) -> str: ...
+
+    def tool(self, ctx: Context, name: str, arguments: str) -> Refusal | None: ...
+
+    def delegation(self, ctx: Context, target: str, target_scopes: list[str]) -> Refusal | None: ...
+
+    def result(self, ctx: Context, name: str, text: str) -> str: ...
+
+    def event(self, ctx: Context, kind: str, **fields: Any) -> None: ...
+
+
 class AgentLoop:
     def __init__(
         self,
@@ -96,8 +146,10 @@ class AgentLoop:
         tools: dict[str, Tool],
         model: ModelCaller,
         delegates: dict[str, DelegateTarget],
+        guard: Guard,
     ) -> None:
         self.spec = spec
+        self._guard = guard
         self.manifest = spec.manifest
         self._tools = tools
         self._grants = {g.name: g for g in spec.manifest.tools}
@@ -123,19 +175,38 @@ class AgentLoop:
         schemas = self._server_schemas + [t.model_dump(exclude_none=True) for t in request.tools or []]
         choice = request.tool_choice
         tool_choice: Any = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice or "auto"
-        stats, usage, text = Stats(), Usage(), []
+        stats, usage, text, seen = Stats(), Usage(), [], 0
         for turn in range(1, self.manifest.max_turns + 1):
             stats.turns += 1
-            content, calls, finish = [], [], "stop"
+            self._guard.model_input(ctx, messages[seen:], turn)
+            seen = len(messages)
+            content, calls, finish, spent = [], [], "stop", Usage()
+            redactor = StreamRedactor() if self._guard.holds_output else None
             async for piece in self._model(self._model_request(request, messages, schemas, tool_choice)):
                 if piece.content:
                     content.append(piece.content)
-                    yield ContentDelta(piece.content)
+                    safe = redactor.feed(piece.content) if redactor else piece.content
+                    if safe:
+                        yield ContentDelta(safe)
                 calls.extend(piece.tool_calls)
                 finish = piece.finish_reason or finish
                 if piece.usage:
-                    usage.add(piece.usage)
-            text.extend(content)
+                    spent.add(piece.usage)
+            usage.add(spent)
+            self._guard.event(
+                ctx,
+                "model_call",
+                turn=turn,
+                prompt_tokens=spent.prompt_tokens,
+                completion_tokens=spent.completion_tokens,
+                tool_calls=len(calls),
+                finish_reason=finish,
+            )
+            said = self._guard.model_output(ctx, "".join(content), turn) if content else ""
+            rest = redactor.flush() if redactor else ""
+            if rest:
+                yield ContentDelta(rest)
+            text.append(said)
             if not calls:
                 yield Finished(AgentResult("".join(text), [], finish, usage, stats))
                 return
@@ -148,12 +219,13 @@ class AgentLoop:
                 return
             if turn == self.manifest.max_turns:
                 break  # no turn left to read the results: do not run the tools
-            messages.append(_assistant("".join(content), calls))
+            messages.append(_assistant(said, calls))
             results = await asyncio.gather(*(self._execute(c, ctx, stats, usage) for c in calls))
             messages.extend(
                 {"role": "tool", "tool_call_id": c.id, "content": r}
                 for c, r in zip(calls, results, strict=True)
             )
+            seen = len(messages)  # results were decided on as data already
             tool_choice = "auto"
         raise MaxTurnsExceeded(
             f"agent {self.manifest.name!r} did not finish within max_turns={self.manifest.max_turns}"
@@ -195,22 +267,52 @@ class AgentLoop:
 
     async def _execute(self, call: ToolCall, ctx: Context, stats: Stats, usage: Usage) -> str:
         """Run one server-side call; every failure becomes text for the model."""
-        name = call.function.name
+        name, started = call.function.name, time.monotonic()
         stats.tool_calls += 1
+        status, text = await self._attempt(name, call.function.arguments, ctx, stats, usage)
+        if status == "ok":
+            text = self._guard.result(ctx, name, text)
+        self._guard.event(
+            ctx, "tool_call", tool=name, status=status, duration_s=round(time.monotonic() - started, 4)
+        )
+        return text
+
+    async def _attempt(
+        self, name: str, arguments: str, ctx: Context, stats: Stats, usage: Usage
+    ) -> tuple[str, str]:
+        """(status, text): ok, invalid, error, denied or escalated."""
+        if name in self._delegates:
+            agent, target = self._delegates[name]
+            refusal = self._guard.delegation(ctx, agent, list(target.scopes))
+        elif name.startswith("delegate_to_") and name not in self._tools:
+            refusal = self._guard.delegation(ctx, name.removeprefix("delegate_to_"), [])
+        else:
+            refusal = self._guard.tool(ctx, name, arguments)
+        known = name in self._tools or name in self._delegates
+        if not known:
+            stats.invalid_tool_calls += 1
+        if refusal is not None:
+            escalated = refusal.outcome == "escalate"
+            stats.escalations += escalated
+            stats.denials += not escalated
+            message = refusal.message
+            if not known:
+                message += (
+                    f"; available tools: {', '.join(sorted([*self._tools, *self._delegates])) or 'none'}"
+                )
+            return ("escalated" if escalated else "denied"), message
+        if not known:  # a policy that lets unknown tools through cannot make them exist
+            return "invalid", f"error: unknown tool {name!r}"
         try:
             if name in self._tools:
-                return await self._tools[name].run(call.function.arguments, self._grants[name].timeout_s)
-            if name in self._delegates:
-                return await self._delegate(name, call.function.arguments, ctx, stats, usage)
+                return "ok", await self._tools[name].run(arguments, self._grants[name].timeout_s)
+            return "ok", await self._delegate(name, arguments, ctx, stats, usage)
         except InvalidToolArguments as exc:
             stats.invalid_tool_calls += 1
-            return f"error: {exc}"
+            return "invalid", f"error: {exc}"
         except ToolError as exc:
             stats.tool_failures += 1
-            return f"error: {exc}"
-        stats.invalid_tool_calls += 1
-        known = sorted([*self._tools, *self._delegates])
-        return f"error: unknown tool {name!r}; available tools: {', '.join(known) or 'none'}"
+            return "error", f"error: {exc}"
 
     async def _delegate(
         self, tool_name: str, arguments: str, ctx: Context, stats: Stats, usage: Usage
@@ -221,6 +323,7 @@ class AgentLoop:
         except ValueError as exc:
             raise InvalidToolArguments(f"invalid arguments for {tool_name}: {exc}") from None
         stats.delegations.append(agent)
+        self._guard.event(ctx, "delegation", target=agent)
         request = ChatRequest(model=agent, messages=[UserMessage(role="user", content=args.task)])
         try:
             result = await delegate.call(request, ctx)

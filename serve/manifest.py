@@ -109,11 +109,18 @@ class Prompt(Strict):
         return value
 
 
+DataClass = Literal["public", "internal", "pii", "financial", "health", "confidential"]
+
+
 class ToolGrant(Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="Tool name in tools.py.")
     scope: str = Field(pattern=SCOPE_PATTERN, description="Scope the agent needs to run it.")
     approval: bool = Field(default=False, description="A human must approve each call.")
     timeout_s: float = Field(default=10.0, gt=0, le=600, description="Per-call timeout.")
+    data: list[DataClass] = Field(
+        default_factory=list,
+        description="Data classes the tool's results hold (the agent must be granted them).",
+    )
 
 
 class CostLimits(Strict):
@@ -194,9 +201,7 @@ class AgentManifest(Strict):
     scopes: list[Annotated[str, Field(pattern=SCOPE_PATTERN)]] = Field(
         default_factory=list, description="Permissions granted to the agent."
     )
-    data: list[Literal["public", "internal", "pii", "financial", "health", "confidential"]] = Field(
-        default_factory=list, description="Data classes the agent may see."
-    )
+    data: list[DataClass] = Field(default_factory=list, description="Data classes the agent may see.")
     policies: Policies = Field(default_factory=Policies, description="Governance settings.")
     sla: Sla = Field(description="Service level targets.")
     autoscaling: Autoscaling = Field(
@@ -216,6 +221,9 @@ class AgentManifest(Strict):
         for i, grant in enumerate(self.tools):
             if grant.scope not in self.scopes:
                 raise ValueError(f"tools[{i}].scope: {grant.scope!r} is not among the agent's scopes")
+            missing = sorted(set(grant.data) - set(self.data))
+            if missing:
+                raise ValueError(f"tools[{i}].data: {missing} are not among the agent's data classes")
         if self.name in self.delegates:
             raise ValueError("delegates: an agent cannot delegate to itself")
         if len(set(self.delegates)) != len(self.delegates):

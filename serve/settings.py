@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     model_cache: Path | None = Field(
         default=None, description="Where converted embedded models live (default ~/.cache/fleet/models)."
     )
+    audit_key: str | None = Field(
+        default=None,
+        description="Key of the audit log's chain and checkpoint (default: <log>.key, made once).",
+    )
     dashboard_address: str = Field(
         default="http://127.0.0.1:8265",
         description="Dashboard of the Ray cluster `fleet up` deploys to; none there: start one.",

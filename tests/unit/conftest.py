@@ -85,3 +85,30 @@ def write_agent(
     if tools_py is not None:
         (path / "tools.py").write_text(tools_py, encoding="utf-8")
     return path
+
+
+class MemorySink:
+    """An audit sink that keeps what it is given (the real one ships to the audit service)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+
+def governed(
+    spec: Any, *, policies: list[str] | None = None, shadow: list[str] | None = None
+) -> tuple[Any, MemorySink]:
+    """A real AgentGuard over the real Rego policies (configs/policies), and its sink."""
+    from serve.governance import GovernanceConfig, Governor, build_engines
+    from serve.policy.guard import AgentGuard
+
+    config = GovernanceConfig(policies=policies or ["configs/policies"], shadow=shadow or [])
+    sink = MemorySink()
+    engine, shadow_engine = build_engines(config, ROOT, spec.manifest.policies.files)
+    return AgentGuard(Governor(engine, shadow_engine, sink), spec), sink

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,12 @@ def test_project_root_is_the_checkout() -> None:
     assert project_root() == ROOT
 
 
-def test_fleet_home_moves_relative_agents_dir(fleet_home: Path) -> None:
+def test_fleet_home_moves_relative_agents_dir_and_policies(fleet_home: Path) -> None:
     write_agent(fleet_home / "agents", "solo")
+    with pytest.raises(ConfigError, match="governance.policies") as err:
+        validate_fleet({"agents": ["solo"], "models": {"default": SCRIPTED}})
+    assert err.value.file == str(fleet_home / "configs" / "policies")
+    shutil.copytree(ROOT / "configs" / "policies", fleet_home / "configs" / "policies")
     _, agents_dir, specs = validate_fleet({"agents": ["solo"], "models": {"default": SCRIPTED}})
     assert agents_dir == fleet_home / "agents"
     assert list(specs) == ["solo"]
@@ -196,6 +201,7 @@ def test_agent_card() -> None:
                 "scope": "hr.handbook.read",
                 "approval": False,
                 "timeout_s": 5.0,
+                "data": [],
                 "description": "Search the HR handbook; returns the best matching sections, best first.",
             },
             {
@@ -203,6 +209,7 @@ def test_agent_card() -> None:
                 "scope": "hr.leave.read",
                 "approval": False,
                 "timeout_s": 5.0,
+                "data": [],
                 "description": "Annual leave of an employee: entitlement, carried over, taken, pending, remaining.",
             },
         ],

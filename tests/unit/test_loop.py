@@ -16,7 +16,7 @@ from serve.models.base import ModelChunk, ModelRequest
 from serve.models.scripted import ScriptedBackend, ScriptedConfig
 from serve.protocol import ChatRequest, FunctionCall, ToolCall, Usage, UserMessage
 from serve.tools import Tool, tool
-from tests.unit.conftest import run, write_agent
+from tests.unit.conftest import governed, run, write_agent
 
 
 @tool
@@ -191,11 +191,14 @@ class Harness:
         self.backend = ScriptedBackend(ScriptedConfig.model_validate(SCRIPT))
         self.requests: list[ModelRequest] = []
         self.delegate = delegate or FakeDelegate()
+        spec = build_tester_spec(tmp_path)
+        self.guard, self.audit = governed(spec)
         self.loop = AgentLoop(
-            build_tester_spec(tmp_path),
+            spec,
             TOOLS,
             self.model,
             {"helper": DelegateTarget(description="Answers delegated tasks.", call=self.delegate)},
+            self.guard,
         )
 
     async def model(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
@@ -302,11 +305,14 @@ def test_invalid_tool_arguments_are_told_to_the_model(harness: Harness) -> None:
 
 def test_unknown_tool_is_told_to_the_model(harness: Harness) -> None:
     result = harness.ask("#unknown")
-    assert result.content == (
-        "after: error: unknown tool 'launch_missiles'; available tools: "
-        "add, boom, delegate_to_helper, echo, slow"
+    assert result.content is not None
+    assert result.content.startswith("after: error: the call to 'launch_missiles' was denied by policy (dec_")
+    assert result.content.endswith(
+        "launch_missiles is not a tool of tester; available tools: add, boom, delegate_to_helper, echo, slow"
     )
-    assert result.stats == Stats(turns=2, tool_calls=1, invalid_tool_calls=1)
+    assert result.stats == Stats(turns=2, tool_calls=1, invalid_tool_calls=1, denials=1)
+    [denial] = [r for r in harness.audit.records if r["action"] == "tool:launch_missiles"]
+    assert denial["outcome"] == "deny" and denial["decision_id"] in result.content
 
 
 def test_failing_tool_is_told_to_the_model(harness: Harness) -> None:

@@ -1,0 +1,209 @@
+"""The audit service: the one writer of an application's audit log, and its reader.
+
+Replicas hand records to an :class:`AuditClient`, which ships them in batches to the
+``audit`` deployment (one replica); concurrent batches are group-committed: one write,
+one fsync. A request's records are durable before its response leaves: the agent and the
+ingress await :meth:`AuditClient.commit` (503 if the log cannot be written in time).
+
+The service also keeps the recent requests' decisions and steps (model calls, tool
+calls, delegations, outcome) for ``GET /v1/requests/{id}/explain``; the steps are kept
+in ``<log>.events.jsonl`` beside the log, so explanations survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from serve.audit import AuditLog, audit_key, canonical, digest
+from serve.errors import Overloaded
+from serve.settings import settings
+
+__all__ = ["AuditClient", "AuditService", "explanation"]
+
+log = logging.getLogger("fleet.audit")
+
+KEEP_REQUESTS = 10_000
+
+
+class AuditUnavailable(Overloaded):
+    code = "audit_unavailable"
+
+
+def explanation(
+    request_id: str, decisions: list[dict[str, Any]], events: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The explanation report of one request, from its audit records and steps."""
+    steps = sorted(events, key=lambda e: e["time"])
+    agents: list[str] = []
+    for item in [*sorted(decisions, key=lambda d: d["seq"]), *steps]:
+        if item.get("agent") and item["agent"] not in agents:
+            agents.append(item["agent"])
+    model_calls = [_without(e, "kind", "request_id", "tenant") for e in steps if e["kind"] == "model_call"]
+    outcome = next(
+        (_without(e, "kind", "request_id", "tenant") for e in reversed(steps) if e["kind"] == "outcome"), None
+    )
+    tenant = next((x["tenant"] for x in [*decisions, *steps] if "tenant" in x), None)
+    return {
+        "object": "request.explanation",
+        "request_id": request_id,
+        "tenant": tenant,
+        "agents": agents,
+        "model_calls": model_calls,
+        "usage": {
+            "prompt_tokens": sum(e.get("prompt_tokens", 0) for e in model_calls),
+            "completion_tokens": sum(e.get("completion_tokens", 0) for e in model_calls),
+        },
+        "tool_calls": [
+            _without(e, "kind", "request_id", "tenant") for e in steps if e["kind"] == "tool_call"
+        ],
+        "delegations": [
+            _without(e, "kind", "request_id", "tenant") for e in steps if e["kind"] == "delegation"
+        ],
+        "decisions": [
+            _without(d, "request_id", "tenant", "prev", "hash")
+            for d in sorted(decisions, key=lambda d: d["seq"])
+        ],
+        "outcome": outcome,
+    }
+
+
+def _without(item: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if k not in keys}
+
+
+class AuditService:
+    def __init__(self, path: str) -> None:
+        self._path = Path(path)
+        self._key = audit_key(self._path, settings().audit_key)
+        self._log = AuditLog(self._path, self._key)
+        self._events_path = self._path.with_name(self._path.name + ".events.jsonl")
+        self._events_fd = os.open(self._events_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self._recent: OrderedDict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = OrderedDict()
+        self._pending: list[tuple[list[dict[str, Any]], list[dict[str, Any]], asyncio.Future[int]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._load_recent()
+
+    async def append(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
+        """Durably append; returns once the batch holding these records is fsync'ed."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((records, events, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain())
+        return await done
+
+    async def explain(self, request_id: str) -> dict[str, Any] | None:
+        found = self._recent.get(request_id)
+        return explanation(request_id, *found) if found else None
+
+    def check_health(self) -> None:
+        os.fstat(self._events_fd)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            records = [r for rs, _, _ in batch for r in rs]
+            events = [e for _, es, _ in batch for e in es]
+            try:
+                count = await asyncio.to_thread(self._write, records, events)
+            except Exception as exc:  # the disk failed: every caller of this batch hears it
+                log.error("audit write failed", exc_info=exc)
+                for _, _, done in batch:
+                    done.set_exception(exc)
+                continue
+            for _, _, done in batch:
+                done.set_result(count)
+
+    def _write(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
+        for record in records:
+            record["input_digest"] = digest(self._key, record.pop("input_sha256", ""))
+        chained = self._log.append(records) if records else []
+        if events:
+            os.write(self._events_fd, b"".join(canonical(e) + b"\n" for e in events))
+        self._index(chained, events)
+        return len(chained)
+
+    def _index(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        for kind, items in ((0, records), (1, events)):
+            for item in items:
+                entry = self._recent.setdefault(item["request_id"], ([], []))
+                entry[kind].append(item)
+                self._recent.move_to_end(item["request_id"])
+        while len(self._recent) > KEEP_REQUESTS:
+            self._recent.popitem(last=False)
+
+    def _load_recent(self) -> None:
+        for kind, path in ((0, self._path), (1, self._events_path)):
+            with path.open("rb") as f:
+                items = [json.loads(line) for line in f if line.endswith(b"\n")]
+            self._index(items, []) if kind == 0 else self._index([], items)
+
+
+class AuditClient:
+    """A replica's side: records queue here and ship in the background, in order."""
+
+    def __init__(self, handle: DeploymentHandle[Any], commit_timeout_s: float) -> None:
+        self._handle = handle
+        self._timeout = commit_timeout_s
+        self._records: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self._queued = 0
+        self._shipped = 0
+        self._task: asyncio.Task[None] | None = None
+        self._progress: asyncio.Condition | None = None
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._records.append(record)
+        self._queued += 1
+        self._kick()
+
+    def event(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+        self._queued += 1
+        self._kick()
+
+    async def commit(self) -> None:
+        """Wait until everything queued so far is durable (503 after the timeout)."""
+        target = self._queued
+        progress = self._condition()
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with progress:
+                    await progress.wait_for(lambda: self._shipped >= target)
+        except TimeoutError:
+            raise AuditUnavailable("the audit log cannot be written; retry later") from None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._progress is None:
+            self._progress = asyncio.Condition()
+        return self._progress
+
+    def _kick(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._ship())
+
+    async def _ship(self) -> None:
+        delay = 0.05
+        while self._records or self._events:
+            records, events = self._records, self._events
+            self._records, self._events = [], []
+            try:
+                await self._handle.append.remote(records, events)
+            except Exception as exc:  # the service is restarting: keep the order, retry
+                log.warning("audit service unavailable (%s); retrying", type(exc).__name__)
+                self._records, self._events = records + self._records, events + self._events
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            progress = self._condition()
+            async with progress:
+                self._shipped += len(records) + len(events)
+                progress.notify_all()

@@ -1,0 +1,165 @@
+"""Policy engines: Rego in-process (regopy, the default) or an OPA server over HTTP.
+
+Each decision point ``p`` is the Rego rule ``data.fleet.<p>.decision``, which must be a
+:class:`~serve.policy.schema.PolicyResult`. An engine returns that result or raises
+:class:`PolicyFailure`; the caller turns a failure into a denial (fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from pydantic import ValidationError
+from regopy import Input, Interpreter, LogLevel, RegoError
+
+from serve.errors import ConfigError
+from serve.policy.schema import POINTS, Point, PolicyResult
+
+__all__ = ["OpaEngine", "PolicyEngine", "PolicyFailure", "PolicyModule", "RegoEngine", "load_modules"]
+
+_PACKAGE = re.compile(r"^\s*package\s+([\w.]+)", re.MULTILINE)
+_ERROR_AT = re.compile(r"\(error \d+:([^|\s]+)\|(\d+)\|")
+_ERROR_MSG = re.compile(r"\(errormsg \d+:([^)]*)\)")
+
+
+class PolicyFailure(Exception):
+    """The engine could not give a decision (error, undefined result, bad shape, timeout)."""
+
+
+@dataclass(frozen=True)
+class PolicyModule:
+    path: str
+    source: str
+
+    @property
+    def package(self) -> str:
+        match = _PACKAGE.search(self.source)
+        return match.group(1) if match else ""
+
+    @property
+    def version(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()[:12]
+
+
+class PolicyEngine(Protocol):
+    def evaluate(self, point: Point, document: dict[str, Any]) -> PolicyResult: ...
+
+    def describe(self, point: Point) -> tuple[str, str]:
+        """(policy, version) that decides ``point``, for the audit record."""
+        ...
+
+
+def load_modules(paths: Sequence[Path]) -> list[PolicyModule]:
+    """Rego modules from files and folders (``*.rego`` in them, tests excluded)."""
+    modules = []
+    for path in paths:
+        files = sorted(path.glob("*.rego")) if path.is_dir() else [path]
+        for file in files:
+            if file.name.endswith("_test.rego"):
+                continue
+            try:
+                modules.append(PolicyModule(str(file), file.read_text()))
+            except OSError as exc:
+                raise ConfigError(f"cannot read policy: {exc.strerror}", file=str(file)) from None
+    return modules
+
+
+def _line_col(source: str, offset: int) -> tuple[int, int]:
+    before = source[:offset]
+    return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
+
+
+def _rego_config_error(exc: RegoError, modules: dict[str, PolicyModule]) -> ConfigError:
+    text = str(exc)
+    where, what = _ERROR_AT.search(text), _ERROR_MSG.search(text)
+    message = what.group(1).strip() if what else "invalid Rego"
+    if where and where.group(1) in modules:
+        module = modules[where.group(1)]
+        line, col = _line_col(module.source, int(where.group(2)))
+        return ConfigError(f"line {line}, column {col}: {message}", file=module.path)
+    return ConfigError(message, file=", ".join(modules) or None)
+
+
+class RegoEngine:
+    """regopy, with every decision point compiled once into a bundle."""
+
+    def __init__(self, modules: Sequence[PolicyModule], data: dict[str, Any] | None = None) -> None:
+        self._by_package = {m.package: m for m in modules}
+        self._rego = Interpreter()
+        self._rego.log_level = LogLevel.NONE  # errors are raised, not printed
+        by_path = {m.path: m for m in modules}
+        try:
+            for m in modules:
+                self._rego.add_module(m.path, m.source)
+            if data:
+                self._rego.add_data(data)
+            self._points = [p for p in POINTS if f"fleet.{p}" in self._by_package]
+            self._bundle = (
+                self._rego.build(None, [f"fleet/{p}/decision" for p in self._points])
+                if self._points
+                else None
+            )
+        except RegoError as exc:
+            raise _rego_config_error(exc, by_path) from None
+        # One interpreter holds one input at a time; tools run in threads, policies may too.
+        self._lock = threading.Lock()
+
+    def describe(self, point: Point) -> tuple[str, str]:
+        module = self._by_package.get(f"fleet.{point}")
+        return (Path(module.path).name, module.version) if module else ("none", "-")
+
+    def evaluate(self, point: Point, document: dict[str, Any]) -> PolicyResult:
+        if point not in self._points or self._bundle is None:
+            raise PolicyFailure(f"no policy defines data.fleet.{point}.decision")
+        with self._lock:
+            try:
+                self._rego.set_input(Input(document))
+                output = self._rego.query_bundle_entrypoint(self._bundle, f"fleet/{point}/decision")
+                ok, text = output.ok(), str(output)
+            except RegoError as exc:
+                raise PolicyFailure(f"evaluation failed: {str(exc).splitlines()[0][:200]}") from None
+        if not ok:
+            raise PolicyFailure("evaluation failed (conflicting or erroneous rules)")
+        if text == "undefined":
+            raise PolicyFailure(f"data.fleet.{point}.decision is undefined for this input")
+        return _result(json.loads(text)["expressions"][0])
+
+
+def _result(value: Any) -> PolicyResult:
+    try:
+        return PolicyResult.model_validate(value)
+    except ValidationError as exc:
+        raise PolicyFailure(f"the decision is not {{outcome, reasons}}: {exc.errors()[0]['msg']}") from None
+
+
+class OpaEngine:
+    """An OPA server's Data API: ``POST {url}/v1/data/fleet/<point>/decision``."""
+
+    def __init__(self, url: str, timeout_s: float, versions: dict[str, str] | None = None) -> None:
+        self._url = url.rstrip("/")
+        self._client = httpx.Client(timeout=timeout_s)
+        self._versions = versions or {}
+
+    def describe(self, point: Point) -> tuple[str, str]:
+        return (f"opa:fleet.{point}", self._versions.get(point, "server"))
+
+    def evaluate(self, point: Point, document: dict[str, Any]) -> PolicyResult:
+        try:
+            response = self._client.post(
+                f"{self._url}/v1/data/fleet/{point}/decision", json={"input": document}
+            )
+            response.raise_for_status()
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise PolicyFailure(f"OPA server failed: {type(exc).__name__}") from None
+        if "result" not in body:
+            raise PolicyFailure(f"data.fleet.{point}.decision is undefined for this input")
+        return _result(body["result"])

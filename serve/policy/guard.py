@@ -1,0 +1,150 @@
+"""The agent loop's side of governance: one call per decision point.
+
+:class:`AgentGuard` turns loop steps into policy decisions for one agent: model input
+and output (PII), tool calls (scope, arguments, approval), delegations and the data a
+tool returns. It narrows scopes on the way down a delegation chain: an agent acts with
+its own scopes intersected with what its caller (and the caller's API key) holds.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from serve.errors import PolicyDenied
+from serve.governance import Decision, Governor
+from serve.loop import Context, Refusal
+from serve.manifest import AgentSpec
+from serve.policy.pii import redact, scan
+from serve.policy.schema import AgentFacts
+
+__all__ = ["AgentGuard"]
+
+
+def _texts(message: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """(container, key) of every text in a chat message."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [(message, "content")]
+    if isinstance(content, list):
+        return [
+            (part, "text") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        ]
+    return []
+
+
+def _why(decision: Decision) -> str:
+    return "; ".join(redact(r, scan(r)) for r in decision.reasons) or decision.outcome
+
+
+class AgentGuard:
+    def __init__(self, governor: Governor, spec: AgentSpec) -> None:
+        self._gov = governor
+        m = spec.manifest
+        self._manifest = m
+        self._tools = {
+            g.name: {"scope": g.scope, "approval": g.approval, "data": list(g.data)} for g in m.tools
+        }
+        # Streamed text of an agent that may redact passes a StreamRedactor: a token
+        # already sent cannot be taken back when the rest of a card number arrives.
+        self.holds_output = m.policies.pii != "allow" or bool(m.policies.compliance)
+
+    def enter(self, ctx: Context) -> Context:
+        """The context this agent acts in: its scopes narrowed by the caller's."""
+        ctx = ctx.enter(self._manifest.name)
+        own = tuple(self._manifest.scopes)
+        scopes = own if ctx.scopes is None else tuple(s for s in own if s in ctx.scopes)
+        return Context(ctx.request_id, ctx.chain, ctx.principal, scopes)
+
+    def facts(self, ctx: Context) -> AgentFacts:
+        m = self._manifest
+        return AgentFacts(
+            name=m.name,
+            version=m.version,
+            role=m.role,
+            scopes=[s for s in m.scopes if ctx.scopes is None or s in ctx.scopes],
+            declared_scopes=list(m.scopes),
+            data=list(m.data),
+            pii=m.policies.pii,
+            compliance=list(m.policies.compliance),
+            tools=self._tools,
+            delegates=list(m.delegates),
+        )
+
+    def model_input(self, ctx: Context, messages: list[dict[str, Any]], turn: int) -> None:
+        """Decide on PII in ``messages`` (the ones the model has not seen); redact in place."""
+        places = [place for message in messages for place in _texts(message)]
+        found = [(holder, key, scan(holder[key])) for holder, key in places]
+        kinds = sorted({f.kind for *_, fs in found for f in fs})
+        decision = self._gov.decide(
+            "model_input", ctx, self.facts(ctx), {"pii": kinds, "turn": turn}, "model_input"
+        )
+        if decision.outcome == "redact":
+            for holder, key, fs in found:
+                if fs:
+                    holder[key] = redact(holder[key], fs)
+        elif not decision.allowed:
+            raise PolicyDenied(
+                f"the request was refused by policy: {_why(decision)}", decision_id=decision.id
+            )
+
+    def model_output(self, ctx: Context, text: str, turn: int) -> str:
+        findings = scan(text)
+        action = {"pii": sorted({f.kind for f in findings}), "turn": turn}
+        decision = self._gov.decide("model_output", ctx, self.facts(ctx), action, "model_output")
+        if decision.outcome == "redact":
+            return redact(text, findings)
+        if not decision.allowed:
+            raise PolicyDenied(
+                f"the answer was withheld by policy: {_why(decision)}", decision_id=decision.id
+            )
+        return text
+
+    def tool(self, ctx: Context, name: str, arguments: str) -> Refusal | None:
+        """None when the call may run; else what the model is told instead."""
+        grant = self._tools.get(name, {})
+        try:
+            args = json.loads(arguments or "{}")
+        except ValueError:
+            args = {}
+        action = {
+            "tool": name,
+            "scope": grant.get("scope"),
+            "approval": bool(grant.get("approval")),
+            "arguments": args if isinstance(args, dict) else {},
+        }
+        decision = self._gov.decide("tool", ctx, self.facts(ctx), action, f"tool:{name}")
+        return self._refusal(decision, f"call to {name!r}")
+
+    def delegation(self, ctx: Context, target: str, target_scopes: list[str]) -> Refusal | None:
+        action = {"target": target, "target_scopes": target_scopes}
+        decision = self._gov.decide("delegation", ctx, self.facts(ctx), action, f"delegate:{target}")
+        return self._refusal(decision, f"delegation to {target!r}")
+
+    def result(self, ctx: Context, name: str, text: str) -> str:
+        """What the model may see of a tool's (or delegate's) result."""
+        findings = scan(text)
+        action = {
+            "tool": name,
+            "classes": self._tools.get(name, {}).get("data", []),
+            "pii": sorted({f.kind for f in findings}),
+        }
+        decision = self._gov.decide("data", ctx, self.facts(ctx), action, f"data:{name}")
+        if decision.outcome == "redact":
+            return redact(text, findings)
+        if not decision.allowed:
+            return f"error: the result of {name!r} was withheld by policy ({decision.id}): {_why(decision)}"
+        return text
+
+    def event(self, ctx: Context, kind: str, **fields: Any) -> None:
+        self._gov.event(ctx, kind, agent=self._manifest.name, **fields)
+
+    @staticmethod
+    def _refusal(decision: Decision, what: str) -> Refusal | None:
+        if decision.allowed:
+            return None
+        if decision.outcome == "escalate":
+            return Refusal(
+                "escalate", f"error: the {what} needs human approval ({decision.id}); it was not run"
+            )
+        return Refusal("deny", f"error: the {what} was denied by policy ({decision.id}): {_why(decision)}")

@@ -1,0 +1,85 @@
+"""The policy input document (``fleet.policy/v1``) and the decision a policy returns.
+
+This is a compatibility contract: Rego modules read these fields. A change that removes
+or renames a field is a new version. The JSON Schema is exported to
+``docs/policy-input.schema.json`` (``fleet schema --policy-input``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "POINTS",
+    "POLICY_INPUT_VERSION",
+    "AgentFacts",
+    "Outcome",
+    "Point",
+    "PolicyInput",
+    "PolicyResult",
+    "Principal",
+    "RequestFacts",
+]
+
+POLICY_INPUT_VERSION = "fleet.policy/v1"
+Point = Literal["ingress", "model_input", "model_output", "tool", "delegation", "data"]
+POINTS: tuple[Point, ...] = ("ingress", "model_input", "model_output", "tool", "delegation", "data")
+Outcome = Literal["allow", "deny", "redact", "escalate"]
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Principal(_Doc):
+    tenant: str = Field(description="Tenant the API key belongs to ('anonymous' when auth is off).")
+    roles: list[str] = Field(default_factory=list, description="Roles of the key.")
+    authenticated: bool = Field(description="Whether a valid API key was presented.")
+    scopes: list[str] | None = Field(
+        default=None, description="Scopes the key may grant agents (null: no limit beyond the agent's own)."
+    )
+
+
+class RequestFacts(_Doc):
+    id: str = Field(description="Fleet request id.")
+    chain: list[str] = Field(description="Agents from the ingress to this one, in call order.")
+
+
+class AgentFacts(_Doc):
+    name: str
+    version: str
+    role: str
+    scopes: list[str] = Field(description="Effective scopes: declared, narrowed by the caller and the key.")
+    declared_scopes: list[str] = Field(description="Scopes the manifest declares.")
+    data: list[str] = Field(description="Data classes the agent may see.")
+    pii: Literal["allow", "redact", "block"] = Field(description="The manifest's PII mode.")
+    compliance: list[str] = Field(description="Compliance tags (gdpr, soc2, ...).")
+    tools: dict[str, dict[str, Any]] = Field(description="Tool grants by name: scope, approval, data.")
+    delegates: list[str]
+
+
+class PolicyInput(_Doc):
+    """``input`` of every decision. ``action`` depends on ``point``:
+
+    - ingress: ``{"agent": name}`` (the agent the principal calls; ``agent`` is that agent)
+    - model_input / model_output: ``{"pii": [kinds], "turn": n}``
+    - tool: ``{"tool": name, "scope": s, "approval": b, "arguments": {...}}``
+    - delegation: ``{"target": name, "target_scopes": [...]}``
+    - data: ``{"tool": name, "classes": [...], "pii": [kinds]}`` (a tool's result)
+    """
+
+    version: Literal["fleet.policy/v1"] = "fleet.policy/v1"
+    point: Point
+    request: RequestFacts
+    principal: Principal
+    agent: AgentFacts
+    action: dict[str, Any]
+
+
+class PolicyResult(_Doc):
+    """What ``data.fleet.<point>.decision`` must evaluate to."""
+
+    outcome: Outcome
+    reasons: list[str] = Field(default_factory=list, description="Why, for the audit log and the caller.")
