@@ -26,7 +26,7 @@ from serve.errors import ConfigError, Unauthorized
 from serve.loop import Context
 from serve.policy.engine import OpaEngine, PolicyEngine, PolicyFailure, RegoEngine, load_modules
 from serve.policy.pii import redact, scan
-from serve.policy.schema import AgentFacts, Outcome, Point, PolicyInput, Principal, RequestFacts
+from serve.policy.schema import POINTS, AgentFacts, Outcome, Point, PolicyInput, Principal, RequestFacts
 
 __all__ = [
     "ANONYMOUS",
@@ -138,12 +138,15 @@ def load_data(paths: list[Path]) -> dict[str, Any]:
     return {"config": merged}
 
 
+Shadow = tuple[PolicyEngine, frozenset[Point]]
+
+
 def build_engines(
     config: GovernanceConfig,
     root: Path,
     extra: list[str] = (),  # type: ignore[assignment]
-) -> tuple[PolicyEngine, PolicyEngine | None]:
-    """The enforced engine and the shadow one (None without shadow policies)."""
+) -> tuple[PolicyEngine, Shadow | None]:
+    """The enforced engine, and the shadow one with the points its modules change."""
     paths = _resolve(root, [*config.policies, *extra])
     modules = [m for m in load_modules(paths) if m.path.endswith(".rego")]
     data = load_data(paths)
@@ -157,7 +160,10 @@ def build_engines(
     shadow_modules = load_modules(_resolve(root, config.shadow))
     replaced = {m.package for m in shadow_modules}
     kept = [m for m in modules if m.package not in replaced]
-    return engine, RegoEngine([*kept, *shadow_modules], data)
+    points = {p for p in POINTS if f"fleet.{p}" in replaced}
+    if replaced - {f"fleet.{p}" for p in POINTS}:  # a shared module changed: every point may
+        points = set(POINTS)
+    return engine, (RegoEngine([*kept, *shadow_modules], data), frozenset(points))
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,7 @@ class Governor:
     def __init__(
         self,
         engine: PolicyEngine,
-        shadow: PolicyEngine | None,
+        shadow: Shadow | None,
         sink: AuditSink,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -206,15 +212,9 @@ class Governor:
         input_sha = hashlib.sha256(canonical(document)).hexdigest()
         decision = self._evaluate(self._engine, point, document)
         self._audit(ctx, agent.name, label, decision, input_sha, enforced=True)
-        if self._shadow is not None:
-            self._audit(
-                ctx,
-                agent.name,
-                label,
-                self._evaluate(self._shadow, point, document),
-                input_sha,
-                enforced=False,
-            )
+        if self._shadow is not None and point in self._shadow[1]:
+            shadow = self._evaluate(self._shadow[0], point, document)
+            self._audit(ctx, agent.name, label, shadow, input_sha, enforced=False)
         return decision
 
     def _evaluate(self, engine: PolicyEngine, point: Point, document: dict[str, Any]) -> Decision:

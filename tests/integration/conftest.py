@@ -23,6 +23,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
+# Keys of the test application's tenants (fleet-test.yaml holds only their hashes).
+QA_KEY = "fk-test-qa"  # role qa: tester, helper, relay
+ACME_KEY = "fk-test-acme"  # role employee: not the test agents
+LIMITED_KEY = "fk-test-limited"  # role qa, but its key grants no scopes
 
 
 def free_port() -> int:
@@ -37,9 +41,11 @@ class Fleet:
     test_url: str  # the test application's prefix
     dashboard: str
     logs_dir: Path
+    audit_log: Path  # the test application's
 
-    def client(self, base: str | None = None) -> httpx.Client:
-        return httpx.Client(base_url=base or self.url, timeout=60)
+    def client(self, base: str | None = None, key: str | None = None) -> httpx.Client:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=base or self.url, timeout=60, headers=headers)
 
 
 @pytest.fixture(scope="package")
@@ -53,7 +59,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     if reuse:
         port_text, dashboard = reuse.split(",")
         url = f"http://127.0.0.1:{port_text}"
-        yield Fleet(url, url + "/test", dashboard, Path("/tmp/ray/session_latest/logs"))
+        audit = ROOT / "var/audit/fleet-test.jsonl"
+        yield Fleet(url, url + "/test", dashboard, Path("/tmp/ray/session_latest/logs"), audit)
         return
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_SERVE_LOG_TO_STDERR="0", RAY_DEDUP_LOGS="0")
     port, dash_port = free_port(), free_port()
@@ -62,6 +69,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     config["http_options"]["port"] = port
     test_app = yaml.safe_load((HERE / "fleet-test.yaml").read_text())
     test_app["args"]["models"]["upstream"]["base_url"] = f"http://127.0.0.1:{port}/test/v1"
+    test_app["runtime_env"] = {"env_vars": {"FLEET_TEST_UPSTREAM_KEY": QA_KEY}}
+    audit_log = work / "audit" / "fleet-test.jsonl"
+    test_app["args"]["governance"]["audit"]["path"] = str(audit_log)
     config["applications"].append(test_app)
     config_path = work / "deploy.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -80,7 +90,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         _serve_deploy(config_path, dashboard)
         wait_running(["fleet", "fleet-test"], timeout_s=240, dashboard=dashboard)
         logs = Path(info.address_info["session_dir"]) / "logs"
-        yield Fleet(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/test", dashboard, logs)
+        yield Fleet(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/test", dashboard, logs, audit_log)
     finally:
         try:
             rayserve.shutdown()
@@ -116,5 +126,5 @@ def api(fleet: Fleet) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def test_api(fleet: Fleet) -> Iterator[httpx.Client]:
-    with fleet.client(fleet.test_url) as client:
+    with fleet.client(fleet.test_url, QA_KEY) as client:
         yield client

@@ -9,12 +9,12 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import Fleet
+from tests.integration.conftest import QA_KEY, Fleet
 
 
 @pytest.fixture
 def client(fleet: Fleet) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fleet.test_url + "/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=fleet.test_url + "/v1", api_key=QA_KEY, max_retries=0)
 
 
 def ask(test_api: httpx.Client, text: str, **extra: Any) -> httpx.Response:
@@ -44,7 +44,11 @@ def test_langchain_tool_runs_unchanged(test_api: httpx.Client) -> None:
     [
         ("#invalid", "after invalid: error: invalid arguments for add: a:", "invalid_tool_calls"),
         ("#badjson", "after bad json: error: invalid arguments for add", "invalid_tool_calls"),
-        ("#unknown", "after unknown: error: unknown tool 'launch_missiles'", "invalid_tool_calls"),
+        (
+            "#unknown",
+            "after unknown: error: the call to 'launch_missiles' was denied by policy",
+            "invalid_tool_calls",
+        ),
         ("#fail", "after failure: error: fail failed: RuntimeError: disk on fire", "tool_failures"),
         ("#slow", "after timeout: error: slow timed out after 0.5s", "tool_failures"),
     ],

@@ -68,7 +68,7 @@ def test_project_root_is_the_checkout() -> None:
 
 def test_fleet_home_moves_relative_agents_dir_and_policies(fleet_home: Path) -> None:
     write_agent(fleet_home / "agents", "solo")
-    with pytest.raises(ConfigError, match="governance.policies") as err:
+    with pytest.raises(ConfigError, match=r"governance\.policies") as err:
         validate_fleet({"agents": ["solo"], "models": {"default": SCRIPTED}})
     assert err.value.file == str(fleet_home / "configs" / "policies")
     shutil.copytree(ROOT / "configs" / "policies", fleet_home / "configs" / "policies")

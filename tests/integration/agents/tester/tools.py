@@ -38,3 +38,13 @@ async def slow() -> str:
     """Takes longer than its timeout."""
     await asyncio.sleep(5)
     return "too late"
+
+
+# A record full of PII, for the redaction tests (the canaries are in the test module).
+PROFILE = "Dana Canary, dana.canary@example.org, SSN 219-09-9999, card 4000 0566 5566 5556"
+
+
+@tool
+def profile() -> str:
+    """The customer's profile."""
+    return PROFILE
