@@ -24,6 +24,7 @@ from serve.audit import audit_key, verify
 from serve.errors import ConfigError
 from serve.governance import hash_key
 from serve.manifest import load_agent, manifest_json_schema
+from serve.policy.schema import policy_input_json_schema
 from serve.settings import settings
 from serve.tools import load_tools
 
@@ -91,9 +92,11 @@ def validate(configs: tuple[Path, ...], agents_dir: Path | None) -> None:
 
 @main.command()
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None)
-def schema(output: Path | None) -> None:
-    """Print (or write) the JSON Schema of agent.yaml."""
-    text = json.dumps(manifest_json_schema(), indent=2) + "\n"
+@click.option("--policy-input", is_flag=True, help="The policy input document's schema instead.")
+def schema(output: Path | None, policy_input: bool) -> None:
+    """Print (or write) the JSON Schema of agent.yaml (or of the policy input)."""
+    doc = policy_input_json_schema() if policy_input else manifest_json_schema()
+    text = json.dumps(doc, indent=2) + "\n"
     if output is None:
         click.echo(text, nl=False)
     else:

@@ -60,6 +60,10 @@ def _ssn(text: str) -> bool:
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
 
 
+def _phone(text: str) -> bool:
+    return 8 <= sum(c.isdigit() for c in text) <= 15
+
+
 def _always(_: str) -> bool:
     return True
 
@@ -72,8 +76,11 @@ _DETECTORS: tuple[tuple[PiiKind, re.Pattern[str], Callable[[str], bool]], ...] =
     ("ssn", re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])"), _ssn),
     (
         "phone",
-        re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]?\d{3}[ .-]?\d{4}(?!\w)"),
-        _always,
+        re.compile(
+            r"(?<![\w+])(?:\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}"  # international: +44 20 7946 0958
+            r"|(?:\(\d{3}\)|\d{3})[ .-]?\d{3}[ .-]?\d{4})(?!\w)"  # North American
+        ),
+        _phone,
     ),
     (
         "ip",

@@ -21,6 +21,7 @@ __all__ = [
     "PolicyResult",
     "Principal",
     "RequestFacts",
+    "policy_input_json_schema",
 ]
 
 POLICY_INPUT_VERSION = "fleet.policy/v1"
@@ -83,3 +84,11 @@ class PolicyResult(_Doc):
 
     outcome: Outcome
     reasons: list[str] = Field(default_factory=list, description="Why, for the audit log and the caller.")
+
+
+def policy_input_json_schema() -> dict[str, Any]:
+    """JSON Schema of the policy input (``docs/policy-input.schema.json``)."""
+    schema = PolicyInput.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Fleet policy input (fleet.policy/v1)"
+    return schema

@@ -160,3 +160,42 @@ def test_readme_schema_file_is_current() -> None:
     shipped = AGENTS / "agent.schema.json"
     assert shipped.is_file()
     assert json.loads(shipped.read_text(encoding="utf-8")) == json.loads(fleet("schema").stdout)
+
+
+def test_audit_verify_reports_ok_then_the_tampered_record(tmp_path: Path) -> None:
+    from serve.audit import AuditLog, audit_key
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, audit_key(path))
+    log.append([{"request_id": f"r{i}", "outcome": "allow"} for i in range(5)])
+    ok = fleet("audit", "verify", str(path))
+    assert ok.exit_code == 0 and "5 records" in ok.output
+    rows = path.read_bytes().splitlines(keepends=True)
+    rows[3] = rows[3].replace(b"allow", b"deny")
+    path.write_bytes(b"".join(rows))
+    bad = fleet("audit", "verify", str(path))
+    assert bad.exit_code == 1 and "record 3" in bad.output and "modified" in bad.output
+
+
+def test_audit_verify_finds_the_log_from_the_config(tmp_path: Path) -> None:
+    log = tmp_path / "x" / "audit.jsonl"
+    config = write_config(tmp_path, lambda args: args.update(governance={"audit": {"path": str(log)}}))
+    result = fleet("audit", "verify", "--config", str(config))
+    assert result.exit_code == 2 and f"{log}: no audit log here" in result.output
+
+
+def test_keys_new_prints_the_key_once_and_stores_only_its_hash() -> None:
+    from serve.governance import GovernanceConfig, authenticate
+
+    result = CliRunner().invoke(main, ["keys", "new", "--tenant", "acme", "--role", "hr"])
+    assert result.exit_code == 0
+    key = result.stderr.split(": ")[-1].strip()
+    entry = yaml.safe_load(result.stdout)
+    assert key not in result.stdout
+    config = GovernanceConfig.model_validate(entry)
+    assert authenticate(f"Bearer {key}", config.tenants).roles == ["hr"]
+
+
+def test_policy_input_schema_export() -> None:
+    result = fleet("schema", "--policy-input")
+    assert json.loads(result.output)["title"] == "Fleet policy input (fleet.policy/v1)"
