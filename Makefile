@@ -42,6 +42,8 @@ check: install
 bench: install
 	$(BIN)/python loadtests/bench.py
 	$(BIN)/python loadtests/bench_llm.py
+	$(BIN)/python loadtests/bench_governance.py
 
 schema: install
 	$(BIN)/fleet schema -o agents/agent.schema.json
+	$(BIN)/fleet schema --policy-input -o docs/policy-input.schema.json

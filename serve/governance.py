@@ -145,12 +145,14 @@ def build_engines(
     config: GovernanceConfig,
     root: Path,
     extra: list[str] = (),  # type: ignore[assignment]
+    *,
+    memo: bool = True,
 ) -> tuple[PolicyEngine, Shadow | None]:
     """The enforced engine, and the shadow one with the points its modules change."""
     paths = _resolve(root, [*config.policies, *extra])
     modules = [m for m in load_modules(paths) if m.path.endswith(".rego")]
     data = load_data(paths)
-    local = RegoEngine(modules, data)  # compiled even for OPA: a bad file fails the deploy
+    local = RegoEngine(modules, data, memo=memo)  # compiled even for OPA: a bad file fails the deploy
     engine: PolicyEngine = local
     if config.engine.kind == "opa":
         assert config.engine.url is not None
@@ -163,7 +165,7 @@ def build_engines(
     points = {p for p in POINTS if f"fleet.{p}" in replaced}
     if replaced - {f"fleet.{p}" for p in POINTS}:  # a shared module changed: every point may
         points = set(POINTS)
-    return engine, (RegoEngine([*kept, *shadow_modules], data), frozenset(points))
+    return engine, (RegoEngine([*kept, *shadow_modules], data, memo=memo), frozenset(points))
 
 
 @dataclass(frozen=True)

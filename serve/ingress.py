@@ -82,10 +82,6 @@ def card_facts(card: dict[str, Any], scopes: list[str] | None) -> AgentFacts:
         data=list(card["data"]),
         pii=card["policies"]["pii"],
         compliance=list(card["policies"]["compliance"]),
-        tools={
-            t["name"]: {"scope": t["scope"], "approval": t["approval"], "data": t["data"]}
-            for t in card["tools"]
-        },
         delegates=list(card["delegates"]),
     )
 

@@ -7,7 +7,7 @@ default decision := {"outcome": "allow", "reasons": ["tool scope held"]}
 
 # Order matters: a missing scope denies even a tool that needs approval.
 decision := {"outcome": "deny", "reasons": [sprintf("%v is not a tool of %v", [input.action.tool, input.agent.name])]} if {
-	not input.agent.tools[input.action.tool]
+	not input.action.known
 } else := {"outcome": "deny", "reasons": [sprintf("scope %v is not granted to %v", [input.action.scope, input.agent.name])]} if {
 	not input.action.scope in input.agent.scopes
 } else := {"outcome": "deny", "reasons": sort([v | some v in violations])} if {

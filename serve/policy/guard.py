@@ -67,7 +67,6 @@ class AgentGuard:
             data=list(m.data),
             pii=m.policies.pii,
             compliance=list(m.policies.compliance),
-            tools=self._tools,
             delegates=list(m.delegates),
         )
 
@@ -109,6 +108,7 @@ class AgentGuard:
             args = {}
         action = {
             "tool": name,
+            "known": name in self._tools,
             "scope": grant.get("scope"),
             "approval": bool(grant.get("approval")),
             "arguments": args if isinstance(args, dict) else {},

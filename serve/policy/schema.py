@@ -57,7 +57,6 @@ class AgentFacts(_Doc):
     data: list[str] = Field(description="Data classes the agent may see.")
     pii: Literal["allow", "redact", "block"] = Field(description="The manifest's PII mode.")
     compliance: list[str] = Field(description="Compliance tags (gdpr, soc2, ...).")
-    tools: dict[str, dict[str, Any]] = Field(description="Tool grants by name: scope, approval, data.")
     delegates: list[str]
 
 
@@ -66,7 +65,8 @@ class PolicyInput(_Doc):
 
     - ingress: ``{"agent": name}`` (the agent the principal calls; ``agent`` is that agent)
     - model_input / model_output: ``{"pii": [kinds], "turn": n}``
-    - tool: ``{"tool": name, "scope": s, "approval": b, "arguments": {...}}``
+    - tool: ``{"tool": name, "known": b, "scope": s, "approval": b, "arguments": {...}}``
+      (``known``: the agent has this tool; ``scope``/``approval`` from its grant)
     - delegation: ``{"target": name, "target_scopes": [...]}``
     - data: ``{"tool": name, "classes": [...], "pii": [kinds]}`` (a tool's result)
     """

@@ -58,7 +58,6 @@ DOC = {
         "data": [],
         "pii": "block",
         "compliance": [],
-        "tools": {},
         "delegates": [],
     },
     "action": {"agent": "fleet-monitor"},

@@ -30,7 +30,6 @@ BASE: dict[str, Any] = {
         "data": ["internal", "pii"],
         "pii": "redact",
         "compliance": [],
-        "tools": {"leave_balance": {"scope": "hr.leave.read", "approval": False, "data": []}},
         "delegates": ["hr-policy-advisor"],
     },
 }
