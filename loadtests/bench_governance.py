@@ -31,7 +31,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
 
 GOALS = {"decision_p50_ms": 0.5, "governance_per_request_p50_ms": 2.0, "audit_append_amortised_ms": 0.2}
 
@@ -59,7 +58,7 @@ def decisions(n: int, memo: bool) -> dict[str, Any]:
     from serve.loop import Context
     from serve.manifest import load_agent
     from serve.policy.guard import AgentGuard
-    from tests.unit.conftest import MemorySink
+    from serve.testing import MemorySink
 
     engine, _ = build_engines(GovernanceConfig(), ROOT, memo=memo)
     spec = load_agent(ROOT / "agents/hr-policy-advisor")
@@ -175,8 +174,8 @@ def request_cost(n: int, memo: bool, scenario: str) -> dict[str, Any]:
     from serve.policy.guard import AgentGuard
     from serve.policy.schema import Principal
     from serve.protocol import ChatRequest
+    from serve.testing import MemorySink
     from serve.tools import load_tools
-    from tests.unit.conftest import MemorySink
 
     spec = load_agent(ROOT / "agents/hr-policy-advisor")
     tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])

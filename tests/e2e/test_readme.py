@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.conftest import readme_block
+from tests.e2e.conftest import ROOT, readme_block
 
 
 def test_make_up_shows_progress(fleet_up: str) -> None:
@@ -33,3 +33,16 @@ def test_readme_python_example_runs(fleet_up: str, capsys: pytest.CaptureFixture
     exec(compile(readme_block("python", "## Talk to the fleet"), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "'orchestrator'" in printed and "Paris" in printed and "total_tokens" in printed
+
+
+def test_readme_governance_commands(fleet_up: str) -> None:
+    block = readme_block("bash", "## Governance").replace("\\\n", " ")
+    script = "set -euo pipefail\n" + block + 'echo "request=$REQUEST_ID"\n'
+    done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "key_sha256:" in done.stdout and "API key (shown once" in done.stderr
+    explanation = json.loads(done.stdout[done.stdout.index('{"object":"request.explanation"') :].splitlines()[0])
+    assert explanation["agents"] == ["hr-policy-advisor"]
+    assert explanation["decisions"][0]["action"] == "call:hr-policy-advisor"
+    assert explanation["model_calls"][0]["completion_tokens"] > 0
+    assert "chain and checkpoint intact" in done.stdout

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from serve.testing import MemorySink
+
 ROOT = Path(__file__).resolve().parents[2]
 AGENTS = ROOT / "agents"
 EXAMPLE_AGENTS = ["orchestrator", "hr-policy-advisor", "supply-chain-optimizer", "fleet-monitor"]
@@ -85,20 +87,6 @@ def write_agent(
     if tools_py is not None:
         (path / "tools.py").write_text(tools_py, encoding="utf-8")
     return path
-
-
-class MemorySink:
-    """An audit sink that keeps what it is given (the real one ships to the audit service)."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def event(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
 
 
 def governed(
