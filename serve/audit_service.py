@@ -147,7 +147,11 @@ class AuditService:
 
 
 class AuditClient:
-    """A replica's side: records queue here and ship in the background, in order."""
+    """A replica's side: records queue here and ship in the background, in order.
+
+    ``commit`` waits for a count of shipped items, so nothing here may be lost: a batch
+    that fails (or whose task is cancelled) goes back to the front of the queue.
+    """
 
     def __init__(self, handle: DeploymentHandle[Any], commit_timeout_s: float) -> None:
         self._handle = handle
@@ -157,7 +161,6 @@ class AuditClient:
         self._queued = 0
         self._shipped = 0
         self._task: asyncio.Task[None] | None = None
-        self._progress: asyncio.Condition | None = None
 
     def append(self, record: dict[str, Any]) -> None:
         self._records.append(record)
@@ -171,22 +174,20 @@ class AuditClient:
 
     async def commit(self) -> None:
         """Wait until everything queued so far is durable (503 after the timeout)."""
-        target = self._queued
-        progress = self._condition()
-        try:
-            async with asyncio.timeout(self._timeout):
-                async with progress:
-                    await progress.wait_for(lambda: self._shipped >= target)
-        except TimeoutError:
-            raise AuditUnavailable("the audit log cannot be written; retry later") from None
-
-    def _condition(self) -> asyncio.Condition:
-        if self._progress is None:
-            self._progress = asyncio.Condition()
-        return self._progress
+        target, delay = self._queued, 0.0005
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        while self._shipped < target:
+            self._kick()  # a shipper that died must not strand the queue
+            if asyncio.get_running_loop().time() > deadline:
+                log.error(
+                    "audit records not durable after %.1fs (%d queued)", self._timeout, target - self._shipped
+                )
+                raise AuditUnavailable("the audit log cannot be written; retry later")
+            await asyncio.sleep(delay)  # batches land in ~1 ms; back off to 20 ms
+            delay = min(delay * 2, 0.02)
 
     def _kick(self) -> None:
-        if self._task is None or self._task.done():
+        if (self._task is None or self._task.done()) and (self._records or self._events):
             self._task = asyncio.get_running_loop().create_task(self._ship())
 
     async def _ship(self) -> None:
@@ -196,14 +197,13 @@ class AuditClient:
             self._records, self._events = [], []
             try:
                 await self._handle.append.remote(records, events)
-            except Exception as exc:  # the service is restarting: keep the order, retry
-                log.warning("audit service unavailable (%s); retrying", type(exc).__name__)
+            except BaseException as exc:  # the service restarts, or this task is cancelled: keep them
                 self._records, self._events = records + self._records, events + self._events
+                if not isinstance(exc, Exception):
+                    raise
+                log.warning("audit service unavailable (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
             delay = 0.05
-            progress = self._condition()
-            async with progress:
-                self._shipped += len(records) + len(events)
-                progress.notify_all()
+            self._shipped += len(records) + len(events)

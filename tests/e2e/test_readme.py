@@ -41,7 +41,8 @@ def test_readme_governance_commands(fleet_up: str) -> None:
     done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "key_sha256:" in done.stdout and "API key (shown once" in done.stderr
-    explanation = json.loads(done.stdout[done.stdout.index('{"object":"request.explanation"') :].splitlines()[0])
+    start = done.stdout.index('{"object":"request.explanation"')
+    explanation, _ = json.JSONDecoder().raw_decode(done.stdout[start:])  # curl adds no newline
     assert explanation["agents"] == ["hr-policy-advisor"]
     assert explanation["decisions"][0]["action"] == "call:hr-policy-advisor"
     assert explanation["model_calls"][0]["completion_tokens"] > 0
