@@ -42,6 +42,7 @@ check: install
 bench: install
 	$(BIN)/python loadtests/bench.py
 	$(BIN)/python loadtests/bench_llm.py
+	$(BIN)/python loadtests/report.py
 	$(BIN)/python loadtests/bench_governance.py
 
 schema: install

@@ -4,7 +4,8 @@
     very messages the agent sends; (b) ``fleet``: the ``orchestrator`` agent of
     configs/local.yaml over HTTP (proxy -> ingress -> agent -> model deployment), streamed.
 Same prompt, greedy decoding, concurrency 1 and 4. Output tokens/s per stream and time
-to first token. Results are added to ``loadtests/results/<date>-llm.json``.
+to first token. These are rungs L6 and L7 of the ladder: they go under ``llm`` in
+``loadtests/results/<date>.json``, beside bench.py's rungs.
 """
 
 from __future__ import annotations
@@ -157,25 +158,31 @@ def main() -> None:
 
         rayserve.shutdown()
         ray.shutdown()
-    results["ratios"] = {
+    engine, fleet = results["rungs"]["engine"], results["rungs"]["fleet"]
+    ratios = {
         f"c{c}": {
-            "tokens_per_s_ratio": round(
-                results["rungs"]["fleet"][f"c{c}"]["tokens_per_s_per_stream"]
-                / results["rungs"]["engine"][f"c{c}"]["tokens_per_s_per_stream"],
-                3,
+            "L7/L6 tokens/s": round(
+                fleet[f"c{c}"]["tokens_per_s_per_stream"] / engine[f"c{c}"]["tokens_per_s_per_stream"], 3
             ),
-            "ttft_delta_ms": round(
-                results["rungs"]["fleet"][f"c{c}"]["ttft_p50_ms"]
-                - results["rungs"]["engine"][f"c{c}"]["ttft_p50_ms"],
-                1,
+            "L7-L6 time to first token ms": round(
+                fleet[f"c{c}"]["ttft_p50_ms"] - engine[f"c{c}"]["ttft_p50_ms"], 1
             ),
         }
         for c in args.concurrency
     }
-    print(json.dumps(results["ratios"], indent=2))
-    out = args.output or HERE / "results" / f"{dt.date.today().isoformat()}-llm.json"
+    print(json.dumps(ratios, indent=2))
+    # L6 and L7 of the ladder, in the same results file as bench.py's rungs.
+    out = args.output or HERE / "results" / f"{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    merged = json.loads(out.read_text()) if out.exists() else {}
+    merged["llm"] = {
+        "date": results["date"],
+        "question": QUESTION,
+        "max_tokens": args.max_tokens,
+        "rungs": {"L6 vllm-engine": engine, "L7 fleet-on-engine": fleet},
+        "ratios": ratios,
+    }
+    out.write_text(json.dumps(merged, indent=2) + "\n")
     print(f"written: {out}")
 
 

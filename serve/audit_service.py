@@ -147,48 +147,61 @@ class AuditService:
 
 
 class AuditClient:
-    """A replica's side: records queue here and ship in the background, in order.
+    """A replica's side: records queue here and ship in batches, in order.
 
-    ``commit`` waits for a count of shipped items, so nothing here may be lost: a batch
-    that fails (or whose task is cancelled) goes back to the front of the queue.
+    Shipping is driven by :meth:`commit` (a request's records go in one round trip when
+    it ends) and :meth:`ship` (start now, do not wait); a timer ships stragglers within
+    ``linger_s``. ``commit`` waits for a count of shipped items, so nothing may be lost:
+    a batch that fails (or whose task is cancelled) goes back to the front of the queue.
     """
 
-    def __init__(self, handle: DeploymentHandle[Any], commit_timeout_s: float) -> None:
+    def __init__(self, handle: DeploymentHandle[Any], commit_timeout_s: float, linger_s: float = 0.1) -> None:
         self._handle = handle
         self._timeout = commit_timeout_s
+        self._linger = linger_s
         self._records: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
         self._queued = 0
         self._shipped = 0
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def append(self, record: dict[str, Any]) -> None:
         self._records.append(record)
         self._queued += 1
-        self._kick()
+        self._arm()
 
     def event(self, event: dict[str, Any]) -> None:
         self._events.append(event)
         self._queued += 1
-        self._kick()
+        self._arm()
+
+    def ship(self) -> None:
+        """Start shipping what is queued, without waiting for it."""
+        if (self._task is None or self._task.done()) and (self._records or self._events):
+            self._task = asyncio.get_running_loop().create_task(self._ship())
 
     async def commit(self) -> None:
         """Wait until everything queued so far is durable (503 after the timeout)."""
         target, delay = self._queued, 0.0005
         deadline = asyncio.get_running_loop().time() + self._timeout
         while self._shipped < target:
-            self._kick()  # a shipper that died must not strand the queue
+            self.ship()  # also restarts a shipper that died: the queue is never stranded
             if asyncio.get_running_loop().time() > deadline:
                 log.error(
                     "audit records not durable after %.1fs (%d queued)", self._timeout, target - self._shipped
                 )
                 raise AuditUnavailable("the audit log cannot be written; retry later")
-            await asyncio.sleep(delay)  # batches land in ~1 ms; back off to 20 ms
-            delay = min(delay * 2, 0.02)
+            await asyncio.sleep(delay)  # a batch lands in a few ms; back off to 10 ms
+            delay = min(delay * 2, 0.01)
 
-    def _kick(self) -> None:
-        if (self._task is None or self._task.done()) and (self._records or self._events):
-            self._task = asyncio.get_running_loop().create_task(self._ship())
+    def _arm(self) -> None:
+        if self._timer is None or self._timer.cancelled():
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.ship()
 
     async def _ship(self) -> None:
         delay = 0.05

@@ -251,6 +251,7 @@ class Ingress:
             chat = parse_chat_request(await read_body(request, self._options.max_body_bytes))
             card = self._card(chat.model)
             self._admit(ctx, card)
+            self._audit.ship()  # durable while the agent works: the commit below is then instant
             handle = self._agents[chat.model]
             if chat.stream:
                 return await self._stream(chat, card, handle, ctx)

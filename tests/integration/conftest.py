@@ -42,6 +42,7 @@ class Fleet:
     dashboard: str
     logs_dir: Path
     audit_log: Path  # the test application's
+    ray_address: str | None  # the cluster's GCS address (None: not known when reusing one)
 
     def client(self, base: str | None = None, key: str | None = None) -> httpx.Client:
         headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -55,12 +56,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
     from serve.cli import wait_running
 
-    reuse = os.environ.get("FLEET_TEST_REUSE")  # "PORT,DASHBOARD": a cluster deployed by hand
+    reuse = os.environ.get("FLEET_TEST_REUSE")  # "PORT,DASHBOARD[,GCS]": a cluster deployed by hand
     if reuse:
-        port_text, dashboard = reuse.split(",")
+        port_text, dashboard, *gcs = reuse.split(",")
         url = f"http://127.0.0.1:{port_text}"
         audit = ROOT / "var/audit/fleet-test.jsonl"
-        yield Fleet(url, url + "/test", dashboard, Path("/tmp/ray/session_latest/logs"), audit)
+        logs = Path("/tmp/ray/session_latest/logs")
+        yield Fleet(url, url + "/test", dashboard, logs, audit, gcs[0] if gcs else None)
         return
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_SERVE_LOG_TO_STDERR="0", RAY_DEDUP_LOGS="0")
     port, dash_port = free_port(), free_port()
@@ -90,7 +92,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         _serve_deploy(config_path, dashboard)
         wait_running(["fleet", "fleet-test"], timeout_s=240, dashboard=dashboard)
         logs = Path(info.address_info["session_dir"]) / "logs"
-        yield Fleet(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/test", dashboard, logs, audit_log)
+        url = f"http://127.0.0.1:{port}"
+        yield Fleet(url, url + "/test", dashboard, logs, audit_log, info.address_info["gcs_address"])
     finally:
         try:
             rayserve.shutdown()

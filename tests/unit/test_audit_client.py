@@ -48,6 +48,7 @@ def test_a_cancelled_shipper_loses_nothing() -> None:
     async def scenario() -> None:
         client = AuditClient(service, commit_timeout_s=5)  # type: ignore[arg-type]
         client.append({"n": 1})
+        client.ship()
         await asyncio.sleep(0.01)
         assert client._task is not None
         client._task.cancel()  # e.g. the replica's loop tears a task down mid-call
@@ -68,5 +69,18 @@ def test_commit_gives_up_with_503_when_the_log_cannot_be_written() -> None:
         with pytest.raises(AuditUnavailable) as err:
             await client.commit()
         assert err.value.status == 503
+
+    run(scenario())
+
+
+def test_stragglers_ship_on_their_own_within_the_linger_time() -> None:
+    service = FlakyService()
+
+    async def scenario() -> None:
+        client = AuditClient(service, commit_timeout_s=5, linger_s=0.02)  # type: ignore[arg-type]
+        client.event({"kind": "outcome"})  # queued after the request's commit: nobody waits for it
+        assert service.stored == []
+        await asyncio.sleep(0.2)
+        assert service.stored == [{"kind": "outcome"}]
 
     run(scenario())

@@ -1,0 +1,46 @@
+"""The benchmark ladder's code, on a tiny setting against the test cluster (not its figures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ROOT, Fleet
+
+
+def test_ladder_runs_every_rung_and_renders_its_report(fleet: Fleet, tmp_path: Path) -> None:
+    if fleet.ray_address is None:
+        pytest.skip("the reused cluster's GCS address is not known (FLEET_TEST_REUSE=PORT,DASHBOARD,GCS)")
+    out = tmp_path / "ladder.json"
+    port = fleet.url.rsplit(":", 1)[1]
+    command = [
+        sys.executable, "loadtests/bench.py", "--tiny", "--concurrency", "1", "2", "--no-throughput-pass",
+        "--address", fleet.ray_address, "--port", port, "--output", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "FLEET_BENCH_AUDIT": str(tmp_path / "audit")}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {name.split()[0] for name in results["rungs"]} == {
+        "L0", "L1", "L2", "L2f", "L3", "L3i", "L4", "L4i", "L5", "L5i",
+    }  # fmt: skip
+    for figures in results["rungs"].values():
+        assert figures["c1"]["requests"] > 0 and figures["c2"]["p50_ms"] > 0
+    assert set(results["ratios"]["c2"]) >= {"L3/L2 throughput", "L3/L2 p50", "delegation hop / handle hop"}
+    assert results["autoscaling"]["before"]["requests"] > 0
+    assert results["versions"]["ray"] == "2.60.0"
+    done = subprocess.run(
+        [sys.executable, "loadtests/report.py", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| L3 fleet-agent |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    from serve.cli import serve_details
+
+    apps = serve_details(fleet.dashboard)["applications"]
+    assert not [name for name in apps if name.startswith("bench-")]  # the bench removed what it deployed
