@@ -356,6 +356,35 @@ def ratios(rungs: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
     return out
 
 
+def tracing_pass(args: argparse.Namespace, audit: Path, untraced: dict[str, Any]) -> dict[str, Any]:
+    """The Fleet rungs with every span exported (file exporter, full sampling) against
+    the default pass; normalised by the bare chain, which tracing does not touch."""
+    spans = audit / "spans.jsonl"
+    os.environ.update(FLEET_TRACES_FILE=str(spans), OTEL_TRACES_SAMPLER="always_on")
+    args.autoscaling = False
+    try:
+        traced = ladder(args, ["L2 serve-chain", "L3 fleet-agent", "L3i fleet-agent-inline"], audit)
+    finally:
+        del os.environ["FLEET_TRACES_FILE"], os.environ["OTEL_TRACES_SAMPLER"]
+    traced.pop("env")
+    out: dict[str, Any] = {
+        "rungs": traced,
+        "spans_written": sum(1 for _ in spans.open()) if spans.exists() else 0,
+    }
+    for c in (f"c{n}" for n in args.concurrency):
+        for name in ("L3 fleet-agent", "L3i fleet-agent-inline"):
+            drift = (
+                traced["L2 serve-chain"][c]["throughput_rps"]
+                / untraced["L2 serve-chain"][c]["throughput_rps"]
+            )
+            ratio = traced[name][c]["throughput_rps"] / untraced[name][c]["throughput_rps"]
+            out.setdefault("throughput_on_vs_off", {})[f"{name} {c}"] = {
+                "raw": round(ratio, 3),
+                "normalised_by_L2": round(ratio / drift, 3),
+            }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -404,6 +433,8 @@ def main() -> None:
         env = optimized.pop("env")
         results["throughput_optimized"] = {"ray_serve_env": env, "rungs": optimized}
         del os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"]
+    if args.tracing_pass and not args.address:
+        results["tracing"] = tracing_pass(args, audit, results["rungs"])
     print(json.dumps(results["ratios"], indent=2))
     out = args.output or HERE / "results" / f"{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,17 @@ def markdown(results: dict[str, Any]) -> str:
                     ]
                 )
             )
+    tracing = results.get("tracing")
+    if tracing:
+        lines += [
+            "",
+            f"## Tracing on (every span exported; {tracing['spans_written']} spans) against off",
+            "",
+        ]
+        for rung, ratio in tracing["throughput_on_vs_off"].items():
+            lines.append(
+                f"- {rung}: throughput on/off {ratio['raw']} (normalised by L2: {ratio['normalised_by_L2']})"
+            )
     scaling = results.get("autoscaling")
     if scaling:
         lines += [

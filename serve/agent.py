@@ -16,11 +16,13 @@ from typing import Any, cast
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from serve import telemetry
 from serve.audit_service import AuditClient
 from serve.errors import AgentError, ModelError, RequestError
 from serve.governance import GovernanceConfig, Governor, build_engines
 from serve.loop import AgentLoop, AgentResult, Context, DelegateTarget, Event, Finished, ModelCaller
-from serve.manifest import load_agent
+from serve.manifest import delegate_tool_name, load_agent
+from serve.metrics import MetricsSink
 from serve.models import make_backend
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.deployment import parse_backend_config, raise_errors, stream_model
@@ -96,7 +98,10 @@ class AgentDeployment:
         config = GovernanceConfig.model_validate(governance)
         engine, shadow = build_engines(config, Path(root), spec.manifest.policies.files)
         self._audit = AuditClient(audit, config.audit.commit_timeout_s)
-        self._guard = AgentGuard(Governor(engine, shadow, self._audit), spec)
+        telemetry.setup_tracing()
+        tool_names = [*tools, *(delegate_tool_name(d) for d in delegates)]
+        sink = MetricsSink(self._audit, name, spec.manifest.version, tool_names)
+        self._guard = AgentGuard(Governor(engine, shadow, sink), spec)
         self.name = name
         self._loop = AgentLoop(spec, tools, model_caller(model), targets, self._guard)
 

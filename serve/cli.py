@@ -24,6 +24,7 @@ from serve.audit import audit_key, verify
 from serve.errors import ConfigError
 from serve.governance import hash_key
 from serve.manifest import load_agent, manifest_json_schema
+from serve.observability import alert_rules, dashboard
 from serve.policy.schema import policy_input_json_schema
 from serve.settings import settings
 from serve.tools import load_tools
@@ -103,6 +104,43 @@ def schema(output: Path | None, policy_input: bool) -> None:
         output.write_text(text, encoding="utf-8")
 
 
+def _specs_of(config: Path) -> dict[str, Any]:
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    specs: dict[str, Any] = {}
+    for app in raw.get("applications", []):
+        if app.get("import_path") == BUILDER:
+            specs.update(validate_fleet(app.get("args") or {})[2])
+    return specs
+
+
+def _write(doc: Any, output: Path | None, as_yaml: bool) -> None:
+    text = yaml.safe_dump(doc, sort_keys=False, width=200) if as_yaml else json.dumps(doc, indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+@main.command()
+@click.option(
+    "--config", type=click.Path(path_type=Path), default=Path("configs/local.yaml"), show_default=True
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None)
+def alerts(config: Path, output: Path | None) -> None:
+    """Prometheus alerting rules from the agents' SLAs (and tool-quality rules)."""
+    _write(alert_rules(_specs_of(config)), output, as_yaml=True)
+
+
+@main.command("dashboard")
+@click.option(
+    "--config", type=click.Path(path_type=Path), default=Path("configs/local.yaml"), show_default=True
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None)
+def dashboard_command(config: Path, output: Path | None) -> None:
+    """A Grafana dashboard of the fleet (JSON)."""
+    _write(dashboard(_specs_of(config)), output, as_yaml=False)
+
+
 @main.group()
 def audit() -> None:
     """Read the audit log."""
@@ -167,7 +205,10 @@ def _ensure_cluster() -> None:
         click.echo(f"Ray: using the cluster whose dashboard is {settings().dashboard_address}")
         return
     click.echo("Ray: starting a local cluster (ray start --head) ...")
-    done = _run([str(BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1", "--disable-usage-stats"])
+    metrics = f"--metrics-export-port={settings().metrics_port}"  # Prometheus scrapes /metrics here
+    done = _run(
+        [str(BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1", "--disable-usage-stats", metrics]
+    )
     if done.returncode != 0:
         raise click.ClickException(f"ray start failed:\n{done.stderr[-2000:]}")
 

@@ -240,6 +240,7 @@ class Governor:
                 "decision_id": d.id,
                 "tenant": principal.tenant,
                 "agent": agent,
+                "point": d.point,
                 "action": label,
                 "policy": d.policy,
                 "policy_version": d.version,

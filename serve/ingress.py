@@ -12,17 +12,20 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from opentelemetry import trace as otel
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve as rayserve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from serve import telemetry
 from serve.audit_service import AuditClient
 from serve.errors import (
     AgentError,
@@ -38,6 +41,7 @@ from serve.errors import (
 from serve.explain import render_html
 from serve.governance import GovernanceConfig, Governor, authenticate, build_engines
 from serve.loop import AgentResult, ContentDelta, Context, Finished
+from serve.metrics import MetricsSink, RequestMetrics
 from serve.policy.schema import AgentFacts, Principal
 from serve.protocol import ChatRequest, chunk, completion, parse_chat_request
 
@@ -59,8 +63,29 @@ class IngressOptions(BaseModel):
     )
 
 
-def error_response(exc: RequestError, retry_after: int = 1) -> JSONResponse:
-    headers = {}
+@dataclass
+class Exchange:
+    """One chat completion in flight at the ingress: its span, clock and what is known."""
+
+    span: otel.Span
+    started: float = field(default_factory=time.monotonic)
+    ctx: Context | None = None
+    agent: str | None = None
+    first_token: bool = False
+
+    @property
+    def trace_id(self) -> str | None:
+        return telemetry.trace_id(self.span)
+
+    def headers(self) -> dict[str, str]:
+        tid = self.trace_id
+        return {"x-fleet-trace-id": tid} if tid else {}
+
+
+def error_response(
+    exc: RequestError, retry_after: int = 1, extra: dict[str, str] | None = None
+) -> JSONResponse:
+    headers = dict(extra or {})
     if exc.status in (429, 503):
         headers["retry-after"] = str(retry_after)
     if isinstance(exc, PolicyDenied):
@@ -139,22 +164,24 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 def _final_chunks(
-    chat: ChatRequest, card: dict[str, Any], ctx: Context, result: AgentResult, piece: Any
+    chat: ChatRequest, card: dict[str, Any], ex: Exchange, result: AgentResult, piece: Any
 ) -> list[str]:
     out = []
     if result.tool_calls:
         calls = [{"index": i, **c.model_dump()} for i, c in enumerate(result.tool_calls)]
         out.append(piece(delta={"tool_calls": calls}))
-    out.append(piece(delta={}, finish_reason=result.finish_reason, extension=_extension(ctx, card, result)))
+    out.append(piece(delta={}, finish_reason=result.finish_reason, extension=_extension(ex, card, result)))
     if chat.stream_options and chat.stream_options.include_usage:
         out.append(piece(usage=result.usage))
     return out
 
 
-def _extension(ctx: Context, card: dict[str, Any], result: AgentResult) -> dict[str, Any]:
+def _extension(ex: Exchange, card: dict[str, Any], result: AgentResult) -> dict[str, Any]:
     stats = result.stats
+    assert ex.ctx is not None
     return {
-        "request_id": ctx.request_id,
+        "request_id": ex.ctx.request_id,
+        "trace_id": ex.trace_id,
         "agent": card["name"],
         "agent_version": card["version"],
         "turns": stats.turns,
@@ -188,7 +215,9 @@ class Ingress:
         self._tenants = config.tenants
         self._audit = AuditClient(audit, config.audit.commit_timeout_s)
         self._audit_handle = audit
-        self._gov = Governor(*build_engines(config, Path(root)), self._audit)
+        telemetry.setup_tracing()
+        self._metrics = RequestMetrics({name: card["version"] for name, card in cards.items()})
+        self._gov = Governor(*build_engines(config, Path(root)), MetricsSink(self._audit, None, "", ()))
 
     @app.get("/v1/health")
     async def health(self) -> dict[str, Any]:
@@ -236,33 +265,53 @@ class Ingress:
                 f"not allowed to call {card['name']!r}: {reasons}", decision_id=decision.id, param="model"
             )
 
-    def _finish(self, ctx: Context | None, status: int, **fields: Any) -> None:
-        if ctx is not None:
-            self._gov.event(ctx, "outcome", agent=None, status=status, **fields)
+    def _finish(self, ex: Exchange, status: int, **fields: Any) -> None:
+        """The one place a chat completion ends: outcome step, metrics, span."""
+        if ex.ctx is not None:
+            self._gov.event(ex.ctx, "outcome", agent=None, status=status, **fields)
+        self._metrics.request(ex.agent, status, time.monotonic() - ex.started)
+        ex.span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            ex.span.set_status(otel.StatusCode.ERROR)
+            ex.span.set_attribute("error.type", str(fields.get("code") or status))
+        ex.span.end()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         # Ray's proxy gives every request an X-Request-ID (the client's, if it sent one)
-        # and returns it as a response header: Fleet's request id is that id.
-        ctx = None
+        # and returns it as a response header: Fleet's request id is that id. A client's
+        # W3C traceparent makes this request's span a child of the client's.
+        ex = Exchange(
+            telemetry.tracer().start_span(
+                "POST /v1/chat/completions",
+                context=telemetry.parent(request.headers),
+                kind=otel.SpanKind.SERVER,
+                attributes={"http.request.method": "POST", "http.route": "/v1/chat/completions"},
+            )
+        )
         try:
             principal = authenticate(request.headers.get("authorization"), self._tenants)
-            ctx = Context.new(request.headers.get("x-request-id"), principal)
+            ex.ctx = ctx = Context.new(
+                request.headers.get("x-request-id"), principal, telemetry.carrier(ex.span)
+            )
+            ex.span.set_attribute("fleet.request_id", ctx.request_id)
             chat = parse_chat_request(await read_body(request, self._options.max_body_bytes))
             card = self._card(chat.model)
+            ex.agent = chat.model
+            ex.span.set_attribute("gen_ai.agent.name", chat.model)
             self._admit(ctx, card)
             self._audit.ship()  # durable while the agent works: the commit below is then instant
             handle = self._agents[chat.model]
             if chat.stream:
-                return await self._stream(chat, card, handle, ctx)
+                return await self._stream(chat, card, handle, ex)
             result = await self._call(handle, chat, ctx)
             await self._audit.commit()
         except RequestError as exc:
-            if ctx is not None:
+            if ex.ctx is not None:
                 await self._commit_quietly()
-            self._finish(ctx, exc.status, code=exc.code)
-            return error_response(exc, self._options.retry_after_s)
-        self._finish(ctx, 200, finish_reason=result.finish_reason)
+            self._finish(ex, exc.status, code=exc.code)
+            return error_response(exc, self._options.retry_after_s, ex.headers())
+        self._finish(ex, 200, finish_reason=result.finish_reason)
         body = completion(
             completion_id="chatcmpl-" + ctx.request_id.removeprefix("req_"),
             model=chat.model,
@@ -270,9 +319,9 @@ class Ingress:
             tool_calls=result.tool_calls,
             finish_reason=result.finish_reason,
             usage=result.usage,
-            extension=_extension(ctx, card, result),
+            extension=_extension(ex, card, result),
         )
-        return JSONResponse(body)
+        return JSONResponse(body, headers=ex.headers())
 
     async def _commit_quietly(self) -> None:
         try:
@@ -295,10 +344,11 @@ class Ingress:
         return result
 
     async def _stream(
-        self, chat: ChatRequest, card: dict[str, Any], handle: DeploymentHandle[Any], ctx: Context
+        self, chat: ChatRequest, card: dict[str, Any], handle: DeploymentHandle[Any], ex: Exchange
     ) -> Response:
+        assert ex.ctx is not None
         deadline = time.monotonic() + self._options.request_timeout_s
-        events = handle.options(stream=True).stream.remote(chat, ctx)
+        events = handle.options(stream=True).stream.remote(chat, ex.ctx)
         # Wait for the first event so that an error found before any output (a bad prompt
         # variable, an overloaded agent) is an HTTP status, not a 200 with an error inside.
         first = await self._next(events, deadline, chat.model)
@@ -306,9 +356,9 @@ class Ingress:
             raise first
         await self._audit.commit()
         return StreamingResponse(
-            self._sse(chat, card, ctx, first, events, deadline),
+            self._sse(chat, card, ex, first, events, deadline),
             media_type="text/event-stream",
-            headers={"cache-control": "no-cache"},
+            headers={"cache-control": "no-cache", **ex.headers()},
         )
 
     async def _next(self, events: Any, deadline: float, agent: str) -> Any:
@@ -323,26 +373,38 @@ class Ingress:
             return handle_error(exc, agent)
 
     async def _sse(
-        self, chat: ChatRequest, card: dict[str, Any], ctx: Context, first: Any, events: Any, deadline: float
+        self, chat: ChatRequest, card: dict[str, Any], ex: Exchange, first: Any, events: Any, deadline: float
     ) -> AsyncIterator[str]:
-        cid, created = "chatcmpl-" + ctx.request_id.removeprefix("req_"), int(time.time())
+        assert ex.ctx is not None
+        cid, created = "chatcmpl-" + ex.ctx.request_id.removeprefix("req_"), int(time.time())
 
         def piece(**kwargs: Any) -> str:
             return _sse(chunk(completion_id=cid, model=chat.model, created=created, **kwargs))
 
-        yield piece(delta={"role": "assistant", "content": ""})
-        event = first
-        while True:
-            if isinstance(event, RequestError):
-                self._finish(ctx, event.status, code=event.code)
-                yield _sse(envelope(event))
-                break
-            if isinstance(event, ContentDelta):
-                yield piece(delta={"content": event.text})
-            elif isinstance(event, Finished):
-                self._finish(ctx, 200, finish_reason=event.result.finish_reason)
-                for text in _final_chunks(chat, card, ctx, event.result, piece):
-                    yield text
-                break
-            event = await self._next(events, deadline, chat.model)
+        done = False
+        try:
+            yield piece(delta={"role": "assistant", "content": ""})
+            event = first
+            while True:
+                if isinstance(event, RequestError):
+                    done = True
+                    self._finish(ex, event.status, code=event.code)
+                    yield _sse(envelope(event))
+                    break
+                if isinstance(event, ContentDelta):
+                    if not ex.first_token:
+                        ex.first_token = True
+                        self._metrics.first_token(chat.model, time.monotonic() - ex.started)
+                    yield piece(delta={"content": event.text})
+                elif isinstance(event, Finished):
+                    done = True
+                    self._finish(ex, 200, finish_reason=event.result.finish_reason)
+                    for text in _final_chunks(chat, card, ex, event.result, piece):
+                        yield text
+                    break
+                event = await self._next(events, deadline, chat.model)
+        finally:
+            if not done:  # the client went away mid-stream
+                events.cancel()
+                self._finish(ex, 499, code="client_closed_request")
         yield _sse("[DONE]")

@@ -21,12 +21,16 @@ Semantics (OpenAI function calling, end to end):
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from opentelemetry import trace as otel
+
+from serve import telemetry
 from serve.errors import InvalidRequest, MaxTurnsExceeded, RequestError, ToolError
 from serve.manifest import AgentSpec, delegate_tool_name
 from serve.models.base import ModelChunk, ModelRequest
@@ -57,17 +61,28 @@ class Context:
     principal: Principal | None = None
     # The most scopes the next agent may act with: its caller's (None: no limit yet).
     scopes: tuple[str, ...] | None = None
+    # W3C trace context of the caller's span (``traceparent``), across handles.
+    trace: Mapping[str, str] = field(default_factory=dict)
 
     @staticmethod
-    def new(request_id: str | None = None, principal: Principal | None = None) -> Context:
+    def new(
+        request_id: str | None = None,
+        principal: Principal | None = None,
+        trace: Mapping[str, str] | None = None,
+    ) -> Context:
         return Context(
             request_id=request_id or "req_" + uuid.uuid4().hex,
             principal=principal,
             scopes=tuple(principal.scopes) if principal and principal.scopes is not None else None,
+            trace=dict(trace or {}),
         )
 
     def enter(self, agent: str) -> Context:
-        return Context(self.request_id, (*self.chain, agent), self.principal, self.scopes)
+        return replace(self, chain=(*self.chain, agent))
+
+    def traced(self, span: otel.Span) -> Context:
+        """This context, with ``span`` as the parent of what the next agent does."""
+        return replace(self, trace=telemetry.carrier(span))
 
 
 @dataclass
@@ -167,6 +182,31 @@ class AgentLoop:
         raise AssertionError("the loop ended without a result")  # pragma: no cover
 
     async def events(self, request: ChatRequest, ctx: Context) -> AsyncIterator[Event]:
+        """The loop's output as it happens, inside one ``invoke_agent`` span."""
+        m = self.manifest
+        span = telemetry.tracer().start_span(
+            f"invoke_agent {m.name}",
+            context=telemetry.parent(ctx.trace),
+            attributes=telemetry.attributes(
+                gen_ai__operation__name="invoke_agent",
+                gen_ai__agent__name=m.name,
+                gen_ai__agent__version=m.version,
+                fleet__request_id=ctx.request_id,
+            ),
+        )
+        try:
+            async for event in self._events(request, ctx, span):
+                if isinstance(event, Finished):
+                    _finish_span(span, event.result)
+                yield event
+        except BaseException as exc:
+            span.set_status(otel.StatusCode.ERROR)
+            span.set_attribute("error.type", getattr(exc, "code", None) or type(exc).__name__)
+            raise
+        finally:
+            span.end()
+
+    async def _events(self, request: ChatRequest, ctx: Context, span: otel.Span) -> AsyncIterator[Event]:
         client_tools = self._client_tools(request)
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": self._prompt.render(request.metadata)},
@@ -182,16 +222,32 @@ class AgentLoop:
             seen = len(messages)
             content, calls, finish, spent = [], [], "stop", Usage()
             redactor = StreamRedactor() if self._guard.holds_output else None
-            async for piece in self._model(self._model_request(request, messages, schemas, tool_choice)):
-                if piece.content:
-                    content.append(piece.content)
-                    safe = redactor.feed(piece.content) if redactor else piece.content
-                    if safe:
-                        yield ContentDelta(safe)
-                calls.extend(piece.tool_calls)
-                finish = piece.finish_reason or finish
-                if piece.usage:
-                    spent.add(piece.usage)
+            model_request = self._model_request(request, messages, schemas, tool_choice)
+            model_span = self._model_span(span, model_request)
+            try:
+                async for piece in self._model(model_request):
+                    if piece.content:
+                        content.append(piece.content)
+                        safe = redactor.feed(piece.content) if redactor else piece.content
+                        if safe:
+                            yield ContentDelta(safe)
+                    calls.extend(piece.tool_calls)
+                    finish = piece.finish_reason or finish
+                    if piece.usage:
+                        spent.add(piece.usage)
+            except BaseException as exc:
+                model_span.set_status(otel.StatusCode.ERROR)
+                model_span.set_attribute("error.type", getattr(exc, "code", None) or type(exc).__name__)
+                model_span.end()
+                raise
+            model_span.set_attributes(
+                {
+                    "gen_ai.usage.input_tokens": spent.prompt_tokens,
+                    "gen_ai.usage.output_tokens": spent.completion_tokens,
+                    "gen_ai.response.finish_reasons": [finish],
+                }
+            )
+            model_span.end()
             usage.add(spent)
             self._guard.event(
                 ctx,
@@ -203,6 +259,10 @@ class AgentLoop:
                 finish_reason=finish,
             )
             said = self._guard.model_output(ctx, "".join(content), turn) if content else ""
+            if said and telemetry.content_capture():
+                model_span.set_attribute(
+                    "gen_ai.output.messages", json.dumps([{"role": "assistant", "content": said}])
+                )
             rest = redactor.flush() if redactor else ""
             if rest:
                 yield ContentDelta(rest)
@@ -220,7 +280,7 @@ class AgentLoop:
             if turn == self.manifest.max_turns:
                 break  # no turn left to read the results: do not run the tools
             messages.append(_assistant(said, calls))
-            results = await asyncio.gather(*(self._execute(c, ctx, stats, usage) for c in calls))
+            results = await asyncio.gather(*(self._execute(c, ctx, stats, usage, span) for c in calls))
             messages.extend(
                 {"role": "tool", "tool_call_id": c.id, "content": r}
                 for c, r in zip(calls, results, strict=True)
@@ -265,13 +325,53 @@ class AgentLoop:
             stream=request.stream,
         )
 
-    async def _execute(self, call: ToolCall, ctx: Context, stats: Stats, usage: Usage) -> str:
+    def _model_span(self, agent_span: otel.Span, request: ModelRequest) -> otel.Span:
+        model = self.manifest.model.backend
+        span = telemetry.tracer().start_span(
+            f"chat {model}",
+            context=otel.set_span_in_context(agent_span),
+            kind=otel.SpanKind.CLIENT,
+            attributes=telemetry.attributes(
+                gen_ai__operation__name="chat",
+                gen_ai__request__model=model,
+                gen_ai__request__max_tokens=request.max_tokens,
+                gen_ai__request__temperature=request.temperature,
+                gen_ai__request__top_p=request.top_p,
+            ),
+        )
+        if telemetry.content_capture():  # the messages as the model sees them: PII already decided on
+            span.set_attribute("gen_ai.input.messages", json.dumps(request.messages, default=str))
+        return span
+
+    async def _execute(
+        self, call: ToolCall, ctx: Context, stats: Stats, usage: Usage, agent_span: otel.Span
+    ) -> str:
         """Run one server-side call; every failure becomes text for the model."""
         name, started = call.function.name, time.monotonic()
+        span = telemetry.tracer().start_span(
+            f"execute_tool {name}",
+            context=otel.set_span_in_context(agent_span),
+            attributes=telemetry.attributes(
+                gen_ai__operation__name="execute_tool",
+                gen_ai__tool__name=name,
+                gen_ai__tool__call__id=call.id,
+                gen_ai__tool__type="agent" if name in self._delegates else "function",
+            ),
+        )
         stats.tool_calls += 1
-        status, text = await self._attempt(name, call.function.arguments, ctx, stats, usage)
-        if status == "ok":
-            text = self._guard.result(ctx, name, text)
+        try:
+            status, text = await self._attempt(name, call.function.arguments, ctx.traced(span), stats, usage)
+            if status == "ok":
+                text = self._guard.result(ctx, name, text)
+        except BaseException:
+            span.set_status(otel.StatusCode.ERROR)
+            span.end()
+            raise
+        span.set_attribute("fleet.tool.status", status)
+        if status != "ok":
+            span.set_status(otel.StatusCode.ERROR)
+            span.set_attribute("error.type", status)
+        span.end()
         self._guard.event(
             ctx, "tool_call", tool=name, status=status, duration_s=round(time.monotonic() - started, 4)
         )
@@ -331,6 +431,19 @@ class AgentLoop:
             raise ToolError(f"agent {agent!r} failed: {exc.message}") from None
         usage.add(result.usage)
         return result.content or ""
+
+
+def _finish_span(span: otel.Span, result: AgentResult) -> None:
+    span.set_attributes(
+        {
+            "gen_ai.usage.input_tokens": result.usage.prompt_tokens,
+            "gen_ai.usage.output_tokens": result.usage.completion_tokens,
+            "gen_ai.response.finish_reasons": [result.finish_reason],
+            "fleet.turns": result.stats.turns,
+            "fleet.tool_calls": result.stats.tool_calls,
+            "fleet.policy_denials": result.stats.denials,
+        }
+    )
 
 
 def _assistant(content: str, calls: list[ToolCall]) -> dict[str, Any]:

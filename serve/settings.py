@@ -29,6 +29,15 @@ class Settings(BaseSettings):
         default=None,
         description="Key of the audit log's chain and checkpoint (default: <log>.key, made once).",
     )
+    traces_file: Path | None = Field(
+        default=None, description="Write spans as JSON lines to this file (tracing on, for local use)."
+    )
+    trace_content: bool = Field(
+        default=False, description="Record prompt and completion text on spans (after PII redaction)."
+    )
+    metrics_port: int = Field(
+        default=9101, gt=0, lt=65536, description="Prometheus port of the Ray cluster `fleet up` starts."
+    )
     dashboard_address: str = Field(
         default="http://127.0.0.1:8265",
         description="Dashboard of the Ray cluster `fleet up` deploys to; none there: start one.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -47,3 +48,17 @@ def test_readme_governance_commands(fleet_up: str) -> None:
     assert explanation["decisions"][0]["action"] == "call:hr-policy-advisor"
     assert explanation["model_calls"][0]["completion_tokens"] > 0
     assert "chain and checkpoint intact" in done.stdout
+
+
+def test_readme_observability_commands(fleet_up: str) -> None:
+    generate, scrape = readme_block("bash", "## Observability").strip().splitlines()
+    done = subprocess.run(["bash", "-c", generate], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert subprocess.run(["git", "diff", "--quiet", "configs/"], cwd=ROOT).returncode == 0  # already current
+    deadline = time.monotonic() + 60  # Ray's metrics agent exports every few seconds
+    while True:
+        done = subprocess.run(["bash", "-c", scrape], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        if 'agent="orchestrator"' in done.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert 'agent="orchestrator"' in done.stdout and 'status="200"' in done.stdout

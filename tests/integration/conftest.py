@@ -43,6 +43,8 @@ class Fleet:
     logs_dir: Path
     audit_log: Path  # the test application's
     ray_address: str | None  # the cluster's GCS address (None: not known when reusing one)
+    metrics_url: str | None = None  # Ray's Prometheus endpoint (None: not known when reusing one)
+    spans: Path | None = None  # spans of both applications (FLEET_TRACES_FILE)
 
     def client(self, base: str | None = None, key: str | None = None) -> httpx.Client:
         headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -65,13 +67,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield Fleet(url, url + "/test", dashboard, logs, audit, gcs[0] if gcs else None)
         return
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_SERVE_LOG_TO_STDERR="0", RAY_DEDUP_LOGS="0")
-    port, dash_port = free_port(), free_port()
+    port, dash_port, metrics_port = free_port(), free_port(), free_port()
     work = tmp_path_factory.mktemp("fleet")
+    spans = work / "spans.jsonl"
     config = yaml.safe_load((ROOT / "configs/scripted.yaml").read_text())
     config["http_options"]["port"] = port
+    # Tracing on, to a file, exported quickly: the observability tests read it.
+    tracing = {"FLEET_TRACES_FILE": str(spans), "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    config["applications"][0]["runtime_env"] = {"env_vars": tracing}
     test_app = yaml.safe_load((HERE / "fleet-test.yaml").read_text())
     test_app["args"]["models"]["upstream"]["base_url"] = f"http://127.0.0.1:{port}/test/v1"
-    test_app["runtime_env"] = {"env_vars": {"FLEET_TEST_UPSTREAM_KEY": QA_KEY}}
+    test_app["runtime_env"] = {"env_vars": {"FLEET_TEST_UPSTREAM_KEY": QA_KEY, **tracing}}
     audit_log = work / "audit" / "fleet-test.jsonl"
     test_app["args"]["governance"]["audit"]["path"] = str(audit_log)
     config["applications"].append(test_app)
@@ -86,6 +92,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         dashboard_port=dash_port,
         log_to_driver=False,
         _temp_dir=str(work / "ray"),
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     dashboard = f"http://{info.dashboard_url}"
     try:
@@ -93,7 +101,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         wait_running(["fleet", "fleet-test"], timeout_s=240, dashboard=dashboard)
         logs = Path(info.address_info["session_dir"]) / "logs"
         url = f"http://127.0.0.1:{port}"
-        yield Fleet(url, url + "/test", dashboard, logs, audit_log, info.address_info["gcs_address"])
+        gcs = info.address_info["gcs_address"]
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield Fleet(url, url + "/test", dashboard, logs, audit_log, gcs, metrics, spans)
     finally:
         try:
             rayserve.shutdown()

@@ -108,7 +108,8 @@ def _readable_files(fleet: Fleet) -> list[Path]:
         p for p in fleet.logs_dir.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt")
     ]
     audit = [p for p in fleet.audit_log.parent.iterdir() if p.is_file() and not p.name.endswith(".key")]
-    return logs + audit
+    spans = [fleet.spans] if fleet.spans is not None and fleet.spans.exists() else []
+    return logs + audit + spans
 
 
 def test_shadow_policy_is_audited_not_enforced(fleet: Fleet) -> None:

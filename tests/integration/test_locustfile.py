@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -36,8 +37,18 @@ def locust(
         return {row["Name"]: row for row in csv.DictReader(f)}
 
 
-def test_mixed_scenario_runs_headless_and_writes_reports(fleet: Fleet, tmp_path: Path) -> None:
-    stats = locust(fleet, tmp_path, "-u", "4", "-r", "4", "-t", "6s", "--scenario", "mixed")
+def readme_command() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Load tests and benchmarks") :]
+    line = next(x for x in block.splitlines() if x.startswith(".venv/bin/locust"))
+    return shlex.split(line)[1:]
+
+
+def test_readme_command_runs_headless_and_writes_reports(fleet: Fleet, tmp_path: Path) -> None:
+    args = readme_command()
+    assert args[:2] == ["-f", "loadtests/locustfile.py"] and "--scenario" in args
+    # The README's own flags, then a shorter run and this test's output folder (last wins).
+    stats = locust(fleet, tmp_path, *args[2:], "-u", "4", "-r", "4", "-t", "6s")
     for name in ("chat", "tools", "delegation", "stream", "stream: time to first token"):
         assert int(stats[name]["Request Count"]) > 0, name
         assert stats[name]["Failure Count"] == "0", name

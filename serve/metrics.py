@@ -1,0 +1,138 @@
+"""Prometheus metrics per agent and version, exported through Ray's metrics agent.
+
+Every Ray node serves its replicas' metrics at its metrics export port
+(``ray start --metrics-export-port``; ``fleet up`` uses ``FLEET_METRICS_PORT``), with
+Ray's ``ray_`` prefix: ``fleet_requests`` is scraped as ``ray_fleet_requests_total``.
+Labels are bounded sets only: agent names, versions, tool names the manifest declares
+(any other name the model makes up counts as ``unknown``), statuses, outcomes. Never a
+prompt, a user, a request id or PII.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ray.util.metrics import Counter, Histogram
+
+__all__ = ["EXPORTED", "MetricsSink", "RequestMetrics", "outcome_of"]
+
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+
+# name (as scraped) -> what it counts; the rules and the dashboard may use only these.
+EXPORTED = {
+    "ray_fleet_requests_total": "Requests answered, by agent, version, outcome and HTTP status.",
+    "ray_fleet_request_duration_seconds": "End-to-end latency at the ingress (histogram).",
+    "ray_fleet_time_to_first_token_seconds": "Time to the first streamed content (histogram).",
+    "ray_fleet_tokens_total": "Model tokens, by agent, version and direction (input/output).",
+    "ray_fleet_model_calls_total": "Model calls by agent, version and finish reason.",
+    "ray_fleet_tool_calls_total": "Tool calls by agent, version, tool and status (ok/error/invalid/denied/escalated).",
+    "ray_fleet_policy_decisions_total": "Policy decisions by agent, point, outcome and enforcement.",
+    "ray_fleet_delegations_total": "Delegations by agent and target.",
+}
+
+
+def outcome_of(status: int) -> str:
+    if status < 400:
+        return "success"
+    if status in (401, 403):
+        return "denied"
+    return "client_error" if status < 500 else "error"
+
+
+class _Instruments:
+    """One set per process: Ray metrics are registered once by name."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "fleet_requests", EXPORTED["ray_fleet_requests_total"], ("agent", "version", "outcome", "status")
+        )
+        self.latency = Histogram(
+            "fleet_request_duration_seconds",
+            EXPORTED["ray_fleet_request_duration_seconds"],
+            LATENCY_BUCKETS,
+            ("agent", "version"),
+        )
+        self.ttft = Histogram(
+            "fleet_time_to_first_token_seconds",
+            EXPORTED["ray_fleet_time_to_first_token_seconds"],
+            LATENCY_BUCKETS,
+            ("agent", "version"),
+        )
+        self.tokens = Counter(
+            "fleet_tokens", EXPORTED["ray_fleet_tokens_total"], ("agent", "version", "direction")
+        )
+        self.model_calls = Counter(
+            "fleet_model_calls",
+            EXPORTED["ray_fleet_model_calls_total"],
+            ("agent", "version", "finish_reason"),
+        )
+        self.tool_calls = Counter(
+            "fleet_tool_calls", EXPORTED["ray_fleet_tool_calls_total"], ("agent", "version", "tool", "status")
+        )
+        self.decisions = Counter(
+            "fleet_policy_decisions",
+            EXPORTED["ray_fleet_policy_decisions_total"],
+            ("agent", "point", "outcome", "enforced"),
+        )
+        self.delegations = Counter(
+            "fleet_delegations", EXPORTED["ray_fleet_delegations_total"], ("agent", "target")
+        )
+
+
+_instruments: _Instruments | None = None
+
+
+def instruments() -> _Instruments:
+    global _instruments
+    if _instruments is None:
+        _instruments = _Instruments()
+    return _instruments
+
+
+class RequestMetrics:
+    """The ingress's: requests, latency and time to first token."""
+
+    def __init__(self, versions: dict[str, str]) -> None:
+        self._versions = versions
+        self._m = instruments()
+
+    def request(self, agent: str | None, status: int, seconds: float) -> None:
+        name = agent if agent in self._versions else "unknown"
+        version = self._versions.get(name, "unknown")
+        self._m.requests.inc(
+            1, {"agent": name, "version": version, "outcome": outcome_of(status), "status": str(status)}
+        )
+        if agent in self._versions:
+            self._m.latency.observe(seconds, {"agent": name, "version": version})
+
+    def first_token(self, agent: str, seconds: float) -> None:
+        self._m.ttft.observe(seconds, {"agent": agent, "version": self._versions.get(agent, "unknown")})
+
+
+class MetricsSink:
+    """An audit sink that counts what passes through it, then hands it on."""
+
+    def __init__(self, inner: Any, agent: str | None, version: str, tools: Iterable[str]) -> None:
+        self._inner, self._agent, self._version = inner, agent, version
+        self._tools = frozenset(tools)
+        self._m = instruments()
+
+    def append(self, record: dict[str, Any]) -> None:
+        tags = {"agent": record["agent"], "point": record["point"], "outcome": record["outcome"]}
+        self._m.decisions.inc(1, {**tags, "enforced": "true" if record["enforced"] else "false"})
+        self._inner.append(record)
+
+    def event(self, event: dict[str, Any]) -> None:
+        kind, agent = event["kind"], event.get("agent") or self._agent or "unknown"
+        version = {"agent": agent, "version": self._version}
+        if kind == "model_call":
+            self._m.tokens.inc(event["prompt_tokens"], {**version, "direction": "input"})
+            self._m.tokens.inc(event["completion_tokens"], {**version, "direction": "output"})
+            self._m.model_calls.inc(1, {**version, "finish_reason": str(event["finish_reason"])})
+        elif kind == "tool_call":
+            tool = event["tool"] if event["tool"] in self._tools else "unknown"
+            self._m.tool_calls.inc(1, {**version, "tool": tool, "status": event["status"]})
+        elif kind == "delegation":
+            self._m.delegations.inc(1, {"agent": agent, "target": event["target"]})
+        self._inner.event(event)

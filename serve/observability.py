@@ -1,0 +1,169 @@
+"""Prometheus alerting rules and a Grafana dashboard, generated from the agents' manifests.
+
+``fleet alerts`` turns each agent's ``sla`` into rules (p95 latency, availability) and adds
+the quality rules every agent gets (tool-failure rate, invalid-tool-call rate, latency
+spikes against the agent's own last hour). ``fleet dashboard`` writes the fleet view.
+Both use only metrics Fleet exports (:data:`serve.metrics.EXPORTED`) and Ray Serve's
+replica gauge.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from serve.manifest import AgentSpec
+
+__all__ = ["RAY_SERVE_METRICS", "alert_rules", "dashboard", "metric_names"]
+
+RAY_SERVE_METRICS = {"ray_serve_deployment_replica_healthy"}
+TOOL_FAILURE_RATE = 0.10  # of tool calls, over 10 minutes
+INVALID_TOOL_CALL_RATE = 0.05  # unknown tools or arguments that fail the schema
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names an expression reads (a histogram's series map to its name)."""
+    names = set(re.findall(r"\b(ray_[a-z_]+)\b", expr))
+    return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
+
+
+def _rate(metric: str, agent: str, extra: str = "", window: str = "10m") -> str:
+    return f'sum(rate({metric}{{agent="{agent}"{extra}}}[{window}]))'
+
+
+def _p(quantile: float, agent: str, window: str) -> str:
+    series = f'rate(ray_fleet_request_duration_seconds_bucket{{agent="{agent}"}}[{window}])'
+    return f"histogram_quantile({quantile}, sum by (le) ({series}))"
+
+
+def _agent_rules(spec: AgentSpec) -> list[dict[str, Any]]:
+    m = spec.manifest
+    name, labels = m.name, {"agent": m.name, "team": m.owner.team}
+    total = _rate("ray_fleet_requests_total", name, window="30m")
+    errors = _rate("ray_fleet_requests_total", name, ',outcome="error"', window="30m")
+    tools = _rate("ray_fleet_tool_calls_total", name)
+    return [
+        {
+            "alert": "FleetAgentLatencySLO",
+            "expr": f"{_p(0.95, name, '5m')} > {m.sla.p95_latency_ms / 1000:g}",
+            "for": "5m",
+            "labels": {**labels, "severity": "warning"},
+            "annotations": {"summary": f"{name}: p95 latency above its SLA of {m.sla.p95_latency_ms} ms"},
+        },
+        {
+            "alert": "FleetAgentAvailabilitySLO",
+            "expr": f"({errors} / {total}) > {1 - m.sla.availability:.6g}",
+            "for": "10m",
+            "labels": {**labels, "severity": "critical"},
+            "annotations": {
+                "summary": f"{name}: error rate above its availability target of {m.sla.availability:g}"
+            },
+        },
+        {
+            "alert": "FleetAgentToolFailures",
+            "expr": f"({_rate('ray_fleet_tool_calls_total', name, ',status=' + chr(34) + 'error' + chr(34))} / {tools}) > {TOOL_FAILURE_RATE:g}",
+            "for": "10m",
+            "labels": {**labels, "severity": "warning"},
+            "annotations": {"summary": f"{name}: more than {TOOL_FAILURE_RATE:.0%} of tool calls fail"},
+        },
+        {
+            "alert": "FleetAgentInvalidToolCalls",
+            "expr": f"({_rate('ray_fleet_tool_calls_total', name, ',status=' + chr(34) + 'invalid' + chr(34))} / {tools}) > {INVALID_TOOL_CALL_RATE:g}",
+            "for": "10m",
+            "labels": {**labels, "severity": "warning"},
+            "annotations": {
+                "summary": f"{name}: the model calls unknown tools or bad arguments (hallucinated tool use)"
+            },
+        },
+        {
+            "alert": "FleetAgentLatencySpike",
+            "expr": f"{_p(0.5, name, '5m')} > 2 * {_p(0.5, name, '1h')}",
+            "for": "5m",
+            "labels": {**labels, "severity": "warning"},
+            "annotations": {"summary": f"{name}: p50 latency doubled against its last hour"},
+        },
+    ]
+
+
+def alert_rules(specs: dict[str, AgentSpec]) -> dict[str, Any]:
+    """A Prometheus rules file: one group per agent."""
+    return {"groups": [{"name": f"fleet-{n}", "rules": _agent_rules(specs[n])} for n in sorted(specs)]}
+
+
+def _panel(pid: int, title: str, exprs: list[tuple[str, str]], unit: str, x: int, y: int) -> dict[str, Any]:
+    return {
+        "id": pid,
+        "type": "timeseries",
+        "title": title,
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [
+            {"refId": chr(65 + i), "expr": e, "legendFormat": legend} for i, (e, legend) in enumerate(exprs)
+        ],
+    }
+
+
+PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
+    ("Requests by agent", [('sum by (agent) (rate(ray_fleet_requests_total{agent=~"$agent"}[5m]))', "{{agent}}")], "reqps"),
+    (
+        "Errors and denials",
+        [('sum by (agent, outcome) (rate(ray_fleet_requests_total{agent=~"$agent",outcome!="success"}[5m]))', "{{agent}} {{outcome}}")],
+        "reqps",
+    ),
+    (
+        "Latency p50 / p95",
+        [
+            ('histogram_quantile(0.5, sum by (agent, le) (rate(ray_fleet_request_duration_seconds_bucket{agent=~"$agent"}[5m])))', "{{agent}} p50"),
+            ('histogram_quantile(0.95, sum by (agent, le) (rate(ray_fleet_request_duration_seconds_bucket{agent=~"$agent"}[5m])))', "{{agent}} p95"),
+        ],
+        "s",
+    ),
+    (
+        "Time to first token p50",
+        [('histogram_quantile(0.5, sum by (agent, le) (rate(ray_fleet_time_to_first_token_seconds_bucket{agent=~"$agent"}[5m])))', "{{agent}}")],
+        "s",
+    ),
+    ("Tokens", [('sum by (agent, direction) (rate(ray_fleet_tokens_total{agent=~"$agent"}[5m]))', "{{agent}} {{direction}}")], "short"),
+    (
+        "Tool calls by status",
+        [('sum by (agent, status) (rate(ray_fleet_tool_calls_total{agent=~"$agent"}[5m]))', "{{agent}} {{status}}")],
+        "reqps",
+    ),
+    (
+        "Policy decisions (not allow)",
+        [('sum by (agent, point, outcome) (rate(ray_fleet_policy_decisions_total{agent=~"$agent",outcome!="allow"}[5m]))', "{{agent}} {{point}} {{outcome}}")],
+        "reqps",
+    ),
+    ("Delegations", [('sum by (agent, target) (rate(ray_fleet_delegations_total{agent=~"$agent"}[5m]))', "{{agent}} -> {{target}}")], "reqps"),
+    ("Model calls by finish reason", [('sum by (agent, finish_reason) (rate(ray_fleet_model_calls_total{agent=~"$agent"}[5m]))', "{{agent}} {{finish_reason}}")], "reqps"),
+    ("Healthy replicas", [('sum by (deployment) (ray_serve_deployment_replica_healthy{deployment=~"$agent"})', "{{deployment}}")], "short"),
+]  # fmt: skip
+
+
+def dashboard(specs: dict[str, AgentSpec]) -> dict[str, Any]:
+    """A Grafana dashboard of the fleet, with an agent selector."""
+    panels = [_panel(i + 1, t, e, u, 12 * (i % 2), 8 * (i // 2)) for i, (t, e, u) in enumerate(PANELS)]
+    return {
+        "title": "Fleet",
+        "uid": "fleet-agents",
+        "schemaVersion": 39,
+        "time": {"from": "now-1h", "to": "now"},
+        "refresh": "30s",
+        "tags": ["fleet", "ray-serve"],
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus"},
+                {
+                    "name": "agent",
+                    "type": "custom",
+                    "multi": True,
+                    "includeAll": True,
+                    "allValue": ".*",
+                    "query": ",".join(sorted(specs)),
+                    "current": {"text": "All", "value": "$__all"},
+                },
+            ]
+        },
+        "panels": panels,
+    }

@@ -1,0 +1,72 @@
+"""Alerting rules and the dashboard: valid PromQL, only exported metrics, current files."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import promql_parser
+import yaml
+from click.testing import CliRunner
+
+from serve.cli import main
+from serve.metrics import EXPORTED
+from serve.observability import RAY_SERVE_METRICS, alert_rules, dashboard, metric_names
+from tests.unit.conftest import ROOT
+
+RULES = ROOT / "configs" / "fleet-alerts.rules.yml"
+DASHBOARD = ROOT / "configs" / "grafana-dashboard.json"
+KNOWN = set(EXPORTED) | RAY_SERVE_METRICS
+
+
+def specs() -> dict[str, Any]:
+    from serve.cli import _specs_of
+
+    return _specs_of(ROOT / "configs" / "local.yaml")
+
+
+def test_committed_rules_and_dashboard_are_current() -> None:
+    assert yaml.safe_load(RULES.read_text()) == alert_rules(specs())
+    assert json.loads(DASHBOARD.read_text()) == dashboard(specs())
+    result = CliRunner().invoke(main, ["alerts"])
+    assert yaml.safe_load(result.output) == alert_rules(specs())
+
+
+def test_rules_are_a_valid_prometheus_rules_file() -> None:
+    doc = yaml.safe_load(RULES.read_text())
+    names = set()
+    for group in doc["groups"]:
+        assert set(group) == {"name", "rules"}
+        for rule in group["rules"]:
+            assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}
+            promql_parser.parse(rule["expr"])  # raises on invalid PromQL
+            promql_parser.parse_duration(rule["for"])
+            assert metric_names(rule["expr"]) <= KNOWN, rule["expr"]
+            names.add((group["name"], rule["alert"]))
+    agents = {s for s in specs()}
+    assert {g for g, _ in names} == {f"fleet-{a}" for a in agents}
+
+
+def test_sla_targets_become_thresholds() -> None:
+    by_agent = {g["name"].removeprefix("fleet-"): g["rules"] for g in alert_rules(specs())["groups"]}
+    hr = {r["alert"]: r for r in by_agent["hr-policy-advisor"]}
+    manifest = specs()["hr-policy-advisor"].manifest
+    assert hr["FleetAgentLatencySLO"]["expr"].endswith(f"> {manifest.sla.p95_latency_ms / 1000:g}")
+    assert hr["FleetAgentAvailabilitySLO"]["expr"].endswith(f"> {1 - manifest.sla.availability:.6g}")
+    assert {"FleetAgentToolFailures", "FleetAgentInvalidToolCalls", "FleetAgentLatencySpike"} <= set(hr)
+
+
+def test_dashboard_queries_parse_and_use_exported_metrics() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    assert len(doc["panels"]) >= 9
+    for expr in exprs:
+        promql_parser.parse(expr.replace("$agent", ".*"))
+        assert metric_names(expr) <= KNOWN, expr
+    used = set().union(*(metric_names(e) for e in exprs))
+    assert {
+        "ray_fleet_requests_total",
+        "ray_fleet_tool_calls_total",
+        "ray_fleet_policy_decisions_total",
+    } <= used
+    assert "ray_serve_deployment_replica_healthy" in used
