@@ -402,6 +402,12 @@ def main() -> None:
         help="Skip the second cluster with RAY_SERVE_THROUGHPUT_OPTIMIZED=1.",
     )
     parser.add_argument(
+        "--no-tracing-pass",
+        dest="tracing_pass",
+        action="store_false",
+        help="Skip the cluster with tracing on (every span exported to a file).",
+    )
+    parser.add_argument(
         "--address", default=None, help="Use this running Ray cluster (Serve already started)."
     )
     parser.add_argument("--port", type=int, default=None, help="Serve's HTTP port (with --address).")

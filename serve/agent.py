@@ -67,7 +67,9 @@ def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
     return remote
 
 
-def delegate_target(handle: DeploymentHandle[Any], description: str, scopes: list[str]) -> DelegateTarget:
+def delegate_target(
+    handle: DeploymentHandle[Any], description: str, scopes: list[str], data: list[str]
+) -> DelegateTarget:
     async def call(request: ChatRequest, ctx: Context) -> AgentResult:
         try:
             outcome: AgentOutcome = await handle.chat.remote(request, ctx)
@@ -78,7 +80,7 @@ def delegate_target(handle: DeploymentHandle[Any], description: str, scopes: lis
             raise outcome
         return outcome
 
-    return DelegateTarget(description=description, call=call, scopes=tuple(scopes))
+    return DelegateTarget(description=description, call=call, scopes=tuple(scopes), data=tuple(data))
 
 
 class AgentDeployment:
@@ -87,14 +89,14 @@ class AgentDeployment:
         agents_dir: str,
         name: str,
         model: DeploymentHandle[Any] | dict[str, Any],
-        delegates: dict[str, tuple[DeploymentHandle[Any], str, list[str]]],
+        delegates: dict[str, tuple[DeploymentHandle[Any], str, list[str], list[str]]],
         governance: dict[str, Any],
         root: str,
         audit: DeploymentHandle[Any],
     ) -> None:
         spec = load_agent(Path(agents_dir) / name)
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
-        targets = {n: delegate_target(h, desc, scopes) for n, (h, desc, scopes) in delegates.items()}
+        targets = {n: delegate_target(*target) for n, target in delegates.items()}
         config = GovernanceConfig.model_validate(governance)
         engine, shadow = build_engines(config, Path(root), spec.manifest.policies.files)
         self._audit = AuditClient(audit, config.audit.commit_timeout_s)
@@ -125,8 +127,8 @@ class AgentDeployment:
         failure: RequestError
         try:
             async for event in self._loop.events(request, ctx):
-                if isinstance(event, Finished):
-                    await self._audit.commit()
+                if isinstance(event, Finished) or self._audit.pending:
+                    await self._audit.commit()  # nothing reaches the client ahead of its decisions
                 yield event
             return
         except RequestError as exc:

@@ -141,6 +141,13 @@ def model_deployment_options(name: str, config: Any) -> dict[str, Any]:
     }
 
 
+def _delegate(handle: Any, spec: AgentSpec) -> tuple[Any, str, list[str], list[str]]:
+    """What a caller knows of a delegate: its handle, description, scopes and data classes."""
+    m = spec.manifest
+    # What a delegate answers may hold what it sees, bar PII (that is scanned for).
+    return handle, m.description, list(m.scopes), [c for c in m.data if c != "pii"]
+
+
 def _deployment(cls: type) -> Deployment:
     # rayserve.deployment's overloads do not tell a class from options; it is a class here.
     return cast(Deployment, rayserve.deployment(cls))
@@ -183,10 +190,7 @@ def build_app(args: dict[str, Any]) -> Application:
                 str(agents_dir),
                 name,
                 models[m.model.backend],
-                {
-                    d: (bound[d], specs[d].manifest.description, list(specs[d].manifest.scopes))
-                    for d in m.delegates
-                },
+                {d: _delegate(bound[d], specs[d]) for d in m.delegates},
                 governance,
                 root,
                 audit,

@@ -34,7 +34,7 @@ CHAIN_FIELDS = ("seq", "prev", "hash")
 
 
 def canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def record_hash(key: bytes, record: dict[str, Any]) -> str:
@@ -52,24 +52,33 @@ def _checkpoint_mac(key: bytes, count: int, last: str) -> str:
     return hmac.new(key, f"{count}:{last}".encode(), hashlib.sha256).hexdigest()
 
 
-def audit_key(path: Path, explicit: str | None = None) -> bytes:
-    """The checkpoint key: ``FLEET_AUDIT_KEY`` if set, else ``<log>.key`` (made on first use)."""
+def audit_key(path: Path, explicit: str | None = None, *, create: bool = True) -> bytes:
+    """The log's key: ``FLEET_AUDIT_KEY`` if set, else ``<log>.key`` (made on first use)."""
     if explicit:
         return explicit.encode()
     key_file = path.with_name(path.name + ".key")
-    try:
-        return key_file.read_bytes()
-    except FileNotFoundError:
-        pass
+    if key_file.exists() or not create:
+        try:
+            key = key_file.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the audit key: {exc.strerror}", file=str(key_file)) from None
+        if not key:
+            raise ConfigError("the audit key is empty", file=str(key_file))
+        return key
     key_file.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32).encode()
-    try:
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another writer made it first
-        return key_file.read_bytes()
+    tmp = key_file.with_name(f"{key_file.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    return key
+        f.write(secrets.token_hex(32).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, key_file)  # atomic, and never replaces a key another writer made first
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return key_file.read_bytes()
 
 
 class AuditLog:
@@ -93,18 +102,23 @@ class AuditLog:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             self._sync_tail()
-            chained, lines = [], []
+            seq, last, chained, lines = self._seq, self._last, [], []
             for record in records:
                 body = {k: v for k, v in record.items() if k not in CHAIN_FIELDS}
-                body.update(seq=self._seq, prev=self._last)
-                body["hash"] = record_hash(self._key, body)
-                self._seq, self._last = self._seq + 1, body["hash"]
+                body.update(seq=seq, prev=last)
+                body["hash"] = last = record_hash(self._key, body)
+                seq += 1
                 chained.append(body)
                 lines.append(canonical(body) + b"\n")
-            data = b"".join(lines)
-            os.write(self._fd, data)
-            os.fsync(self._fd)
-            self._size += len(data)
+            data = memoryview(b"".join(lines))
+            try:
+                while data:  # a short write (disk nearly full) goes on where it stopped
+                    data = data[os.write(self._fd, data) :]
+                os.fsync(self._fd)
+            except OSError:
+                self._size = -1  # the next append re-reads the tail (and drops a torn line)
+                raise
+            self._size, self._seq, self._last = os.fstat(self._fd).st_size, seq, last
             self._write_checkpoint()
             return chained
         finally:
@@ -131,7 +145,10 @@ class AuditLog:
             "mac": _checkpoint_mac(self._key, self._seq, self._last),
         }
         tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        tmp.write_bytes(canonical(body))
+        with tmp.open("wb") as f:
+            f.write(canonical(body))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.checkpoint)
 
 
@@ -168,14 +185,16 @@ def verify(path: Path, key: bytes) -> Verification:
     """Walk the chain; report the first record where it breaks, or a truncated tail."""
     if not path.exists():
         raise ConfigError("no audit log here", file=str(path))
-    prev, count = GENESIS, 0
-    for index, line in enumerate(_lines(path)):
-        problem = _check(line, index, prev, key)
-        if problem:
-            return Verification(False, index, index, problem)
-        record = json.loads(line)
-        prev, count = record["hash"], index + 1
-    return _check_checkpoint(path, key, count, prev)
+    with path.open("rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)  # a live writer finishes its batch (and checkpoint) first
+        prev, count = GENESIS, 0
+        for index, line in enumerate(_lines(path)):
+            problem = _check(line, index, prev, key)
+            if problem:
+                return Verification(False, index, index, problem)
+            record = json.loads(line)
+            prev, count = record["hash"], index + 1
+        return _check_checkpoint(path, key, count, prev)
 
 
 def _check(line: bytes, index: int, prev: str, key: bytes) -> str:

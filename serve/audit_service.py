@@ -99,9 +99,15 @@ class AuditService:
             self._writer = asyncio.create_task(self._drain())
         return await done
 
-    async def explain(self, request_id: str) -> dict[str, Any] | None:
+    async def explain(self, request_id: str, tenant: str | None) -> dict[str, Any] | None:
+        """The report of ``request_id``, of ``tenant``'s records only (None: all, for admins).
+
+        Request ids may come from clients, so two tenants can use the same one."""
         found = self._recent.get(request_id)
-        return explanation(request_id, *found) if found else None
+        if not found:
+            return None
+        decisions, events = ([x for x in xs if tenant is None or x.get("tenant") == tenant] for xs in found)
+        return explanation(request_id, decisions, events) if decisions or events else None
 
     def check_health(self) -> None:
         os.fstat(self._events_fd)
@@ -116,10 +122,12 @@ class AuditService:
             except Exception as exc:  # the disk failed: every caller of this batch hears it
                 log.error("audit write failed", exc_info=exc)
                 for _, _, done in batch:
-                    done.set_exception(exc)
+                    if not done.done():  # a caller that was cancelled no longer waits
+                        done.set_exception(exc)
                 continue
             for _, _, done in batch:
-                done.set_result(count)
+                if not done.done():
+                    done.set_result(count)
 
     def _write(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
         for record in records:
@@ -176,6 +184,11 @@ class AuditClient:
         self._queued += 1
         self._arm()
 
+    @property
+    def pending(self) -> bool:
+        """Whether anything queued is not durable yet."""
+        return self._shipped < self._queued
+
     def ship(self) -> None:
         """Start shipping what is queued, without waiting for it."""
         if (self._task is None or self._task.done()) and (self._records or self._events):
@@ -209,7 +222,7 @@ class AuditClient:
             records, events = self._records, self._events
             self._records, self._events = [], []
             try:
-                await self._handle.append.remote(records, events)
+                await asyncio.wait_for(self._handle.append.remote(records, events), self._timeout)
             except BaseException as exc:  # the service restarts, or this task is cancelled: keep them
                 self._records, self._events = records + self._records, events + self._events
                 if not isinstance(exc, Exception):

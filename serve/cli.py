@@ -155,7 +155,9 @@ def audit_verify(log: Path | None, config: Path) -> None:
     """Check the hash chain and checkpoint; exit 1 at the first bad record."""
     try:
         path = log or _audit_log_of(config)
-        report = verify(path, audit_key(path, settings().audit_key))
+        if not path.exists():
+            raise ConfigError("no audit log here", file=str(path))
+        report = verify(path, audit_key(path, settings().audit_key, create=False))
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -39,6 +39,7 @@ __all__ = [
     "hash_key",
 ]
 
+REDACTING_POINTS = frozenset({"model_input", "model_output", "data"})
 ANONYMOUS = Principal(tenant="anonymous", roles=["anonymous"], authenticated=False)
 
 
@@ -149,6 +150,9 @@ def build_engines(
     memo: bool = True,
 ) -> tuple[PolicyEngine, Shadow | None]:
     """The enforced engine, and the shadow one with the points its modules change."""
+    for item in extra:  # an agent adds rules, never data that would override the platform's
+        if not item.endswith(".rego"):
+            raise ConfigError("an agent's policies.files may only name .rego modules", file=item)
     paths = _resolve(root, [*config.policies, *extra])
     modules = [m for m in load_modules(paths) if m.path.endswith(".rego")]
     data = load_data(paths)
@@ -179,7 +183,8 @@ class Decision:
 
     @property
     def allowed(self) -> bool:
-        return self.outcome in ("allow", "redact")
+        """Whether the step may go on; ``redact`` only where there is content to redact."""
+        return self.outcome == "allow" or (self.outcome == "redact" and self.point in REDACTING_POINTS)
 
 
 class AuditSink(Protocol):
@@ -227,6 +232,10 @@ class Governor:
         except PolicyFailure as exc:  # fail closed
             self.failures += 1
             return Decision(decision_id, point, "deny", [f"policy failed, denied: {exc}"], policy, version)
+        except Exception as exc:  # an engine bug or a malformed answer: still closed
+            self.failures += 1
+            reason = f"policy failed, denied: {type(exc).__name__}"
+            return Decision(decision_id, point, "deny", [reason], policy, version)
         return Decision(decision_id, point, result.outcome, result.reasons, policy, version)
 
     def _audit(

@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from serve import telemetry
-from serve.audit_service import AuditClient
+from serve.audit_service import AuditClient, AuditUnavailable
 from serve.errors import (
     AgentError,
     InvalidRequest,
@@ -72,6 +72,7 @@ class Exchange:
     ctx: Context | None = None
     agent: str | None = None
     first_token: bool = False
+    done: bool = False
 
     @property
     def trace_id(self) -> str | None:
@@ -248,9 +249,10 @@ class Ingress:
     @app.get("/v1/requests/{request_id}/explain")
     async def explain(self, request_id: str, request: Request) -> Response:
         principal = authenticate(request.headers.get("authorization"), self._tenants)
-        report = await self._audit_handle.explain.remote(request_id)
+        tenant = None if "admin" in principal.roles else principal.tenant
+        report = await self._audit_handle.explain.remote(request_id, tenant)
         # Another tenant's request does not exist, as far as this caller can tell.
-        if report is None or (report["tenant"] != principal.tenant and "admin" not in principal.roles):
+        if report is None:
             raise NotFound(f"no explanation for request {request_id!r}", param="request_id")
         return HTMLResponse(render_html(report)) if wants_html(request) else JSONResponse(report)
 
@@ -267,8 +269,10 @@ class Ingress:
 
     def _finish(self, ex: Exchange, status: int, **fields: Any) -> None:
         """The one place a chat completion ends: outcome step, metrics, span."""
+        ex.done = True
         if ex.ctx is not None:
             self._gov.event(ex.ctx, "outcome", agent=None, status=status, **fields)
+            self._audit.ship()
         self._metrics.request(ex.agent, status, time.monotonic() - ex.started)
         ex.span.set_attribute("http.response.status_code", status)
         if status >= 500:
@@ -305,13 +309,21 @@ class Ingress:
             if chat.stream:
                 return await self._stream(chat, card, handle, ex)
             result = await self._call(handle, chat, ctx)
-            await self._audit.commit()
+            self._finish(ex, 200, finish_reason=result.finish_reason)
+            await self._audit.commit()  # with the outcome: the explanation is whole at once
         except RequestError as exc:
-            if ex.ctx is not None:
-                await self._commit_quietly()
-            self._finish(ex, exc.status, code=exc.code)
+            if not ex.done:
+                self._finish(ex, exc.status, code=exc.code)
+            if ex.ctx is not None and not isinstance(exc, AuditUnavailable):
+                try:  # a refusal is a decision too: it leaves once its record is durable
+                    await self._audit.commit()
+                except AuditUnavailable as unavailable:
+                    exc = unavailable
             return error_response(exc, self._options.retry_after_s, ex.headers())
-        self._finish(ex, 200, finish_reason=result.finish_reason)
+        except BaseException:
+            if not ex.done:
+                self._finish(ex, 500, code="internal_error")
+            raise
         body = completion(
             completion_id="chatcmpl-" + ctx.request_id.removeprefix("req_"),
             model=chat.model,
@@ -322,12 +334,6 @@ class Ingress:
             extension=_extension(ex, card, result),
         )
         return JSONResponse(body, headers=ex.headers())
-
-    async def _commit_quietly(self) -> None:
-        try:
-            await self._audit.commit()
-        except RequestError:
-            log.error("audit records of a failed request are not durable yet")
 
     async def _call(self, handle: DeploymentHandle[Any], chat: ChatRequest, ctx: Context) -> AgentResult:
         response = handle.chat.remote(chat, ctx)
@@ -354,7 +360,11 @@ class Ingress:
         first = await self._next(events, deadline, chat.model)
         if isinstance(first, RequestError):
             raise first
-        await self._audit.commit()
+        try:
+            await self._audit.commit()
+        except AuditUnavailable:
+            events.cancel()  # type: ignore[no-untyped-call]  # nobody will read the rest
+            raise
         return StreamingResponse(
             self._sse(chat, card, ex, first, events, deadline),
             media_type="text/event-stream",

@@ -21,10 +21,11 @@ Semantics (OpenAI function calling, end to end):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -34,7 +35,7 @@ from serve import telemetry
 from serve.errors import InvalidRequest, MaxTurnsExceeded, RequestError, ToolError
 from serve.manifest import AgentSpec, delegate_tool_name
 from serve.models.base import ModelChunk, ModelRequest
-from serve.policy.pii import StreamRedactor
+from serve.policy.pii import StreamRedactor, scrub_name
 from serve.policy.schema import Principal
 from serve.prompt import PromptRenderer
 from serve.protocol import ChatRequest, NamedToolChoice, ToolCall, Usage, UserMessage
@@ -112,6 +113,7 @@ class DelegateTarget:
     description: str
     call: Callable[[ChatRequest, Context], Awaitable[AgentResult]]
     scopes: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()  # data classes its answers may hold (the caller must be granted them)
 
 
 @dataclass
@@ -149,7 +151,7 @@ class Guard(Protocol):
 
     def delegation(self, ctx: Context, target: str, target_scopes: list[str]) -> Refusal | None: ...
 
-    def result(self, ctx: Context, name: str, text: str) -> str: ...
+    def result(self, ctx: Context, name: str, text: str, classes: list[str]) -> str: ...
 
     def event(self, ctx: Context, kind: str, **fields: Any) -> None: ...
 
@@ -176,12 +178,13 @@ class AgentLoop:
         ]
 
     async def run(self, request: ChatRequest, ctx: Context) -> AgentResult:
-        async for event in self.events(request, ctx):
-            if isinstance(event, Finished):
-                return event.result
+        async with contextlib.aclosing(self.events(request, ctx)) as events:
+            async for event in events:
+                if isinstance(event, Finished):
+                    return event.result
         raise AssertionError("the loop ended without a result")  # pragma: no cover
 
-    async def events(self, request: ChatRequest, ctx: Context) -> AsyncIterator[Event]:
+    async def events(self, request: ChatRequest, ctx: Context) -> AsyncGenerator[Event, None]:
         """The loop's output as it happens, inside one ``invoke_agent`` span."""
         m = self.manifest
         span = telemetry.tracer().start_span(
@@ -199,6 +202,8 @@ class AgentLoop:
                 if isinstance(event, Finished):
                     _finish_span(span, event.result)
                 yield event
+        except GeneratorExit:  # the consumer stopped reading after the result: not an error
+            raise
         except BaseException as exc:
             span.set_status(otel.StatusCode.ERROR)
             span.set_attribute("error.type", getattr(exc, "code", None) or type(exc).__name__)
@@ -259,9 +264,10 @@ class AgentLoop:
                 finish_reason=finish,
             )
             said = self._guard.model_output(ctx, "".join(content), turn) if content else ""
-            if said and telemetry.content_capture():
-                model_span.set_attribute(
-                    "gen_ai.output.messages", json.dumps([{"role": "assistant", "content": said}])
+            if said and telemetry.content_capture():  # the model span has ended: the agent's carries it
+                span.add_event(
+                    "gen_ai.choice",
+                    {"gen_ai.output.messages": json.dumps([{"role": "assistant", "content": said}])},
                 )
             rest = redactor.flush() if redactor else ""
             if rest:
@@ -348,12 +354,13 @@ class AgentLoop:
     ) -> str:
         """Run one server-side call; every failure becomes text for the model."""
         name, started = call.function.name, time.monotonic()
+        shown = name if name in self._tools or name in self._delegates else scrub_name(name)
         span = telemetry.tracer().start_span(
-            f"execute_tool {name}",
+            f"execute_tool {shown}",
             context=otel.set_span_in_context(agent_span),
             attributes=telemetry.attributes(
                 gen_ai__operation__name="execute_tool",
-                gen_ai__tool__name=name,
+                gen_ai__tool__name=shown,
                 gen_ai__tool__call__id=call.id,
                 gen_ai__tool__type="agent" if name in self._delegates else "function",
             ),
@@ -362,7 +369,12 @@ class AgentLoop:
         try:
             status, text = await self._attempt(name, call.function.arguments, ctx.traced(span), stats, usage)
             if status == "ok":
-                text = self._guard.result(ctx, name, text)
+                classes: list[str] = (
+                    list(self._delegates[name][1].data)
+                    if name in self._delegates
+                    else list(self._grants[name].data)
+                )
+                text = self._guard.result(ctx, name, text, classes)
         except BaseException:
             span.set_status(otel.StatusCode.ERROR)
             span.end()
@@ -373,7 +385,7 @@ class AgentLoop:
             span.set_attribute("error.type", status)
         span.end()
         self._guard.event(
-            ctx, "tool_call", tool=name, status=status, duration_s=round(time.monotonic() - started, 4)
+            ctx, "tool_call", tool=shown, status=status, duration_s=round(time.monotonic() - started, 4)
         )
         return text
 
@@ -381,14 +393,18 @@ class AgentLoop:
         self, name: str, arguments: str, ctx: Context, stats: Stats, usage: Usage
     ) -> tuple[str, str]:
         """(status, text): ok, invalid, error, denied or escalated."""
-        if name in self._delegates:
-            agent, target = self._delegates[name]
-            refusal = self._guard.delegation(ctx, agent, list(target.scopes))
-        elif name.startswith("delegate_to_") and name not in self._tools:
-            refusal = self._guard.delegation(ctx, name.removeprefix("delegate_to_"), [])
-        else:
-            refusal = self._guard.tool(ctx, name, arguments)
         known = name in self._tools or name in self._delegates
+        checked: dict[str, Any] | None = None
+        try:
+            if name in self._tools:  # the policy judges the arguments the tool will get
+                checked = self._tools[name].validate(arguments).model_dump(mode="json")
+            elif name in self._delegates:
+                DelegateArgs.model_validate_json(arguments or "{}")
+        except (InvalidToolArguments, ValueError) as exc:
+            stats.invalid_tool_calls += 1
+            detail = exc if isinstance(exc, InvalidToolArguments) else f"invalid arguments for {name}: {exc}"
+            return "invalid", f"error: {detail}"
+        refusal = self._decide(name, arguments if checked is None else json.dumps(checked), ctx)
         if not known:
             stats.invalid_tool_calls += 1
         if refusal is not None:
@@ -404,15 +420,21 @@ class AgentLoop:
         if not known:  # a policy that lets unknown tools through cannot make them exist
             return "invalid", f"error: unknown tool {name!r}"
         try:
-            if name in self._tools:
-                return "ok", await self._tools[name].run(arguments, self._grants[name].timeout_s)
+            if checked is not None:
+                return "ok", await self._tools[name].run(checked, self._grants[name].timeout_s)
             return "ok", await self._delegate(name, arguments, ctx, stats, usage)
-        except InvalidToolArguments as exc:
-            stats.invalid_tool_calls += 1
-            return "invalid", f"error: {exc}"
         except ToolError as exc:
             stats.tool_failures += 1
             return "error", f"error: {exc}"
+
+    def _decide(self, name: str, arguments: str, ctx: Context) -> Refusal | None:
+        """The policy decision on one call: a delegation, or a tool (known or not)."""
+        if name in self._delegates:
+            agent, target = self._delegates[name]
+            return self._guard.delegation(ctx, agent, list(target.scopes))
+        if name.startswith("delegate_to_") and name not in self._tools:
+            return self._guard.delegation(ctx, name.removeprefix("delegate_to_"), [])
+        return self._guard.tool(ctx, name, arguments)
 
     async def _delegate(
         self, tool_name: str, arguments: str, ctx: Context, stats: Stats, usage: Usage

@@ -7,7 +7,16 @@ default decision := {"outcome": "deny", "reasons": ["no role of the principal ma
 
 decision := {"outcome": "allow", "reasons": [sprintf("role %v may call %v", [role, input.action.agent])]} if {
 	some role in input.principal.roles
-	allowed := object.get(data.config.roles, role, [])
-	some agent in allowed
-	agent in {"*", input.action.agent}
+	role_may_call(role, input.action.agent)
+}
+
+# Shared with delegation.rego: a role reaches the same agents directly or by delegation.
+may_call(agent) if {
+	some role in input.principal.roles
+	role_may_call(role, agent)
+}
+
+role_may_call(role, agent) if {
+	some allowed in object.get(data.config.roles, role, [])
+	allowed in {"*", agent}
 }

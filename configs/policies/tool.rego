@@ -29,6 +29,16 @@ violations contains sprintf("argument %v is below %v", [arg, rule.min]) if {
 	input.action.arguments[arg] < rule.min
 }
 
+violations contains sprintf("argument %v must be a number", [arg]) if {
+	some arg, rule in rules
+	bounded(rule)
+	value := input.action.arguments[arg]
+	not is_number(value)
+}
+
+bounded(rule) if rule.max
+bounded(rule) if rule.min
+
 violations contains sprintf("argument %v does not match %v", [arg, rule.pattern]) if {
 	some arg, rule in rules
 	not regex.match(rule.pattern, sprintf("%v", [input.action.arguments[arg]]))

@@ -79,11 +79,15 @@ def _fill(handle: Any, value: Any) -> int:
     if value is True or value is False:
         return int(_C.regoInputBoolean(handle, value))
     if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:  # C would wrap it: the policy must see what the tool gets
+            raise PolicyFailure("an integer in the policy input is out of range")
         return int(_C.regoInputInt(handle, value))
     if isinstance(value, float):
         return int(_C.regoInputFloat(handle, value))
     if isinstance(value, str):
-        return int(_C.regoInputString(handle, value.encode()))
+        if "\x00" in value:  # C would cut it there: the policy must see what the tool gets
+            raise PolicyFailure("a string in the policy input holds a NUL character")
+        return int(_C.regoInputString(handle, value.encode("utf-8", "surrogatepass")))
     if value is None:
         return int(_C.regoInputNull(handle))
     if isinstance(value, dict):
@@ -104,7 +108,11 @@ def _fill(handle: Any, value: Any) -> int:
 def _input(document: dict[str, Any]) -> Input:
     """``regopy.Input(document)``, built with a third of the calls (the input is most of a decision's cost)."""
     handle = _C.regoNewInput()
-    code = _fill(handle, document)
+    try:
+        code = _fill(handle, document)
+    except PolicyFailure:
+        _C.regoFreeInput(handle)
+        raise
     if code:
         _C.regoFreeInput(handle)
         raise PolicyFailure(f"the policy input could not be built (code {code})")

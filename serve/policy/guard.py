@@ -9,13 +9,14 @@ its own scopes intersected with what its caller (and the caller's API key) holds
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from serve.errors import PolicyDenied
 from serve.governance import Decision, Governor
 from serve.loop import Context, Refusal
 from serve.manifest import AgentSpec
-from serve.policy.pii import redact, scan
+from serve.policy.pii import redact, scan, scrub_name
 from serve.policy.schema import AgentFacts
 
 __all__ = ["AgentGuard"]
@@ -54,7 +55,7 @@ class AgentGuard:
         ctx = ctx.enter(self._manifest.name)
         own = tuple(self._manifest.scopes)
         scopes = own if ctx.scopes is None else tuple(s for s in own if s in ctx.scopes)
-        return Context(ctx.request_id, ctx.chain, ctx.principal, scopes)
+        return replace(ctx, scopes=scopes)
 
     def facts(self, ctx: Context) -> AgentFacts:
         m = self._manifest
@@ -113,22 +114,20 @@ class AgentGuard:
             "approval": bool(grant.get("approval")),
             "arguments": args if isinstance(args, dict) else {},
         }
-        decision = self._gov.decide("tool", ctx, self.facts(ctx), action, f"tool:{name}")
+        label = name if name in self._tools else scrub_name(name)  # the model may have made it up
+        decision = self._gov.decide("tool", ctx, self.facts(ctx), action, f"tool:{label}")
         return self._refusal(decision, f"call to {name!r}")
 
     def delegation(self, ctx: Context, target: str, target_scopes: list[str]) -> Refusal | None:
         action = {"target": target, "target_scopes": target_scopes}
-        decision = self._gov.decide("delegation", ctx, self.facts(ctx), action, f"delegate:{target}")
-        return self._refusal(decision, f"delegation to {target!r}")
+        label = target if target in self._manifest.delegates else scrub_name(target)
+        decision = self._gov.decide("delegation", ctx, self.facts(ctx), action, f"delegate:{label}")
+        return self._refusal(decision, f"delegation to {label!r}")
 
-    def result(self, ctx: Context, name: str, text: str) -> str:
+    def result(self, ctx: Context, name: str, text: str, classes: list[str]) -> str:
         """What the model may see of a tool's (or delegate's) result."""
         findings = scan(text)
-        action = {
-            "tool": name,
-            "classes": self._tools.get(name, {}).get("data", []),
-            "pii": sorted({f.kind for f in findings}),
-        }
+        action = {"tool": name, "classes": classes, "pii": sorted({f.kind for f in findings})}
         decision = self._gov.decide("data", ctx, self.facts(ctx), action, f"data:{name}")
         if decision.outcome == "redact":
             return redact(text, findings)

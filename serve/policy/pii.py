@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-__all__ = ["PII_KINDS", "Finding", "PiiKind", "StreamRedactor", "redact", "scan"]
+__all__ = ["PII_KINDS", "Finding", "PiiKind", "StreamRedactor", "redact", "scan", "scrub_name"]
 
 PiiKind = Literal["email", "phone", "ssn", "card", "iban", "ip"]
 PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "ssn", "card", "iban", "ip")
@@ -191,3 +191,8 @@ class StreamRedactor:
         out = redact(self._pending[:cut], findings)
         self._pending = self._pending[cut:]
         return out
+
+
+def scrub_name(name: str, limit: int = 64) -> str:
+    """A name a model made up, fit for a label or a record: PII redacted, length capped."""
+    return redact(name, scan(name))[:limit]

@@ -1,7 +1,7 @@
 """One local Ray cluster for all integration tests, deployed with `serve deploy`.
 
 The deployed config is configs/scripted.yaml (the example fleet on the scripted model),
-verbatim but for the HTTP port, plus a second
+verbatim but for the HTTP port and a runtime_env that exports spans to a file, plus a second
 application (tests/integration/fleet-test.yaml) whose scripted model drives every path
 of the agent loop. The cluster is stopped when the package's tests end, even on failure.
 """

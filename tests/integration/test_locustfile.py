@@ -19,6 +19,7 @@ def locust(
         "-f",
         "loadtests/locustfile.py",
         "--headless",
+        *args,  # then this test's host and outputs: the last of a repeated flag wins
         "--host",
         fleet.url,
         "--csv",
@@ -26,7 +27,6 @@ def locust(
         "--html",
         str(out / "report.html"),
         "--only-summary",
-        *args,
     ]
     done = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}

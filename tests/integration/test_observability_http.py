@@ -19,7 +19,7 @@ import pytest
 from serve.metrics import EXPORTED
 from tests.integration.conftest import QA_KEY, Fleet
 
-CANARY = "canary-prompt-" + secrets.token_hex(4)
+CANARY = "canary_prompt_" + secrets.token_hex(4)  # one \\w+ word: the scripted echo keeps it whole
 
 
 def spans_of(
@@ -134,16 +134,20 @@ def total(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 def test_metrics_count_known_traffic_per_agent(fleet: Fleet) -> None:
     if fleet.metrics_url is None:
         pytest.skip("needs the conftest's own cluster (Ray's metrics port)")
-    before = scrape(fleet)
+    before, deadline = scrape(fleet), time.monotonic() + 30
+    while time.monotonic() < deadline:  # earlier tests' counts may still be on their way
+        time.sleep(2.5)
+        now = scrape(fleet)
+        if now == before:
+            break
+        before = now
     headers = {"authorization": f"Bearer {QA_KEY}"}
-    for text in ("#fail", "#fail", "#unknown", "#echo hi"):
+    url = fleet.test_url + "/v1/chat/completions"
+    for text in ("#fail", "#fail", "#unknown", "#echo hi", "#delegate this"):
         body = {"model": "tester", "messages": [{"role": "user", "content": text}]}
-        assert (
-            httpx.post(
-                fleet.test_url + "/v1/chat/completions", json=body, headers=headers, timeout=60
-            ).status_code
-            == 200
-        )
+        assert httpx.post(url, json=body, headers=headers, timeout=60).status_code == 200
+    streamed = {"model": "tester", "messages": [{"role": "user", "content": "hello"}], "stream": True}
+    assert "[DONE]" in httpx.post(url, json=streamed, headers=headers, timeout=60).text
     denied = httpx.post(
         fleet.test_url + "/v1/chat/completions", json={"model": "tester", "messages": []}, timeout=60
     )

@@ -11,7 +11,7 @@ import yaml
 
 from serve.errors import ConfigError
 from serve.governance import GovernanceConfig, build_engines
-from serve.policy.engine import PolicyFailure, PolicyModule, RegoEngine
+from serve.policy.engine import PolicyFailure, PolicyModule, RegoEngine, load_modules
 from serve.policy.schema import POINTS, PolicyInput
 from tests.unit.conftest import ROOT
 
@@ -113,3 +113,40 @@ def test_policy_input_schema_file_is_current() -> None:
 
     committed = json.loads((ROOT / "docs/policy-input.schema.json").read_text())
     assert committed == policy_input_json_schema()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "outcome"),
+    [({"a": 5}, "allow"), ({"a": -5}, "deny"), ({"a": "-5"}, "deny"), ({"a": 50}, "deny"), ({}, "allow")],
+)
+def test_numeric_bounds_from_policy_data(arguments: dict[str, Any], outcome: str) -> None:
+    data = {"config": {"roles": {}, "tools": {"add": {"a": {"min": 0, "max": 10}}}}}
+    engine = RegoEngine(load_modules([ROOT / "configs/policies"]), data)
+    case = {
+        "point": "tool",
+        "action": {
+            "known": True,
+            "tool": "add",
+            "scope": "hr.leave.read",
+            "approval": False,
+            "arguments": arguments,
+        },
+    }
+    assert engine.evaluate("tool", document(case)).outcome == outcome
+
+
+@pytest.mark.parametrize("value", ["E1001\x00../../etc", 2**64 + 5])
+def test_values_the_engine_cannot_represent_fail_closed(value: Any) -> None:
+    engine, _ = build_engines(GovernanceConfig(), ROOT)
+    case = {
+        "point": "tool",
+        "action": {
+            "known": True,
+            "tool": "leave_balance",
+            "scope": "hr.leave.read",
+            "approval": False,
+            "arguments": {"employee_id": value},
+        },
+    }
+    with pytest.raises(PolicyFailure):
+        engine.evaluate("tool", document(case))
