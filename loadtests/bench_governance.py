@@ -147,7 +147,7 @@ class OpenGuard:
     def delegation(self, *args: Any) -> None:
         return None
 
-    def result(self, ctx: Any, name: str, text: str) -> str:
+    def result(self, ctx: Any, name: str, text: str, classes: list[str]) -> str:
         return text
 
     def event(self, *args: Any, **kwargs: Any) -> None:

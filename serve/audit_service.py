@@ -13,6 +13,7 @@ in ``<log>.events.jsonl`` beside the log, so explanations survive a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -173,6 +174,7 @@ class AuditClient:
         self._shipped = 0
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None], asyncio.AbstractEventLoop]] = []
 
     def append(self, record: dict[str, Any]) -> None:
         self._records.append(record)
@@ -196,17 +198,19 @@ class AuditClient:
 
     async def commit(self) -> None:
         """Wait until everything queued so far is durable (503 after the timeout)."""
-        target, delay = self._queued, 0.0005
-        deadline = asyncio.get_running_loop().time() + self._timeout
+        target, loop = self._queued, asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         while self._shipped < target:
             self.ship()  # also restarts a shipper that died: the queue is never stranded
-            if asyncio.get_running_loop().time() > deadline:
+            if loop.time() > deadline:
                 log.error(
                     "audit records not durable after %.1fs (%d queued)", self._timeout, target - self._shipped
                 )
                 raise AuditUnavailable("the audit log cannot be written; retry later")
-            await asyncio.sleep(delay)  # a batch lands in a few ms; back off to 10 ms
-            delay = min(delay * 2, 0.01)
+            landed: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((target, landed, loop))
+            with contextlib.suppress(TimeoutError):  # woken when its batch lands; re-checked each second
+                await asyncio.wait_for(landed, min(1.0, max(deadline - loop.time(), 0.001)))
 
     def _arm(self) -> None:
         if self._timer is None or self._timer.cancelled():
@@ -233,3 +237,16 @@ class AuditClient:
                 continue
             delay = 0.05
             self._shipped += len(records) + len(events)
+            self._wake()
+
+    def _wake(self) -> None:
+        """Resolve the commits whose records have all landed (on their own loops)."""
+        done = [w for w in self._waiters if w[0] <= self._shipped]
+        self._waiters = [w for w in self._waiters if w[0] > self._shipped]
+        for _, landed, loop in done:
+            loop.call_soon_threadsafe(_resolve, landed)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -250,6 +250,7 @@ class Ingress:
     async def explain(self, request_id: str, request: Request) -> Response:
         principal = authenticate(request.headers.get("authorization"), self._tenants)
         tenant = None if "admin" in principal.roles else principal.tenant
+        await self._audit.commit()  # this replica's last outcomes are in the report too
         report = await self._audit_handle.explain.remote(request_id, tenant)
         # Another tenant's request does not exist, as far as this caller can tell.
         if report is None:
@@ -309,16 +310,15 @@ class Ingress:
             if chat.stream:
                 return await self._stream(chat, card, handle, ex)
             result = await self._call(handle, chat, ctx)
+            await self._audit.commit()
             self._finish(ex, 200, finish_reason=result.finish_reason)
-            await self._audit.commit()  # with the outcome: the explanation is whole at once
         except RequestError as exc:
-            if not ex.done:
-                self._finish(ex, exc.status, code=exc.code)
             if ex.ctx is not None and not isinstance(exc, AuditUnavailable):
                 try:  # a refusal is a decision too: it leaves once its record is durable
                     await self._audit.commit()
                 except AuditUnavailable as unavailable:
                     exc = unavailable
+            self._finish(ex, exc.status, code=exc.code)
             return error_response(exc, self._options.retry_after_s, ex.headers())
         except BaseException:
             if not ex.done:
