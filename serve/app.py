@@ -84,7 +84,8 @@ def validate_fleet(args: dict[str, Any]) -> tuple[FleetArgs, Path, dict[str, Age
                 field="model.backend",
             )
         load_tools(spec.folder, [t.name for t in spec.manifest.tools])
-        build_engines(fleet.governance, project_root(), spec.manifest.policies.files)
+        if spec.manifest.policies.files:  # the agent's own modules beside the fleet's
+            build_engines(fleet.governance, project_root(), spec.manifest.policies.files)
     build_engines(fleet.governance, project_root())
     return fleet, agents_dir, specs
 

@@ -204,7 +204,6 @@ class Governor:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._engine, self._shadow, self._sink, self._clock = engine, shadow, sink, clock
-        self.failures = 0
 
     def decide(
         self, point: Point, ctx: Context, agent: AgentFacts, action: dict[str, Any], label: str
@@ -230,10 +229,8 @@ class Governor:
         try:
             result = engine.evaluate(point, document)
         except PolicyFailure as exc:  # fail closed
-            self.failures += 1
             return Decision(decision_id, point, "deny", [f"policy failed, denied: {exc}"], policy, version)
         except Exception as exc:  # an engine bug or a malformed answer: still closed
-            self.failures += 1
             reason = f"policy failed, denied: {type(exc).__name__}"
             return Decision(decision_id, point, "deny", [reason], policy, version)
         return Decision(decision_id, point, result.outcome, result.reasons, policy, version)

@@ -36,53 +36,53 @@ def _p(quantile: float, agent: str, window: str) -> str:
     return f"histogram_quantile({quantile}, sum by (le) ({series}))"
 
 
+def _rule(
+    alert: str, expr: str, wait: str, labels: dict[str, str], severity: str, summary: str
+) -> dict[str, Any]:
+    return {
+        "alert": alert,
+        "expr": expr,
+        "for": wait,
+        "labels": {**labels, "severity": severity},
+        "annotations": {"summary": summary},
+    }
+
+
 def _agent_rules(spec: AgentSpec) -> list[dict[str, Any]]:
     m = spec.manifest
     name, labels = m.name, {"agent": m.name, "team": m.owner.team}
     total = _rate("ray_fleet_requests_total", name, window="30m")
     errors = _rate("ray_fleet_requests_total", name, ',outcome="error"', window="30m")
     tools = _rate("ray_fleet_tool_calls_total", name)
+
+    def tool_share(status: str) -> str:
+        return (
+            f"({_rate('ray_fleet_tool_calls_total', name, f',status={chr(34)}{status}{chr(34)}')} / {tools})"
+        )
+
+    sla = m.sla
     return [
-        {
-            "alert": "FleetAgentLatencySLO",
-            "expr": f"{_p(0.95, name, '5m')} > {m.sla.p95_latency_ms / 1000:g}",
-            "for": "5m",
-            "labels": {**labels, "severity": "warning"},
-            "annotations": {"summary": f"{name}: p95 latency above its SLA of {m.sla.p95_latency_ms} ms"},
-        },
-        {
-            "alert": "FleetAgentAvailabilitySLO",
-            "expr": f"({errors} / {total}) > {1 - m.sla.availability:.6g}",
-            "for": "10m",
-            "labels": {**labels, "severity": "critical"},
-            "annotations": {
-                "summary": f"{name}: error rate above its availability target of {m.sla.availability:g}"
-            },
-        },
-        {
-            "alert": "FleetAgentToolFailures",
-            "expr": f"({_rate('ray_fleet_tool_calls_total', name, ',status=' + chr(34) + 'error' + chr(34))} / {tools}) > {TOOL_FAILURE_RATE:g}",
-            "for": "10m",
-            "labels": {**labels, "severity": "warning"},
-            "annotations": {"summary": f"{name}: more than {TOOL_FAILURE_RATE:.0%} of tool calls fail"},
-        },
-        {
-            "alert": "FleetAgentInvalidToolCalls",
-            "expr": f"({_rate('ray_fleet_tool_calls_total', name, ',status=' + chr(34) + 'invalid' + chr(34))} / {tools}) > {INVALID_TOOL_CALL_RATE:g}",
-            "for": "10m",
-            "labels": {**labels, "severity": "warning"},
-            "annotations": {
-                "summary": f"{name}: the model calls unknown tools or bad arguments (hallucinated tool use)"
-            },
-        },
-        {
-            "alert": "FleetAgentLatencySpike",
-            "expr": f"{_p(0.5, name, '5m')} > 2 * {_p(0.5, name, '1h')}",
-            "for": "5m",
-            "labels": {**labels, "severity": "warning"},
-            "annotations": {"summary": f"{name}: p50 latency doubled against its last hour"},
-        },
-    ]
+        _rule(
+            "FleetAgentLatencySLO", f"{_p(0.95, name, '5m')} > {sla.p95_latency_ms / 1000:g}", "5m", labels,
+            "warning", f"{name}: p95 latency above its SLA of {sla.p95_latency_ms} ms",
+        ),
+        _rule(
+            "FleetAgentAvailabilitySLO", f"({errors} / {total}) > {1 - sla.availability:.6g}", "10m", labels,
+            "critical", f"{name}: error rate above its availability target of {sla.availability:g}",
+        ),
+        _rule(
+            "FleetAgentToolFailures", f"{tool_share('error')} > {TOOL_FAILURE_RATE:g}", "10m", labels,
+            "warning", f"{name}: more than {TOOL_FAILURE_RATE:.0%} of tool calls fail",
+        ),
+        _rule(
+            "FleetAgentInvalidToolCalls", f"{tool_share('invalid')} > {INVALID_TOOL_CALL_RATE:g}", "10m", labels,
+            "warning", f"{name}: the model calls unknown tools or bad arguments (hallucinated tool use)",
+        ),
+        _rule(
+            "FleetAgentLatencySpike", f"{_p(0.5, name, '5m')} > 2 * {_p(0.5, name, '1h')}", "5m", labels,
+            "warning", f"{name}: p50 latency doubled against its last hour",
+        ),
+    ]  # fmt: skip
 
 
 def alert_rules(specs: dict[str, AgentSpec]) -> dict[str, Any]:

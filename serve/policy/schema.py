@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "POINTS",
-    "POLICY_INPUT_VERSION",
     "AgentFacts",
     "Outcome",
     "Point",
@@ -24,7 +23,6 @@ __all__ = [
     "policy_input_json_schema",
 ]
 
-POLICY_INPUT_VERSION = "fleet.policy/v1"
 Point = Literal["ingress", "model_input", "model_output", "tool", "delegation", "data"]
 POINTS: tuple[Point, ...] = ("ingress", "model_input", "model_output", "tool", "delegation", "data")
 Outcome = Literal["allow", "deny", "redact", "escalate"]
