@@ -8,6 +8,7 @@ handles. Errors cross handles as ``RequestError`` values, never as stack traces.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,10 +19,11 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve import telemetry
 from serve.audit_service import AuditClient
-from serve.errors import AgentError, ModelError, RequestError
+from serve.errors import AgentError, MemoryUnavailable, ModelError, RequestError
 from serve.governance import GovernanceConfig, Governor, build_engines
 from serve.loop import AgentLoop, AgentResult, Context, DelegateTarget, Event, Finished, ModelCaller
 from serve.manifest import delegate_tool_name, load_agent
+from serve.memory_service import MEMORY_TOOLS, RequestMemory, bind, tenant_of, unbind
 from serve.metrics import MetricsSink
 from serve.models import make_backend
 from serve.models.base import ModelChunk, ModelRequest
@@ -93,6 +95,8 @@ class AgentDeployment:
         governance: dict[str, Any],
         root: str,
         audit: DeploymentHandle[Any],
+        memory: DeploymentHandle[Any],
+        memory_timeout_s: float = 2.0,
     ) -> None:
         spec = load_agent(Path(agents_dir) / name)
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
@@ -101,21 +105,29 @@ class AgentDeployment:
         engine, shadow = build_engines(config, Path(root), spec.manifest.policies.files)
         self._audit = AuditClient(audit, config.audit.commit_timeout_s)
         telemetry.setup_tracing()
-        tool_names = [*tools, *(delegate_tool_name(d) for d in delegates)]
+        builtin = MEMORY_TOOLS if spec.manifest.memory.tools else {}
+        tool_names = [*tools, *builtin, *(delegate_tool_name(d) for d in delegates)]
         sink = MetricsSink(self._audit, name, spec.manifest.version, tool_names)
         self._guard = AgentGuard(Governor(engine, shadow, sink), spec)
         self.name = name
-        self._loop = AgentLoop(spec, tools, model_caller(model), targets, self._guard)
+        self._memory = memory
+        self._memory_timeout = memory_timeout_s
+        self._sessions = spec.manifest.memory.session
+        self._loop = AgentLoop(spec, tools, model_caller(model), targets, self._guard, builtin)
 
     async def chat(self, request: ChatRequest, ctx: Context) -> AgentOutcome:
         ctx = self._guard.enter(ctx)
+        token = bind(RequestMemory(self._memory, ctx, self._guard.memory, self._memory_timeout))
         outcome: AgentOutcome
         try:
-            outcome = await self._loop.run(request, ctx)
+            outcome = await self._loop.run(request, ctx, await self._history(ctx))
+            await self._remember(ctx, outcome)
         except RequestError as exc:
             outcome = exc
         except Exception as exc:
             outcome = self._internal(exc, ctx)
+        finally:
+            unbind(token)
         try:
             await self._audit.commit()  # no answer leaves before its audit records are durable
         except RequestError as exc:
@@ -124,9 +136,14 @@ class AgentDeployment:
 
     async def stream(self, request: ChatRequest, ctx: Context) -> AsyncIterator[StreamItem]:
         ctx = self._guard.enter(ctx)
+        bind(
+            RequestMemory(self._memory, ctx, self._guard.memory, self._memory_timeout)
+        )  # this request's own task context
         failure: RequestError
         try:
-            async for event in self._loop.events(request, ctx):
+            async for event in self._loop.events(request, ctx, await self._history(ctx)):
+                if isinstance(event, Finished):
+                    await self._remember(ctx, event.result)
                 if isinstance(event, Finished) or self._audit.pending:
                     await self._audit.commit()  # nothing reaches the client ahead of its decisions
                 yield event
@@ -140,6 +157,37 @@ class AgentDeployment:
         except RequestError as exc:
             failure = exc
         yield failure
+
+    def _session(self, ctx: Context) -> tuple[str, str, str] | None:
+        """The session this call continues: only the agent the client called keeps one."""
+        if not (self._sessions and ctx.session and len(ctx.chain) == 1):
+            return None
+        return tenant_of(ctx), self.name, ctx.session
+
+    async def _history(self, ctx: Context) -> list[dict[str, Any]]:
+        key = self._session(ctx)
+        if key is None:
+            return []
+        try:
+            turns: list[dict[str, Any]] = await asyncio.wait_for(
+                self._memory.session.remote(*key), self._memory_timeout
+            )
+        except Exception as exc:  # an answer without memory would silently change meaning
+            log.error("session of %s unavailable", ctx.request_id, exc_info=exc)
+            raise MemoryUnavailable("the session memory is unavailable; retry later") from None
+        return turns
+
+    async def _remember(self, ctx: Context, outcome: AgentOutcome) -> None:
+        key = self._session(ctx)
+        if key is None or not isinstance(outcome, AgentResult):
+            return
+        try:
+            await asyncio.wait_for(
+                self._memory.append_session.remote(*key, outcome.transcript), self._memory_timeout
+            )
+        except Exception as exc:
+            log.error("session of %s not saved", ctx.request_id, exc_info=exc)
+            raise MemoryUnavailable("the session memory is unavailable; retry later") from None
 
     def _internal(self, exc: Exception, ctx: Context) -> RequestError:
         log.error("agent %s failed on %s", self.name, ctx.request_id, exc_info=exc)

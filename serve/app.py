@@ -22,19 +22,31 @@ from serve.errors import ConfigError, field_path
 from serve.governance import GovernanceConfig, build_engines
 from serve.ingress import Ingress, IngressOptions
 from serve.manifest import MANIFEST_FILE, AgentSpec, delegation_order, load_fleet
+from serve.memory import MemoryConfig
+from serve.memory_service import MemoryService
 from serve.models import BACKEND_KINDS, BackendConfig, VLLMConfig
 from serve.models.deployment import ModelDeployment
 from serve.settings import settings
 from serve.tools import load_tools
 
-__all__ = ["FleetArgs", "agent_card", "audit_path", "build_app", "project_root", "validate_fleet"]
+__all__ = [
+    "FleetArgs",
+    "agent_card",
+    "audit_path",
+    "build_app",
+    "memory_path",
+    "project_root",
+    "validate_fleet",
+]
 
 # Fleet's replicas wait on I/O (models, tools, handles); a whole CPU each would not let
 # a laptop hold a fleet. The deploy config's ``deployments:`` section overrides these.
 AGENT_ACTOR_OPTIONS = {"num_cpus": 0.1}
 SERVICE_ACTOR_OPTIONS = {"num_cpus": 0.1}
-# The audit log is a file: its one writer lives on the head node, whose disk outlives workers.
+# The audit log and the memory store are files: their one writer lives on the head node,
+# whose disk outlives workers.
 AUDIT_ACTOR_OPTIONS = {"num_cpus": 0.1, "resources": {"node:__internal_head__": 0.001}}
+MEMORY_ACTOR_OPTIONS = AUDIT_ACTOR_OPTIONS
 
 
 class FleetArgs(BaseModel):
@@ -51,6 +63,9 @@ class FleetArgs(BaseModel):
     ingress: IngressOptions = Field(default_factory=IngressOptions, description="HTTP front door.")
     governance: GovernanceConfig = Field(
         default_factory=GovernanceConfig, description="Policies, API keys and the audit log."
+    )
+    memory: MemoryConfig = Field(
+        default_factory=MemoryConfig, description="Sessions, shared context and long-term memory."
     )
 
 
@@ -95,6 +110,11 @@ def audit_path(fleet: FleetArgs) -> Path:
     return path if path.is_absolute() else project_root() / path
 
 
+def memory_path(fleet: FleetArgs) -> Path:
+    path = Path(fleet.memory.path)
+    return path if path.is_absolute() else project_root() / path
+
+
 def agent_card(spec: AgentSpec) -> dict[str, Any]:
     """The public description of an agent (``GET /v1/agents/{name}``)."""
     m = spec.manifest
@@ -116,6 +136,7 @@ def agent_card(spec: AgentSpec) -> dict[str, Any]:
         "kpis": [k.model_dump() for k in m.kpis],
         "autoscaling": m.autoscaling.model_dump(),
         "max_turns": m.max_turns,
+        "memory": m.memory.model_dump(),
     }
 
 
@@ -176,6 +197,13 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         .bind(str(audit_path(fleet)))
     )
+    memory = (
+        _deployment(MemoryService)
+        .options(
+            name="memory", num_replicas=1, ray_actor_options=MEMORY_ACTOR_OPTIONS, max_ongoing_requests=1000
+        )
+        .bind(str(memory_path(fleet)), fleet.memory.limits.model_dump())
+    )
     bound: dict[str, Any] = {}
     for name in delegation_order(specs):
         m = specs[name].manifest
@@ -195,6 +223,8 @@ def build_app(args: dict[str, Any]) -> Application:
                 governance,
                 root,
                 audit,
+                memory,
+                fleet.memory.call_timeout_s,
             )
         )
     cards = {name: agent_card(spec) for name, spec in specs.items()}

@@ -19,6 +19,7 @@ __all__ = [
     "FleetError",
     "InvalidRequest",
     "MaxTurnsExceeded",
+    "MemoryUnavailable",
     "ModelError",
     "NotFound",
     "Overloaded",
@@ -154,6 +155,10 @@ class Overloaded(RequestError):
     status = 503
     type = "server_error"
     code = "overloaded"
+
+
+class MemoryUnavailable(Overloaded):
+    code = "memory_unavailable"
 
 
 class Timeout(RequestError):

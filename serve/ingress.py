@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,30 @@ def card_facts(card: dict[str, Any], scopes: list[str] | None) -> AgentFacts:
     )
 
 
+SESSION_HEADER = "x-fleet-session-id"
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def session_id(request: Request, chat: ChatRequest) -> str | None:
+    """The session a request continues: the header, else ``metadata.session_id``."""
+    header = request.headers.get(SESSION_HEADER)
+    value, param = (
+        (header, SESSION_HEADER)
+        if header is not None
+        else (
+            (chat.metadata or {}).get("session_id"),
+            "metadata.session_id",
+        )
+    )
+    if value is None:
+        return None
+    if not SESSION_ID.match(value):
+        raise InvalidRequest(
+            "a session id is 1-128 letters, digits and . _ : - (starting with a letter or digit)", param=param
+        )
+    return value
+
+
 def wants_html(request: Request) -> bool:
     return request.query_params.get("format") == "html" or (
         "text/html" in request.headers.get("accept", "") and request.query_params.get("format") != "json"
@@ -183,6 +208,7 @@ def _extension(ex: Exchange, card: dict[str, Any], result: AgentResult) -> dict[
     return {
         "request_id": ex.ctx.request_id,
         "trace_id": ex.trace_id,
+        "session_id": ex.ctx.session,
         "agent": card["name"],
         "agent_version": card["version"],
         "turns": stats.turns,
@@ -301,6 +327,7 @@ class Ingress:
             )
             ex.span.set_attribute("fleet.request_id", ctx.request_id)
             chat = parse_chat_request(await read_body(request, self._options.max_body_bytes))
+            ex.ctx = ctx = replace(ctx, session=session_id(request, chat))
             card = self._card(chat.model)
             ex.agent = chat.model
             ex.span.set_attribute("gen_ai.agent.name", chat.model)

@@ -64,18 +64,22 @@ class Context:
     scopes: tuple[str, ...] | None = None
     # W3C trace context of the caller's span (``traceparent``), across handles.
     trace: Mapping[str, str] = field(default_factory=dict)
+    # The conversation the client continues (sessions are kept by the top-level agent).
+    session: str | None = None
 
     @staticmethod
     def new(
         request_id: str | None = None,
         principal: Principal | None = None,
         trace: Mapping[str, str] | None = None,
+        session: str | None = None,
     ) -> Context:
         return Context(
             request_id=request_id or "req_" + uuid.uuid4().hex,
             principal=principal,
             scopes=tuple(principal.scopes) if principal and principal.scopes is not None else None,
             trace=dict(trace or {}),
+            session=session,
         )
 
     def enter(self, agent: str) -> Context:
@@ -104,6 +108,9 @@ class AgentResult:
     finish_reason: str
     usage: Usage
     stats: Stats
+    # This exchange as a session keeps it: the request's messages (as the model saw
+    # them, after redaction) and the answer.
+    transcript: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,7 @@ class Finished:
 
 
 Event = ContentDelta | Finished
+BUILTIN_TIMEOUT_S = 10.0
 ModelCaller = Callable[[ModelRequest], AsyncIterator[ModelChunk]]
 
 
@@ -164,28 +172,37 @@ class AgentLoop:
         model: ModelCaller,
         delegates: dict[str, DelegateTarget],
         guard: Guard,
+        builtin: Mapping[str, Tool] | None = None,
     ) -> None:
         self.spec = spec
         self._guard = guard
         self.manifest = spec.manifest
-        self._tools = tools
+        # Built-in tools (memory) decide at their own policy point, not at ``tool``.
+        self._builtin = dict(builtin or {})
+        self._tools = {**self._builtin, **tools}
         self._grants = {g.name: g for g in spec.manifest.tools}
         self._model = model
         self._delegates = {delegate_tool_name(n): (n, t) for n, t in delegates.items()}
         self._prompt = PromptRenderer(spec)
-        self._server_schemas = [t.openai_schema() for t in tools.values()] + [
+        self._server_schemas = [t.openai_schema() for t in self._tools.values()] + [
             _delegate_schema(name, target.description) for name, target in delegates.items()
         ]
 
-    async def run(self, request: ChatRequest, ctx: Context) -> AgentResult:
-        async with contextlib.aclosing(self.events(request, ctx)) as events:
+    async def run(
+        self, request: ChatRequest, ctx: Context, history: list[dict[str, Any]] | None = None
+    ) -> AgentResult:
+        async with contextlib.aclosing(self.events(request, ctx, history)) as events:
             async for event in events:
                 if isinstance(event, Finished):
                     return event.result
         raise AssertionError("the loop ended without a result")  # pragma: no cover
 
-    async def events(self, request: ChatRequest, ctx: Context) -> AsyncGenerator[Event, None]:
-        """The loop's output as it happens, inside one ``invoke_agent`` span."""
+    async def events(
+        self, request: ChatRequest, ctx: Context, history: list[dict[str, Any]] | None = None
+    ) -> AsyncGenerator[Event, None]:
+        """The loop's output as it happens, inside one ``invoke_agent`` span.
+
+        ``history``: earlier turns of the session, between the system prompt and the request."""
         m = self.manifest
         span = telemetry.tracer().start_span(
             f"invoke_agent {m.name}",
@@ -198,7 +215,7 @@ class AgentLoop:
             ),
         )
         try:
-            async for event in self._events(request, ctx, span):
+            async for event in self._events(request, ctx, span, history or []):
                 if isinstance(event, Finished):
                     _finish_span(span, event.result)
                 yield event
@@ -211,11 +228,15 @@ class AgentLoop:
         finally:
             span.end()
 
-    async def _events(self, request: ChatRequest, ctx: Context, span: otel.Span) -> AsyncIterator[Event]:
+    async def _events(
+        self, request: ChatRequest, ctx: Context, span: otel.Span, history: list[dict[str, Any]]
+    ) -> AsyncIterator[Event]:
         client_tools = self._client_tools(request)
+        asked = request.conversation()
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": self._prompt.render(request.metadata)},
-            *request.conversation(),
+            *history,
+            *asked,
         ]
         schemas = self._server_schemas + [t.model_dump(exclude_none=True) for t in request.tools or []]
         choice = request.tool_choice
@@ -274,14 +295,20 @@ class AgentLoop:
                 yield ContentDelta(rest)
             text.append(said)
             if not calls:
-                yield Finished(AgentResult("".join(text), [], finish, usage, stats))
+                answer = "".join(text)
+                transcript = [*asked, {"role": "assistant", "content": answer}]
+                yield Finished(AgentResult(answer, [], finish, usage, stats, transcript))
                 return
             theirs = [c for c in calls if c.function.name in client_tools]
             if theirs:
                 # The client runs its tools and comes back with the whole conversation;
                 # server-side calls of this turn are not run (their results would be
                 # lost with it): the model makes them again on the next request.
-                yield Finished(AgentResult("".join(text) or None, theirs, "tool_calls", usage, stats))
+                said_before = "".join(text)
+                transcript = [*asked, _assistant(said_before, theirs)]
+                yield Finished(
+                    AgentResult(said_before or None, theirs, "tool_calls", usage, stats, transcript)
+                )
                 return
             if turn == self.manifest.max_turns:
                 break  # no turn left to read the results: do not run the tools
@@ -373,6 +400,8 @@ class AgentLoop:
                     list(self._delegates[name][1].data)
                     if name in self._delegates
                     else list(self._grants[name].data)
+                    if name in self._grants
+                    else []
                 )
                 text = self._guard.result(ctx, name, text, classes)
         except BaseException:
@@ -421,7 +450,10 @@ class AgentLoop:
             return "invalid", f"error: unknown tool {name!r}"
         try:
             if checked is not None:
-                return "ok", await self._tools[name].run(checked, self._grants[name].timeout_s)
+                grant = self._grants.get(name)
+                return "ok", await self._tools[name].run(
+                    checked, grant.timeout_s if grant else BUILTIN_TIMEOUT_S
+                )
             return "ok", await self._delegate(name, arguments, ctx, stats, usage)
         except ToolError as exc:
             stats.tool_failures += 1
@@ -434,6 +466,8 @@ class AgentLoop:
             return self._guard.delegation(ctx, agent, list(target.scopes))
         if name.startswith("delegate_to_") and name not in self._tools:
             return self._guard.delegation(ctx, name.removeprefix("delegate_to_"), [])
+        if name in self._builtin:
+            return None  # each memory read or write is decided at the ``memory`` point
         return self._guard.tool(ctx, name, arguments)
 
     async def _delegate(

@@ -176,6 +176,24 @@ class Autoscaling(Strict):
         return self.model_dump(exclude={"max_ongoing_requests"}, exclude_none=True)
 
 
+class MemoryUse(Strict):
+    session: bool = Field(
+        default=True,
+        description="Remember the conversation across requests that name a session (top-level calls).",
+    )
+    tools: bool = Field(
+        default=False,
+        description=(
+            "Give the model the memory tools: remember, recall, search_memory (long-term facts, "
+            "scopes memory:<namespace>:read|write) and write_context, read_context (the request's "
+            "shared context)."
+        ),
+    )
+
+
+MEMORY_TOOL_NAMES = ("remember", "recall", "search_memory", "write_context", "read_context")
+
+
 class Kpi(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="KPI identifier.")
     target: float = Field(description="Target value.")
@@ -208,6 +226,7 @@ class AgentManifest(Strict):
         default_factory=Autoscaling, description="Ray Serve autoscaling for the agent."
     )
     kpis: list[Kpi] = Field(default_factory=list, description="Business KPIs.")
+    memory: MemoryUse = Field(default_factory=MemoryUse, description="Sessions and shared memory.")
     max_turns: int = Field(default=6, ge=1, le=50, description="Model calls per request, at most.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -228,6 +247,10 @@ class AgentManifest(Strict):
             raise ValueError("delegates: an agent cannot delegate to itself")
         if len(set(self.delegates)) != len(self.delegates):
             raise ValueError("delegates: duplicate entries")
+        if self.memory.tools:
+            taken = sorted(set(names) & set(MEMORY_TOOL_NAMES))
+            if taken:
+                raise ValueError(f"tools: {taken} are the memory tools' names (memory.tools is on)")
         for name in self.delegates:
             if delegate_tool_name(name) in names:
                 raise ValueError(f"tools: name {delegate_tool_name(name)!r} is reserved")

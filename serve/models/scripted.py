@@ -3,7 +3,8 @@
 A script is a list of rules. The first rule whose ``agent`` matches the caller and whose
 ``match`` regex is found in the last user message answers; its ``replies`` are played in
 order, one per model call since that user message (the last one repeats). Strings in a
-reply may use ``{input}`` (the last user message), ``{tool_result}`` (the last tool
+reply may use ``{input}`` (the last user message), ``{previous}`` (the user message
+before it, e.g. from a session's history), ``{tool_result}`` (the last tool
 message), ``{system}`` (the system prompt), ``{agent}`` and the regex's named groups. Token counts are whitespace words:
 deterministic, not a tokenizer's.
 
@@ -92,16 +93,18 @@ class ScriptedBackend:
     async def check_health(self) -> None:
         return None
 
-    def _position(self, messages: list[dict[str, Any]]) -> tuple[str, str, int]:
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-        user_text = messages[last_user]["content"] if last_user >= 0 else ""
+    def _position(self, messages: list[dict[str, Any]]) -> tuple[str, str, str, int]:
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        last_user = users[-1] if users else -1
+        user_text = messages[last_user]["content"] if users else ""
+        previous = messages[users[-2]]["content"] if len(users) > 1 else ""
         after = messages[last_user + 1 :]
         turn = sum(1 for m in after if m["role"] == "assistant")
         tool_text = next((m["content"] for m in reversed(after) if m["role"] == "tool"), "")
-        return user_text or "", tool_text or "", turn
+        return user_text or "", previous or "", tool_text or "", turn
 
     def _reply(self, request: ModelRequest) -> tuple[ScriptedReply, dict[str, str], int]:
-        user_text, tool_text, turn = self._position(request.messages)
+        user_text, previous, tool_text, turn = self._position(request.messages)
         for rule, pattern in self._rules:
             if rule.agent not in (None, request.agent):
                 continue
@@ -111,6 +114,7 @@ class ScriptedBackend:
             system = next((m["content"] for m in request.messages if m["role"] == "system"), "")
             variables = {
                 "input": user_text,
+                "previous": previous,
                 "tool_result": tool_text,
                 "agent": request.agent,
                 "system": system,

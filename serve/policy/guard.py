@@ -135,6 +135,13 @@ class AgentGuard:
             return f"error: the result of {name!r} was withheld by policy ({decision.id}): {_why(decision)}"
         return text
 
+    def memory(self, ctx: Context, operation: str, store: str, namespace: str | None) -> Refusal | None:
+        """May this agent read or write this memory (its request's context, or facts)?"""
+        action = {"operation": operation, "store": store, "namespace": namespace}
+        where = f"{store}:{namespace}" if namespace else store
+        decision = self._gov.decide("memory", ctx, self.facts(ctx), action, f"memory:{operation}:{where}")
+        return self._refusal(decision, f"memory {operation} of {where}")
+
     def event(self, ctx: Context, kind: str, **fields: Any) -> None:
         self._gov.event(ctx, kind, agent=self._manifest.name, **fields)
 

@@ -23,8 +23,8 @@ __all__ = [
     "policy_input_json_schema",
 ]
 
-Point = Literal["ingress", "model_input", "model_output", "tool", "delegation", "data"]
-POINTS: tuple[Point, ...] = ("ingress", "model_input", "model_output", "tool", "delegation", "data")
+Point = Literal["ingress", "model_input", "model_output", "tool", "delegation", "data", "memory"]
+POINTS: tuple[Point, ...] = ("ingress", "model_input", "model_output", "tool", "delegation", "data", "memory")
 Outcome = Literal["allow", "deny", "redact", "escalate"]
 
 
@@ -67,6 +67,8 @@ class PolicyInput(_Doc):
       (``known``: the agent has this tool; ``scope``/``approval`` from its grant)
     - delegation: ``{"target": name, "target_scopes": [...]}``
     - data: ``{"tool": name, "classes": [...], "pii": [kinds]}`` (a tool's result)
+    - memory: ``{"operation": "read"|"write", "store": "context"|"artifacts"|"facts",
+      "namespace": ns}`` (``namespace`` for facts; null for the request's shared context)
     """
 
     version: Literal["fleet.policy/v1"] = "fleet.policy/v1"

@@ -27,6 +27,7 @@ BIN = Path(sys.executable).parent
 QA_KEY = "fk-test-qa"  # role qa: tester, helper, relay
 ACME_KEY = "fk-test-acme"  # role employee: not the test agents
 LIMITED_KEY = "fk-test-limited"  # role qa, but its key grants no scopes
+QA2_KEY = "fk-test-qa2"  # role qa, another tenant (qa2): memory isolation
 
 
 def free_port() -> int:
@@ -80,6 +81,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     test_app["runtime_env"] = {"env_vars": {"FLEET_TEST_UPSTREAM_KEY": QA_KEY, **tracing}}
     audit_log = work / "audit" / "fleet-test.jsonl"
     test_app["args"]["governance"]["audit"]["path"] = str(audit_log)
+    test_app["args"]["memory"]["path"] = str(work / "memory" / "fleet-test.db")
     config["applications"].append(test_app)
     config_path = work / "deploy.yaml"
     config_path.write_text(yaml.safe_dump(config))

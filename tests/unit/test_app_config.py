@@ -237,6 +237,7 @@ def test_agent_card() -> None:
             "max_ongoing_requests": 32,
         },
         "max_turns": 4,
+        "memory": {"session": True, "tools": False},
     }
 
 

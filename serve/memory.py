@@ -1,0 +1,351 @@
+"""Shared memory's durable state: sessions, request contexts and long-term facts.
+
+Three stores, every key starting with the tenant (one tenant never reaches another's):
+
+- **sessions**: the turns of a conversation, per (tenant, agent, session id);
+- **request contexts**: small values the agents of one request tree share, per
+  (tenant, request id); large artifacts travel as Ray object references beside them
+  (:mod:`serve.memory_service`), never through this store;
+- **facts**: long-term memory per (tenant, namespace, key), found by key or by words.
+
+:class:`SqliteStore` is the embedded default: one SQLite file in WAL mode on the head
+node's disk, written through on every change, so a restarted memory service finds its
+state. :class:`MemoryStore` is the interface another store (one shared by a multi-node
+cluster) implements. Bounds (:class:`MemoryLimits`): a time to live and a size per
+session, per request context and per tenant, evicting the oldest first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["MemoryConfig", "MemoryLimits", "MemoryStats", "MemoryStore", "SqliteStore"]
+
+Clock = Callable[[], float]
+_WORDS = re.compile(r"\w+")
+
+
+class MemoryLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    session_ttl_s: float = Field(default=7 * 86400, gt=0, description="A session idle this long is dropped.")
+    session_max_messages: int = Field(default=200, gt=0, description="Turns kept per session (oldest go).")
+    session_max_bytes: int = Field(default=256 << 10, gt=0, description="Bytes kept per session (oldest go).")
+    sessions_per_tenant: int = Field(
+        default=10_000, gt=0, description="Sessions kept per tenant (least recently used go)."
+    )
+    context_ttl_s: float = Field(
+        default=3600, gt=0, description="A request's shared context lives this long."
+    )
+    context_max_bytes: int = Field(
+        default=1 << 20, gt=0, description="Bytes of small values per request context."
+    )
+    artifact_max_bytes: int = Field(
+        default=1 << 30, gt=0, description="Bytes of artifacts per request tree (in Ray's object store)."
+    )
+    facts_per_tenant: int = Field(default=10_000, gt=0, description="Facts kept per tenant (oldest go).")
+    fact_max_bytes: int = Field(default=16 << 10, gt=0, description="Largest fact.")
+    tenant_max_bytes: int = Field(
+        default=16 << 20, gt=0, description="Bytes of facts per tenant (oldest go)."
+    )
+
+
+class MemoryConfig(BaseModel):
+    """The deploy config's ``memory`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(
+        default="var/memory/memory.db",
+        description="SQLite file of the embedded store (relative: project root).",
+    )
+    limits: MemoryLimits = Field(default_factory=MemoryLimits, description="Sizes and lifetimes.")
+    call_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How long an agent waits for the memory service (then: a tool error, or 503 for sessions).",
+    )
+
+
+@dataclass
+class MemoryStats:
+    """What the store holds, for metrics: items and bytes per store, evictions so far."""
+
+    items: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    evicted: dict[str, int] = field(default_factory=dict)
+
+
+class MemoryStore(Protocol):
+    """The state behind the memory service; every call names its tenant."""
+
+    def session(self, tenant: str, agent: str, session: str) -> list[dict[str, Any]]: ...
+
+    def append_session(
+        self, tenant: str, agent: str, session: str, messages: list[dict[str, Any]]
+    ) -> None: ...
+
+    def put_context(self, tenant: str, request: str, key: str, value: Any) -> None: ...
+
+    def context(self, tenant: str, request: str) -> dict[str, Any]: ...
+
+    def put_fact(self, tenant: str, namespace: str, key: str, text: str) -> None: ...
+
+    def fact(self, tenant: str, namespace: str, key: str) -> str | None: ...
+
+    def search_facts(self, tenant: str, namespace: str, query: str, limit: int) -> list[tuple[str, str]]: ...
+
+    def expire(self) -> None: ...
+
+    def stats(self) -> MemoryStats: ...
+
+
+class MemoryFull(ValueError):
+    """One value is larger than its store may hold at all."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS turns (
+    tenant TEXT NOT NULL, agent TEXT NOT NULL, session TEXT NOT NULL,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, message TEXT NOT NULL, size INTEGER NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS turns_by_session ON turns (tenant, agent, session, seq);
+CREATE TABLE IF NOT EXISTS sessions (
+    tenant TEXT NOT NULL, agent TEXT NOT NULL, session TEXT NOT NULL, used REAL NOT NULL,
+    PRIMARY KEY (tenant, agent, session));
+CREATE INDEX IF NOT EXISTS sessions_by_use ON sessions (used);
+CREATE TABLE IF NOT EXISTS context (
+    tenant TEXT NOT NULL, request TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    size INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (tenant, request, key));
+CREATE INDEX IF NOT EXISTS context_by_age ON context (at);
+CREATE TABLE IF NOT EXISTS facts (
+    tenant TEXT NOT NULL, namespace TEXT NOT NULL, key TEXT NOT NULL, text TEXT NOT NULL,
+    size INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (tenant, namespace, key));
+CREATE INDEX IF NOT EXISTS facts_by_age ON facts (tenant, at);
+"""
+
+
+class SqliteStore:
+    """The embedded store: write-through SQLite (WAL), bounded by :class:`MemoryLimits`.
+
+    WAL with ``synchronous=NORMAL`` keeps every committed change across a crash of the
+    process (the case of a killed replica); a power cut may lose the last ones.
+    """
+
+    def __init__(self, path: Path, limits: MemoryLimits, clock: Clock = time.time) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self.limits = limits
+        self._clock = clock
+        self._evicted: dict[str, int] = {"sessions": 0, "context": 0, "facts": 0}
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self) -> sqlite3.Connection:
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def _count_evicted(self, store: str, cursor: sqlite3.Cursor) -> None:
+        self._evicted[store] += max(cursor.rowcount, 0)
+
+    # -- sessions --------------------------------------------------------------------
+
+    def session(self, tenant: str, agent: str, session: str) -> list[dict[str, Any]]:
+        used = self._db.execute(
+            "SELECT used FROM sessions WHERE tenant=? AND agent=? AND session=?", (tenant, agent, session)
+        ).fetchone()
+        if used is None or used[0] < self._clock() - self.limits.session_ttl_s:
+            return []
+        rows = self._db.execute(
+            "SELECT message FROM turns WHERE tenant=? AND agent=? AND session=? ORDER BY seq",
+            (tenant, agent, session),
+        ).fetchall()
+        return [json.loads(row[0]) for row in rows]
+
+    def append_session(self, tenant: str, agent: str, session: str, messages: list[dict[str, Any]]) -> None:
+        now, key = self._clock(), (tenant, agent, session)
+        texts = [json.dumps(m, separators=(",", ":"), ensure_ascii=False) for m in messages]
+        db = self._tx()
+        try:
+            stale = db.execute(
+                "SELECT used FROM sessions WHERE tenant=? AND agent=? AND session=?", key
+            ).fetchone()
+            if stale is not None and stale[0] < now - self.limits.session_ttl_s:
+                db.execute("DELETE FROM turns WHERE tenant=? AND agent=? AND session=?", key)
+            db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)", (*key, now))
+            db.executemany(
+                "INSERT INTO turns (tenant, agent, session, message, size, at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(*key, text, len(text.encode()), now) for text in texts],
+            )
+            self._trim_session(db, key)
+            self._trim_sessions(db, tenant)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _trim_session(self, db: sqlite3.Connection, key: tuple[str, str, str]) -> None:
+        """Oldest turns out until the session is within its message and byte limits."""
+        rows = db.execute(
+            "SELECT seq, size FROM turns WHERE tenant=? AND agent=? AND session=? ORDER BY seq DESC", key
+        ).fetchall()
+        kept, total = 0, 0
+        for seq, size in rows:
+            if kept + 1 > self.limits.session_max_messages or total + size > self.limits.session_max_bytes:
+                cursor = db.execute(
+                    "DELETE FROM turns WHERE tenant=? AND agent=? AND session=? AND seq<=?", (*key, seq)
+                )
+                self._count_evicted("sessions", cursor)
+                return
+            kept, total = kept + 1, total + size
+
+    def _trim_sessions(self, db: sqlite3.Connection, tenant: str) -> None:
+        (count,) = db.execute("SELECT count(*) FROM sessions WHERE tenant=?", (tenant,)).fetchone()
+        excess = count - self.limits.sessions_per_tenant
+        if excess <= 0:
+            return
+        oldest = db.execute(
+            "SELECT agent, session FROM sessions WHERE tenant=? ORDER BY used LIMIT ?", (tenant, excess)
+        ).fetchall()
+        for agent, session in oldest:
+            self._drop_session(db, tenant, agent, session)
+
+    def _drop_session(self, db: sqlite3.Connection, tenant: str, agent: str, session: str) -> None:
+        db.execute("DELETE FROM sessions WHERE tenant=? AND agent=? AND session=?", (tenant, agent, session))
+        cursor = db.execute(
+            "DELETE FROM turns WHERE tenant=? AND agent=? AND session=?", (tenant, agent, session)
+        )
+        self._count_evicted("sessions", cursor)
+
+    # -- request contexts ------------------------------------------------------------
+
+    def put_context(self, tenant: str, request: str, key: str, value: Any) -> None:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        size = len(text.encode())
+        if size > self.limits.context_max_bytes:
+            raise MemoryFull(
+                f"the value is {size} bytes; a request context holds {self.limits.context_max_bytes}"
+            )
+        db = self._tx()
+        try:
+            db.execute(
+                "INSERT OR REPLACE INTO context VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant, request, key, text, size, self._clock()),
+            )
+            rows = db.execute(
+                "SELECT key, size FROM context WHERE tenant=? AND request=? ORDER BY at DESC, rowid DESC",
+                (tenant, request),
+            ).fetchall()
+            total = 0
+            for other, other_size in rows:
+                total += other_size
+                if total > self.limits.context_max_bytes:
+                    cursor = db.execute(
+                        "DELETE FROM context WHERE tenant=? AND request=? AND key=?", (tenant, request, other)
+                    )
+                    self._count_evicted("context", cursor)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def context(self, tenant: str, request: str) -> dict[str, Any]:
+        oldest = self._clock() - self.limits.context_ttl_s
+        rows = self._db.execute(
+            "SELECT key, value FROM context WHERE tenant=? AND request=? AND at>=? ORDER BY at, rowid",
+            (tenant, request, oldest),
+        ).fetchall()
+        return {key: json.loads(value) for key, value in rows}
+
+    # -- long-term facts -------------------------------------------------------------
+
+    def put_fact(self, tenant: str, namespace: str, key: str, text: str) -> None:
+        size = len(text.encode()) + len(key.encode())
+        if size > self.limits.fact_max_bytes:
+            raise MemoryFull(f"the fact is {size} bytes; at most {self.limits.fact_max_bytes} are kept")
+        db = self._tx()
+        try:
+            db.execute(
+                "INSERT OR REPLACE INTO facts VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant, namespace, key, text, size, self._clock()),
+            )
+            self._trim_facts(db, tenant)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _trim_facts(self, db: sqlite3.Connection, tenant: str) -> None:
+        rows = db.execute(
+            "SELECT rowid, size FROM facts WHERE tenant=? ORDER BY at DESC, rowid DESC", (tenant,)
+        ).fetchall()
+        kept, total, doomed = 0, 0, []
+        for rowid, size in rows:
+            if kept + 1 > self.limits.facts_per_tenant or total + size > self.limits.tenant_max_bytes:
+                doomed.append((rowid,))
+                continue
+            kept, total = kept + 1, total + size
+        if doomed:
+            cursor = db.executemany("DELETE FROM facts WHERE rowid=?", doomed)
+            self._count_evicted("facts", cursor)
+
+    def fact(self, tenant: str, namespace: str, key: str) -> str | None:
+        row = self._db.execute(
+            "SELECT text FROM facts WHERE tenant=? AND namespace=? AND key=?", (tenant, namespace, key)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def search_facts(self, tenant: str, namespace: str, query: str, limit: int) -> list[tuple[str, str]]:
+        """Facts holding the most of the query's words (case-insensitive), newest first on ties."""
+        words = {w.lower() for w in _WORDS.findall(query)}
+        if not words:
+            return []
+        rows = self._db.execute(
+            "SELECT key, text FROM facts WHERE tenant=? AND namespace=? ORDER BY at DESC, rowid DESC",
+            (tenant, namespace),
+        ).fetchall()
+        scored = []
+        for key, text in rows:
+            hits = len(words & {w.lower() for w in _WORDS.findall(f"{key} {text}")})
+            if hits:
+                scored.append((hits, key, text))
+        scored.sort(key=lambda item: -item[0])  # stable: newest first among equals
+        return [(key, text) for _, key, text in scored[:limit]]
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    def expire(self) -> None:
+        """Drop idle sessions and old request contexts."""
+        now = self._clock()
+        db = self._tx()
+        try:
+            stale = db.execute(
+                "SELECT tenant, agent, session FROM sessions WHERE used<?", (now - self.limits.session_ttl_s,)
+            ).fetchall()
+            for tenant, agent, session in stale:
+                self._drop_session(db, tenant, agent, session)
+            cursor = db.execute("DELETE FROM context WHERE at<?", (now - self.limits.context_ttl_s,))
+            self._count_evicted("context", cursor)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def stats(self) -> MemoryStats:
+        out = MemoryStats(evicted=dict(self._evicted))
+        for store, table in (("sessions", "turns"), ("context", "context"), ("facts", "facts")):
+            items, size = self._db.execute(f"SELECT count(*), coalesce(sum(size), 0) FROM {table}").fetchone()
+            out.items[store], out.bytes[store] = int(items), int(size)
+        return out
