@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python loadtests/bench_llm.py
 	$(BIN)/python loadtests/report.py
 	$(BIN)/python loadtests/bench_governance.py
+	$(BIN)/python loadtests/bench_memory.py
 
 schema: install
 	$(BIN)/fleet schema -o agents/agent.schema.json

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import ROOT, readme_block
+from tests.e2e.conftest import BASE_URL, ROOT, readme_block
 
 
 def test_make_up_shows_progress(fleet_up: str) -> None:
@@ -62,3 +62,27 @@ def test_readme_observability_commands(fleet_up: str) -> None:
             break
         time.sleep(2)
     assert 'agent="orchestrator"' in done.stdout and 'status="200"' in done.stdout
+
+
+def test_readme_memory_commands(fleet_up: str) -> None:
+    """Two turns of one session on the real engine: the second prompt holds the first turn."""
+    session = f"e2e-{time.time_ns()}"  # not the README's demo-1: earlier runs kept that one
+    commands = readme_block("bash", "## Memory").replace("\\\n", " ").replace("demo-1", session)
+    first, second = (
+        json.loads(subprocess.run(c, shell=True, capture_output=True, text=True, check=True).stdout)
+        for c in commands.strip().splitlines()
+    )
+    assert second["fleet"]["session_id"] == session
+    alone = commands.strip().splitlines()[1].replace(f"-H 'x-fleet-session-id: {session}' ", "")
+    without = json.loads(subprocess.run(alone, shell=True, capture_output=True, text=True, check=True).stdout)
+    assert without["fleet"]["session_id"] is None
+
+    def first_prompt(reply: dict[str, object]) -> int:
+        request_id = reply["fleet"]["request_id"]  # type: ignore[index]
+        url = f"{BASE_URL}/v1/requests/{request_id}/explain"
+        report = json.loads(subprocess.run(["curl", "-s", url], capture_output=True, text=True).stdout)
+        return int(report["model_calls"][0]["prompt_tokens"])
+
+    # The same question, with the session's first turn (question and answer) before it.
+    assert first["choices"][0]["message"]["content"]
+    assert first_prompt(second) >= first_prompt(without) + 8

@@ -44,3 +44,26 @@ def test_ladder_runs_every_rung_and_renders_its_report(fleet: Fleet, tmp_path: P
 
     apps = serve_details(fleet.dashboard)["applications"]
     assert not [name for name in apps if name.startswith("bench-")]  # the bench removed what it deployed
+
+
+def test_artifact_benchmark_runs_both_ways(fleet: Fleet, tmp_path: Path) -> None:
+    if fleet.ray_address is None:
+        pytest.skip("the reused cluster's GCS address is not known (FLEET_TEST_REUSE=PORT,DASHBOARD,GCS)")
+    out = tmp_path / "memory.json"
+    port = fleet.url.rsplit(":", 1)[1]
+    command = [
+        sys.executable, "loadtests/bench_memory.py", "--megabytes", "1", "-n", "1",
+        "--address", fleet.ray_address, "--port", port, "--output", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "FLEET_BENCH_WORK": str(tmp_path / "work")}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for level in ("transport", "fleet"):
+        for mode in ("reference", "body"):
+            assert results[level][mode]["p50_ms"] > 0
+        assert results[level]["body_over_reference"] > 0
+    from serve.cli import serve_details
+
+    apps = serve_details(fleet.dashboard)["applications"]
+    assert not [name for name in apps if name.startswith("bench-")]
