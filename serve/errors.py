@@ -27,6 +27,7 @@ __all__ = [
     "PolicyDenied",
     "RequestError",
     "Timeout",
+    "ToolDenied",
     "ToolError",
     "Unauthorized",
     "envelope",
@@ -169,6 +170,10 @@ class Timeout(RequestError):
 
 class ToolError(FleetError):
     """A tool failed or timed out; reported to the model as the tool's result."""
+
+
+class ToolDenied(ToolError):
+    """A policy decision inside a tool (a memory read or write) refused it."""
 
 
 def field_path(loc: tuple[int | str, ...], skip: frozenset[str] = frozenset()) -> str:

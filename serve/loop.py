@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from opentelemetry import trace as otel
 
 from serve import telemetry
-from serve.errors import InvalidRequest, MaxTurnsExceeded, RequestError, ToolError
+from serve.errors import InvalidRequest, MaxTurnsExceeded, RequestError, ToolDenied, ToolError
 from serve.manifest import AgentSpec, delegate_tool_name
 from serve.models.base import ModelChunk, ModelRequest
 from serve.policy.pii import StreamRedactor, scrub_name
@@ -455,6 +455,9 @@ class AgentLoop:
                     checked, grant.timeout_s if grant else BUILTIN_TIMEOUT_S
                 )
             return "ok", await self._delegate(name, arguments, ctx, stats, usage)
+        except ToolDenied as exc:  # a tool's own policy decision (memory) refused what it asked
+            stats.denials += 1
+            return "denied", f"error: {exc}"
         except ToolError as exc:
             stats.tool_failures += 1
             return "error", f"error: {exc}"

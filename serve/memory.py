@@ -183,7 +183,8 @@ class SqliteStore:
                 "SELECT used FROM sessions WHERE tenant=? AND agent=? AND session=?", key
             ).fetchone()
             if stale is not None and stale[0] < now - self.limits.session_ttl_s:
-                db.execute("DELETE FROM turns WHERE tenant=? AND agent=? AND session=?", key)
+                cursor = db.execute("DELETE FROM turns WHERE tenant=? AND agent=? AND session=?", key)
+                self._count_evicted("sessions", cursor)
             db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)", (*key, now))
             db.executemany(
                 "INSERT INTO turns (tenant, agent, session, message, size, at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -292,10 +293,10 @@ class SqliteStore:
             "SELECT rowid, size FROM facts WHERE tenant=? ORDER BY at DESC, rowid DESC", (tenant,)
         ).fetchall()
         kept, total, doomed = 0, 0, []
-        for rowid, size in rows:
+        for _, size in rows:
             if kept + 1 > self.limits.facts_per_tenant or total + size > self.limits.tenant_max_bytes:
-                doomed.append((rowid,))
-                continue
+                doomed = [(r,) for r, _ in rows[kept:]]  # this one and every older one: oldest first
+                break
             kept, total = kept + 1, total + size
         if doomed:
             cursor = db.executemany("DELETE FROM facts WHERE rowid=?", doomed)

@@ -29,9 +29,10 @@ from pydantic import Field
 from ray.serve.handle import DeploymentHandle
 from ray.util.metrics import Counter, Gauge
 
-from serve.errors import ToolError
+from serve.errors import ToolDenied, ToolError
 from serve.loop import Context, Refusal
 from serve.memory import MemoryFull, MemoryLimits, MemoryStats, SqliteStore
+from serve.metrics import EXPORTED
 from serve.tools import Tool, tool
 
 __all__ = ["MEMORY_TOOLS", "MemoryDenied", "MemoryService", "RequestMemory", "memory", "tenant_of"]
@@ -45,7 +46,7 @@ STATS_EVERY_S = 5.0
 _current: contextvars.ContextVar[RequestMemory] = contextvars.ContextVar("fleet_memory")
 
 
-class MemoryDenied(ToolError):
+class MemoryDenied(ToolDenied):
     """The policy refused a memory read or write."""
 
 
@@ -61,10 +62,10 @@ class _Artifacts:
 
 class _Instruments:
     def __init__(self) -> None:
-        self.items = Gauge("fleet_memory_items", "Items held by the memory service, by store.", ("store",))
-        self.bytes = Gauge("fleet_memory_bytes", "Bytes held by the memory service, by store.", ("store",))
+        self.items = Gauge("fleet_memory_items", EXPORTED["ray_fleet_memory_items"], ("store",))
+        self.bytes = Gauge("fleet_memory_bytes", EXPORTED["ray_fleet_memory_bytes"], ("store",))
         self.evictions = Counter(
-            "fleet_memory_evictions", "Items evicted at the limits or by age, by store.", ("store",)
+            "fleet_memory_evictions", EXPORTED["ray_fleet_memory_evictions_total"], ("store",)
         )
 
 
@@ -144,7 +145,8 @@ class MemoryService:
         return {"items": stats.items, "bytes": stats.bytes, "evicted": stats.evicted}
 
     def check_health(self) -> None:
-        self._store.stats()
+        """Serve's periodic probe: the store answers; sizes are exported and old items expire."""
+        self._report()
 
     def _report(self, force: bool = False) -> None:
         """Expire what is old and export the store's size; at most every few seconds."""

@@ -29,6 +29,9 @@ EXPORTED = {
     "ray_fleet_tool_calls_total": "Tool calls by agent, version, tool and status (ok/error/invalid/denied/escalated).",
     "ray_fleet_policy_decisions_total": "Policy decisions by agent, point, outcome and enforcement.",
     "ray_fleet_delegations_total": "Delegations by agent and target.",
+    "ray_fleet_memory_items": "Items the memory service holds, by store (sessions, context, facts, artifacts).",
+    "ray_fleet_memory_bytes": "Bytes the memory service holds, by store.",
+    "ray_fleet_memory_evictions_total": "Items evicted at the limits or by age, by store.",
 }
 
 

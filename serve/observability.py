@@ -130,6 +130,7 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
         [('sum by (agent, status) (rate(ray_fleet_tool_calls_total{agent=~"$agent"}[5m]))', "{{agent}} {{status}}")],
         "reqps",
     ),
+    ("Shared memory (bytes by store)", [("sum by (store) (ray_fleet_memory_bytes)", "{{store}}")], "bytes"),
     (
         "Policy decisions (not allow)",
         [('sum by (agent, point, outcome) (rate(ray_fleet_policy_decisions_total{agent=~"$agent",outcome!="allow"}[5m]))', "{{agent}} {{point}} {{outcome}}")],

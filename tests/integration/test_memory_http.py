@@ -173,3 +173,20 @@ def test_memory_survives_a_restart_of_its_service(fleet: Fleet, test_api: httpx.
         time.sleep(0.5)
     assert said == "recalled: durian"
     assert answer(ask(test_api, "after the restart", session)).endswith("earlier: before the restart")
+
+
+def test_memory_use_is_reported_as_metrics(fleet: Fleet, test_api: httpx.Client) -> None:
+    from tests.integration.test_observability_http import scrape, total
+
+    if fleet.metrics_url is None:
+        pytest.skip("needs the conftest's own cluster (Ray's metrics port)")
+    answer(ask(test_api, f"#remember k{uuid.uuid4().hex[:12]} rambutan"))
+    deadline = time.monotonic() + 60  # the service reports every few seconds; Ray exports every one
+    while True:
+        metrics = scrape(fleet)
+        facts = total(metrics, "ray_fleet_memory_items", store="facts")
+        if facts > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert facts > 0 and total(metrics, "ray_fleet_memory_bytes", store="facts") > 0
+    assert total(metrics, "ray_fleet_memory_items", store="sessions") > 0  # earlier tests' sessions
