@@ -27,11 +27,11 @@ from typing import Annotated, Any
 import ray
 from pydantic import Field
 from ray.serve.handle import DeploymentHandle
-from ray.util.metrics import Counter, Gauge
+from ray.util.metrics import Gauge
 
 from serve.errors import ToolDenied, ToolError
 from serve.loop import Context, Refusal
-from serve.memory import MemoryFull, MemoryLimits, MemoryStats, SqliteStore
+from serve.memory import MemoryFull, MemoryLimits, SqliteStore
 from serve.metrics import EXPORTED
 from serve.tools import Tool, tool
 
@@ -64,8 +64,10 @@ class _Instruments:
     def __init__(self) -> None:
         self.items = Gauge("fleet_memory_items", EXPORTED["ray_fleet_memory_items"], ("store",))
         self.bytes = Gauge("fleet_memory_bytes", EXPORTED["ray_fleet_memory_bytes"], ("store",))
-        self.evictions = Counter(
-            "fleet_memory_evictions", EXPORTED["ray_fleet_memory_evictions_total"], ("store",)
+        # A cumulative count, set as a gauge: Ray exports a counter only once it has moved,
+        # and "no eviction yet" is worth seeing as 0.
+        self.evictions = Gauge(
+            "fleet_memory_evictions_total", EXPORTED["ray_fleet_memory_evictions_total"], ("store",)
         )
 
 
@@ -77,7 +79,6 @@ class MemoryService:
         self._store = SqliteStore(Path(path), self._limits)
         self._artifacts: dict[tuple[str, str], _Artifacts] = {}
         self._metrics = _Instruments()
-        self._reported: MemoryStats | None = None
         self._next_report = 0.0
         self._store.expire()
         self._report()
@@ -161,14 +162,11 @@ class MemoryService:
         stats = self._store.stats()
         stats.items["artifacts"] = sum(len(held.refs) for held in self._artifacts.values())
         stats.bytes["artifacts"] = sum(held.size for held in self._artifacts.values())
-        before = self._reported.evicted if self._reported else {}
         for store, count in stats.items.items():
             self._metrics.items.set(count, {"store": store})
             self._metrics.bytes.set(stats.bytes[store], {"store": store})
         for store, count in stats.evicted.items():
-            if count > before.get(store, 0):
-                self._metrics.evictions.inc(count - before.get(store, 0), {"store": store})
-        self._reported = stats
+            self._metrics.evictions.set(count, {"store": store})
 
 
 def tenant_of(ctx: Context) -> str:

@@ -31,7 +31,7 @@ EXPORTED = {
     "ray_fleet_delegations_total": "Delegations by agent and target.",
     "ray_fleet_memory_items": "Items the memory service holds, by store (sessions, context, facts, artifacts).",
     "ray_fleet_memory_bytes": "Bytes the memory service holds, by store.",
-    "ray_fleet_memory_evictions_total": "Items evicted at the limits or by age, by store.",
+    "ray_fleet_memory_evictions_total": "Items evicted at the limits or by age since the service started, by store.",
 }
 
 

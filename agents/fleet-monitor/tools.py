@@ -7,6 +7,8 @@ import math
 from typing import Annotated, Any
 
 from pydantic import Field
+from ray import serve as rayserve
+from ray.serve.exceptions import RayServeException
 
 from serve.tools import tool
 
@@ -56,17 +58,27 @@ def _details() -> dict[str, Any]:
     return details
 
 
+def _own_application() -> str:
+    """The application this replica belongs to ('*' outside a replica)."""
+    try:
+        return rayserve.get_replica_context().app_name
+    except RayServeException:
+        return "*"
+
+
 @tool
 async def fleet_status(
     application: Annotated[
-        str | None, Field(description="Only this Serve application (default: all).")
+        str | None,
+        Field(description="Serve application to report on: a name, '*' for all (default: this fleet's own)."),
     ] = None,
 ) -> list[dict[str, object]]:
     """Live status of every Serve deployment: replicas, ongoing requests, autoscaling bounds, and a recommended action."""
     details = await asyncio.to_thread(_details)
+    wanted = application or _own_application()
     report: list[dict[str, object]] = []
     for app_name, app in sorted(details.get("applications", {}).items()):
-        if application and app_name != application:
+        if wanted not in ("*", app_name):
             continue
         for name, dep in sorted(app.get("deployments", {}).items()):
             running = [r for r in dep.get("replicas", []) if r.get("state") == "RUNNING"]

@@ -103,7 +103,9 @@ def test_fleet_monitor_reads_live_serve_status(client: openai.OpenAI) -> None:
     assert hr["max_replicas"] == 4 and hr["target_ongoing_requests"] == 4
     # The monitor's own request is in flight while it reads the status.
     assert rows[("fleet", "fleet-monitor")]["ongoing_requests"] >= 1
-    assert ("fleet", "ingress") in rows and ("fleet-test", "tester") in rows
+    # Its own fleet, every deployment of it (other applications only when asked by name or '*').
+    assert {app for app, _ in rows} == {"fleet"}
+    assert {"ingress", "audit", "memory", "model-default"} <= {name for _, name in rows}
 
 
 def test_agent_cards(api: httpx.Client) -> None:
@@ -128,7 +130,7 @@ def test_agent_cards(api: httpx.Client) -> None:
 def test_each_agent_deployment_carries_its_manifest_autoscaling(fleet: Fleet) -> None:
     details = serve_details(fleet.dashboard)
     deployments = details["applications"]["fleet"]["deployments"]
-    assert sorted(deployments) == sorted([*AGENTS, "ingress", "model-default", "audit"])
+    assert sorted(deployments) == sorted([*AGENTS, "ingress", "model-default", "audit", "memory"])
     for name in AGENTS:
         manifest = yaml.safe_load((ROOT / "agents" / name / "agent.yaml").read_text())["autoscaling"]
         config = deployments[name]["deployment_config"]

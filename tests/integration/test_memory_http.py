@@ -181,12 +181,18 @@ def test_memory_use_is_reported_as_metrics(fleet: Fleet, test_api: httpx.Client)
     if fleet.metrics_url is None:
         pytest.skip("needs the conftest's own cluster (Ray's metrics port)")
     answer(ask(test_api, f"#remember k{uuid.uuid4().hex[:12]} rambutan"))
+    session = "s-" + uuid.uuid4().hex
+    for turn in ("one", "two", "three"):  # the test app keeps 4 messages: turn three evicts turn one
+        reply = answer(ask(test_api, turn, session))
+    assert reply.endswith("earlier: two")
     deadline = time.monotonic() + 60  # the service reports every few seconds; Ray exports every one
     while True:
         metrics = scrape(fleet)
         facts = total(metrics, "ray_fleet_memory_items", store="facts")
-        if facts > 0 or time.monotonic() > deadline:
+        evicted = total(metrics, "ray_fleet_memory_evictions_total", store="sessions")
+        if (facts > 0 and evicted > 0) or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert facts > 0 and total(metrics, "ray_fleet_memory_bytes", store="facts") > 0
-    assert total(metrics, "ray_fleet_memory_items", store="sessions") > 0  # earlier tests' sessions
+    assert evicted >= 2  # the first turn's question and answer
+    assert total(metrics, "ray_fleet_memory_items", store="sessions") > 0
