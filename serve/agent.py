@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -115,8 +116,13 @@ class AgentDeployment:
         self._sessions = spec.manifest.memory.session
         self._loop = AgentLoop(spec, tools, model_caller(model), targets, self._guard, builtin)
 
+    def _enter(self, ctx: Context) -> Context:
+        """This agent's context; records handed over with it are now this replica's to ship."""
+        self._audit.adopt(ctx.audit)
+        return self._guard.enter(replace(ctx, audit=()))
+
     async def chat(self, request: ChatRequest, ctx: Context) -> AgentOutcome:
-        ctx = self._guard.enter(ctx)
+        ctx = self._enter(ctx)
         token = bind(RequestMemory(self._memory, ctx, self._guard.memory, self._memory_timeout))
         outcome: AgentOutcome
         try:
@@ -135,7 +141,7 @@ class AgentDeployment:
         return outcome
 
     async def stream(self, request: ChatRequest, ctx: Context) -> AsyncIterator[StreamItem]:
-        ctx = self._guard.enter(ctx)
+        ctx = self._enter(ctx)
         bind(
             RequestMemory(self._memory, ctx, self._guard.memory, self._memory_timeout)
         )  # this request's own task context

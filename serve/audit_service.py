@@ -14,24 +14,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import ray
 from ray.serve.handle import DeploymentHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from serve.audit import AuditLog, audit_key, canonical, digest
 from serve.errors import Overloaded
 from serve.settings import settings
 
-__all__ = ["AuditClient", "AuditService", "explanation"]
+__all__ = ["AuditClient", "AuditService", "AuditWriter", "explanation"]
 
 log = logging.getLogger("fleet.audit")
 
 KEEP_REQUESTS = 10_000
+KEEP_DECISION_IDS = 100_000
+
+# Records a request makes while this is set go to the list instead of the queue: the
+# ingress hands its admission record to the agent, which ships it with its own.
+_carry: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
+    "fleet_audit_carry", default=None
+)
 
 
 class AuditUnavailable(Overloaded):
@@ -43,8 +54,11 @@ def explanation(
 ) -> dict[str, Any]:
     """The explanation report of one request, from its audit records and steps."""
     steps = sorted(events, key=lambda e: e["time"])
+    # In the order they were decided: a replica ships a request's records when it ends,
+    # so an agent's admission record lands in the log after its delegate's decisions.
+    decisions = sorted(decisions, key=lambda d: (d["time"], d["seq"]))
     agents: list[str] = []
-    for item in [*sorted(decisions, key=lambda d: d["seq"]), *steps]:
+    for item in [*decisions, *steps]:
         if item.get("agent") and item["agent"] not in agents:
             agents.append(item["agent"])
     model_calls = [_without(e, "kind", "request_id", "tenant") for e in steps if e["kind"] == "model_call"]
@@ -68,10 +82,7 @@ def explanation(
         "delegations": [
             _without(e, "kind", "request_id", "tenant") for e in steps if e["kind"] == "delegation"
         ],
-        "decisions": [
-            _without(d, "request_id", "tenant", "prev", "hash")
-            for d in sorted(decisions, key=lambda d: d["seq"])
-        ],
+        "decisions": [_without(d, "request_id", "tenant", "prev", "hash") for d in decisions],
         "outcome": outcome,
     }
 
@@ -81,6 +92,42 @@ def _without(item: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 
 class AuditService:
+    """The ``audit`` deployment: starts the writer on its own node and fronts it.
+
+    Replicas ship records to the writer directly, as a plain Ray actor: a Serve handle
+    call costs a few milliseconds more per request than an actor call, and every
+    request waits for one. The writer is owned by this replica: if the replica goes, so
+    does the writer, and the next replica starts a new one (clients ask again)."""
+
+    def __init__(self, path: str) -> None:
+        node = ray.get_runtime_context().get_node_id()
+        writer = ray.remote(AuditWriter).options(
+            num_cpus=0,
+            max_concurrency=1000,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        )
+        self._writer: Any = cast(Any, writer).remote(path)  # an ActorHandle[AuditWriter]
+        ray.get(self._writer.check_health.remote())  # the log opens (or fails) before traffic
+
+    async def writer(self) -> Any:
+        """The writer actor's handle."""
+        return self._writer
+
+    async def append(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
+        count: int = await self._writer.append.remote(records, events)
+        return count
+
+    async def explain(self, request_id: str, tenant: str | None) -> dict[str, Any] | None:
+        report: dict[str, Any] | None = await self._writer.explain.remote(request_id, tenant)
+        return report
+
+    async def check_health(self) -> None:
+        await self._writer.check_health.remote()
+
+
+class AuditWriter:
+    """The one writer of an application's audit log (a Ray actor), and its explain index."""
+
     def __init__(self, path: str) -> None:
         self._path = Path(path)
         self._key = audit_key(self._path, settings().audit_key)
@@ -90,6 +137,9 @@ class AuditService:
         self._recent: OrderedDict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = OrderedDict()
         self._pending: list[tuple[list[dict[str, Any]], list[dict[str, Any]], asyncio.Future[int]]] = []
         self._writer: asyncio.Task[None] | None = None
+        # A record may arrive twice (an ingress re-sends what it handed an agent that
+        # did not answer): each decision is written once.
+        self._written: OrderedDict[str, None] = OrderedDict()
         self._load_recent()
 
     async def append(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
@@ -131,6 +181,7 @@ class AuditService:
                     done.set_result(count)
 
     def _write(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
+        records = self._first_time(records)
         for record in records:
             record["input_digest"] = digest(self._key, record.pop("input_sha256", ""))
         chained = self._log.append(records) if records else []
@@ -138,6 +189,22 @@ class AuditService:
             os.write(self._events_fd, b"".join(canonical(e) + b"\n" for e in events))
         self._index(chained, events)
         return len(chained)
+
+    def _first_time(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        fresh = []
+        for record in records:
+            key = record.get("decision_id")
+            if key is None or key not in self._written:
+                fresh.append(record)
+                self._remember(key)
+        return fresh
+
+    def _remember(self, decision_id: str | None) -> None:
+        if decision_id is None:
+            return
+        self._written[decision_id] = None
+        if len(self._written) > KEEP_DECISION_IDS:
+            self._written.popitem(last=False)
 
     def _index(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
         for kind, items in ((0, records), (1, events)):
@@ -153,6 +220,8 @@ class AuditService:
             with path.open("rb") as f:
                 items = [json.loads(line) for line in f if line.endswith(b"\n")]
             self._index(items, []) if kind == 0 else self._index([], items)
+            for item in items[-KEEP_DECISION_IDS:] if kind == 0 else []:
+                self._remember(item.get("decision_id"))
 
 
 class AuditClient:
@@ -166,6 +235,7 @@ class AuditClient:
 
     def __init__(self, handle: DeploymentHandle[Any], commit_timeout_s: float, linger_s: float = 0.1) -> None:
         self._handle = handle
+        self._writer: Any = None  # the writer actor, asked of the service on first use
         self._timeout = commit_timeout_s
         self._linger = linger_s
         self._records: list[dict[str, Any]] = []
@@ -177,6 +247,10 @@ class AuditClient:
         self._waiters: list[tuple[int, asyncio.Future[None], asyncio.AbstractEventLoop]] = []
 
     def append(self, record: dict[str, Any]) -> None:
+        carried = _carry.get()
+        if carried is not None:
+            carried.append(record)
+            return
         self._records.append(record)
         self._queued += 1
         self._arm()
@@ -185,6 +259,21 @@ class AuditClient:
         self._events.append(event)
         self._queued += 1
         self._arm()
+
+    @contextlib.contextmanager
+    def carrying(self) -> Iterator[list[dict[str, Any]]]:
+        """Collect the records made inside (this task only) instead of queueing them."""
+        records: list[dict[str, Any]] = []
+        token = _carry.set(records)
+        try:
+            yield records
+        finally:
+            _carry.reset(token)
+
+    def adopt(self, records: Iterable[dict[str, Any]]) -> None:
+        """Queue records another replica made (and handed over) as if made here."""
+        for record in records:
+            self.append(record)
 
     @property
     def pending(self) -> bool:
@@ -226,9 +315,12 @@ class AuditClient:
             records, events = self._records, self._events
             self._records, self._events = [], []
             try:
-                await asyncio.wait_for(self._handle.append.remote(records, events), self._timeout)
+                if self._writer is None:
+                    self._writer = await asyncio.wait_for(self._handle.writer.remote(), self._timeout)
+                await asyncio.wait_for(self._writer.append.remote(records, events), self._timeout)
             except BaseException as exc:  # the service restarts, or this task is cancelled: keep them
                 self._records, self._events = records + self._records, events + self._events
+                self._writer = None  # a restarted service has a new writer
                 if not isinstance(exc, Exception):
                     raise
                 log.warning("audit service unavailable (%s); retrying", type(exc).__name__)

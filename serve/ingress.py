@@ -74,6 +74,9 @@ class Exchange:
     agent: str | None = None
     first_token: bool = False
     done: bool = False
+    # The ingress's audit records, handed to the agent with the call; kept until the
+    # agent is known to have them (then it ships them with its own).
+    carried: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def trace_id(self) -> str | None:
@@ -283,23 +286,27 @@ class Ingress:
             raise NotFound(f"no explanation for request {request_id!r}", param="request_id")
         return HTMLResponse(render_html(report)) if wants_html(request) else JSONResponse(report)
 
-    def _admit(self, ctx: Context, card: dict[str, Any]) -> None:
-        """The ingress decision: may this principal call this agent?"""
+    def _admit(self, ctx: Context, card: dict[str, Any]) -> list[dict[str, Any]]:
+        """The ingress decision: may this principal call this agent? Returns its records."""
         principal = ctx.principal or Principal(tenant="anonymous", authenticated=False)
         facts = card_facts(card, principal.scopes)
-        decision = self._gov.decide("ingress", ctx, facts, {"agent": card["name"]}, f"call:{card['name']}")
-        if not decision.allowed:
-            reasons = "; ".join(decision.reasons)
-            raise PolicyDenied(
-                f"not allowed to call {card['name']!r}: {reasons}", decision_id=decision.id, param="model"
+        with self._audit.carrying() as records:
+            decision = self._gov.decide(
+                "ingress", ctx, facts, {"agent": card["name"]}, f"call:{card['name']}"
             )
+        if decision.allowed:
+            return records
+        self._audit.adopt(records)  # a refusal's record is this replica's to commit
+        reasons = "; ".join(decision.reasons)
+        raise PolicyDenied(
+            f"not allowed to call {card['name']!r}: {reasons}", decision_id=decision.id, param="model"
+        )
 
     def _finish(self, ex: Exchange, status: int, **fields: Any) -> None:
         """The one place a chat completion ends: outcome step, metrics, span."""
         ex.done = True
-        if ex.ctx is not None:
+        if ex.ctx is not None:  # a step, not a decision: it ships with the next batch
             self._gov.event(ex.ctx, "outcome", agent=None, status=status, **fields)
-            self._audit.ship()
         self._metrics.request(ex.agent, status, time.monotonic() - ex.started)
         ex.span.set_attribute("http.response.status_code", status)
         if status >= 500:
@@ -331,15 +338,18 @@ class Ingress:
             card = self._card(chat.model)
             ex.agent = chat.model
             ex.span.set_attribute("gen_ai.agent.name", chat.model)
-            self._admit(ctx, card)
-            self._audit.ship()  # durable while the agent works: the commit below is then instant
+            ex.carried = self._admit(ctx, card)
+            # The agent ships the admission record with its own and commits them before it
+            # answers: the request's one audit round trip.
+            ex.ctx = ctx = replace(ctx, audit=tuple(ex.carried))
             handle = self._agents[chat.model]
             if chat.stream:
                 return await self._stream(chat, card, handle, ex)
-            result = await self._call(handle, chat, ctx)
-            await self._audit.commit()
+            result = await self._call(handle, chat, ex)
             self._finish(ex, 200, finish_reason=result.finish_reason)
         except RequestError as exc:
+            # The agent may not have them: commit them here (the service writes each once).
+            self._audit.adopt(ex.carried)
             if ex.ctx is not None and not isinstance(exc, AuditUnavailable):
                 try:  # a refusal is a decision too: it leaves once its record is durable
                     await self._audit.commit()
@@ -348,6 +358,7 @@ class Ingress:
             self._finish(ex, exc.status, code=exc.code)
             return error_response(exc, self._options.retry_after_s, ex.headers())
         except BaseException:
+            self._audit.adopt(ex.carried)  # shipped by the linger timer, even if this task is cancelled
             if not ex.done:
                 self._finish(ex, 500, code="internal_error")
             raise
@@ -362,8 +373,8 @@ class Ingress:
         )
         return JSONResponse(body, headers=ex.headers())
 
-    async def _call(self, handle: DeploymentHandle[Any], chat: ChatRequest, ctx: Context) -> AgentResult:
-        response = handle.chat.remote(chat, ctx)
+    async def _call(self, handle: DeploymentHandle[Any], chat: ChatRequest, ex: Exchange) -> AgentResult:
+        response = handle.chat.remote(chat, ex.ctx)
         try:
             outcome = await asyncio.wait_for(response, self._options.request_timeout_s)
         except TimeoutError:
@@ -371,6 +382,7 @@ class Ingress:
             raise Timeout(f"the agent did not answer within {self._options.request_timeout_s:g}s") from None
         except Exception as exc:
             raise handle_error(exc, chat.model) from None
+        ex.carried = []  # the agent answered: it has committed them
         if isinstance(outcome, RequestError):
             raise outcome
         result: AgentResult = outcome
@@ -387,11 +399,7 @@ class Ingress:
         first = await self._next(events, deadline, chat.model)
         if isinstance(first, RequestError):
             raise first
-        try:
-            await self._audit.commit()
-        except AuditUnavailable:
-            events.cancel()  # type: ignore[no-untyped-call]  # nobody will read the rest
-            raise
+        ex.carried = []  # the agent commits what it was handed before its first event
         return StreamingResponse(
             self._sse(chat, card, ex, first, events, deadline),
             media_type="text/event-stream",

@@ -66,6 +66,9 @@ class Context:
     trace: Mapping[str, str] = field(default_factory=dict)
     # The conversation the client continues (sessions are kept by the top-level agent).
     session: str | None = None
+    # Audit records the caller made and hands over, to ship with this agent's own (the
+    # ingress's admission: one audit round trip per request instead of two).
+    audit: tuple[dict[str, Any], ...] = ()
 
     @staticmethod
     def new(

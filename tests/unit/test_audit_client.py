@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,13 +13,22 @@ from serve.audit_service import AuditClient, AuditUnavailable
 from tests.unit.conftest import run
 
 
+class _Lookup:
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+
+    async def remote(self) -> Any:
+        return self._writer
+
+
 class FlakyService:
     """Stands in for the audit deployment's handle: fails the first ``failures`` calls."""
 
     def __init__(self, failures: int = 0, delay: float = 0.0) -> None:
         self.failures, self.delay = failures, delay
         self.stored: list[dict[str, Any]] = []
-        self.append = self  # handle.append.remote(...)
+        self.append = self  # writer.append.remote(...)
+        self.writer = _Lookup(self)  # handle.writer.remote(): the writer actor is the service here
 
     async def remote(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
         await asyncio.sleep(self.delay)
@@ -84,3 +95,46 @@ def test_stragglers_ship_on_their_own_within_the_linger_time() -> None:
         assert service.stored == [{"kind": "outcome"}]
 
     run(scenario())
+
+
+def test_records_made_while_carrying_are_handed_over_not_queued() -> None:
+    service = FlakyService()
+
+    async def scenario() -> None:
+        ingress = AuditClient(service, commit_timeout_s=5)  # type: ignore[arg-type]
+        agent = AuditClient(service, commit_timeout_s=5)  # type: ignore[arg-type]
+        with ingress.carrying() as carried:
+            ingress.append({"n": "admission"})
+        ingress.event({"kind": "outcome"})  # steps are not carried
+        assert carried == [{"n": "admission"}] and not ingress._records
+        agent.adopt(carried)  # the agent ships them first, with its own
+        agent.append({"n": "model_input"})
+        await agent.commit()
+        assert [x["n"] for x in service.stored] == ["admission", "model_input"]
+        await ingress.commit()
+        assert service.stored[-1] == {"kind": "outcome"}
+
+    run(scenario())
+
+
+def test_the_service_writes_each_decision_once_even_after_a_restart(tmp_path: Path) -> None:
+    from serve.audit import audit_key, verify
+    from serve.audit_service import AuditWriter
+
+    log = tmp_path / "audit.jsonl"
+
+    def record(decision_id: str) -> dict[str, Any]:
+        return {"request_id": "req_1", "decision_id": decision_id, "input_sha256": "00"}
+
+    async def scenario() -> None:
+        service = AuditWriter(str(log))
+        # An ingress re-sends what it handed an agent that did not answer; the agent had it.
+        await service.append([record("dec_a"), record("dec_b")], [])
+        await service.append([record("dec_a")], [])
+        restarted = AuditWriter(str(log))
+        await restarted.append([record("dec_b"), record("dec_c")], [])
+
+    run(scenario())
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["decision_id"] for r in lines] == ["dec_a", "dec_b", "dec_c"]
+    assert verify(log, audit_key(log, None)).ok
