@@ -71,7 +71,7 @@ def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
 
 
 def delegate_target(
-    handle: DeploymentHandle[Any], description: str, scopes: list[str], data: list[str]
+    handle: DeploymentHandle[Any], description: str, scopes: list[str], data: list[str], audit: AuditClient
 ) -> DelegateTarget:
     async def call(request: ChatRequest, ctx: Context) -> AgentResult:
         try:
@@ -81,6 +81,8 @@ def delegate_target(
             raise AgentError(f"agent {request.model!r} is unavailable: {type(exc).__name__}") from None
         if isinstance(outcome, RequestError):
             raise outcome
+        audit.adopt(outcome.audit)  # the delegate's records, shipped with this request's
+        outcome.audit = None
         return outcome
 
     return DelegateTarget(description=description, call=call, scopes=tuple(scopes), data=tuple(data))
@@ -101,10 +103,10 @@ class AgentDeployment:
     ) -> None:
         spec = load_agent(Path(agents_dir) / name)
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
-        targets = {n: delegate_target(*target) for n, target in delegates.items()}
         config = GovernanceConfig.model_validate(governance)
         engine, shadow = build_engines(config, Path(root), spec.manifest.policies.files)
         self._audit = AuditClient(audit, config.audit.commit_timeout_s)
+        targets = {n: delegate_target(*target, self._audit) for n, target in delegates.items()}
         telemetry.setup_tracing()
         builtin = MEMORY_TOOLS if spec.manifest.memory.tools else {}
         tool_names = [*tools, *builtin, *(delegate_tool_name(d) for d in delegates)]
@@ -119,26 +121,37 @@ class AgentDeployment:
     def _enter(self, ctx: Context) -> Context:
         """This agent's context; records handed over with it are now this replica's to ship."""
         self._audit.adopt(ctx.audit)
-        return self._guard.enter(replace(ctx, audit=()))
+        return self._guard.enter(replace(ctx, audit=None))
 
     async def chat(self, request: ChatRequest, ctx: Context) -> AgentOutcome:
-        ctx = self._enter(ctx)
-        token = bind(RequestMemory(self._memory, ctx, self._guard.memory, self._memory_timeout))
-        outcome: AgentOutcome
-        try:
-            outcome = await self._loop.run(request, ctx, await self._history(ctx))
-            await self._remember(ctx, outcome)
-        except RequestError as exc:
-            outcome = exc
-        except Exception as exc:
-            outcome = self._internal(exc, ctx)
-        finally:
-            unbind(token)
+        # Everything this request records here (and its delegates hand back) is carried:
+        # a delegate returns it to its caller; the agent the client called commits the
+        # whole request tree's records at once, before it answers.
+        with self._audit.carrying() as carried:
+            ctx = self._enter(ctx)
+            outcome = await self._run(request, ctx)
+        if len(ctx.chain) > 1 and isinstance(outcome, AgentResult):
+            outcome.audit = carried  # durable with its caller's, before the client hears anything
+            return outcome
+        self._audit.adopt(carried)
         try:
             await self._audit.commit()  # no answer leaves before its audit records are durable
         except RequestError as exc:
             return exc
         return outcome
+
+    async def _run(self, request: ChatRequest, ctx: Context) -> AgentOutcome:
+        token = bind(RequestMemory(self._memory, ctx, self._guard.memory, self._memory_timeout))
+        try:
+            result = await self._loop.run(request, ctx, await self._history(ctx))
+            await self._remember(ctx, result)
+            return result
+        except RequestError as exc:
+            return exc
+        except Exception as exc:
+            return self._internal(exc, ctx)
+        finally:
+            unbind(token)
 
     async def stream(self, request: ChatRequest, ctx: Context) -> AsyncIterator[StreamItem]:
         ctx = self._enter(ctx)

@@ -21,16 +21,27 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from serve.errors import ConfigError
 
-__all__ = ["GENESIS", "AuditLog", "Verification", "audit_key", "canonical", "digest", "verify"]
+__all__ = ["GENESIS", "AuditLog", "Carried", "Verification", "audit_key", "canonical", "digest", "verify"]
 
 GENESIS = "0" * 64
 CHAIN_FIELDS = ("seq", "prev", "hash")
+
+
+@dataclass
+class Carried:
+    """Audit records and steps handed from one replica to another, to ship with its own."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.records or self.events)
 
 
 def canonical(value: Any) -> bytes:

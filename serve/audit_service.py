@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,7 +27,7 @@ import ray
 from ray.serve.handle import DeploymentHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from serve.audit import AuditLog, audit_key, canonical, digest
+from serve.audit import AuditLog, Carried, audit_key, canonical, digest
 from serve.errors import Overloaded
 from serve.settings import settings
 
@@ -38,11 +38,10 @@ log = logging.getLogger("fleet.audit")
 KEEP_REQUESTS = 10_000
 KEEP_DECISION_IDS = 100_000
 
-# Records a request makes while this is set go to the list instead of the queue: the
-# ingress hands its admission record to the agent, which ships it with its own.
-_carry: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
-    "fleet_audit_carry", default=None
-)
+# What a request makes while this is set is carried instead of queued: the ingress hands
+# its admission record to the agent, a delegate hands its records and steps back to its
+# caller, and the agent the client called ships the whole request's in one batch.
+_carry: contextvars.ContextVar[Carried | None] = contextvars.ContextVar("fleet_audit_carry", default=None)
 
 
 class AuditUnavailable(Overloaded):
@@ -249,31 +248,38 @@ class AuditClient:
     def append(self, record: dict[str, Any]) -> None:
         carried = _carry.get()
         if carried is not None:
-            carried.append(record)
+            carried.records.append(record)
             return
         self._records.append(record)
         self._queued += 1
         self._arm()
 
     def event(self, event: dict[str, Any]) -> None:
+        carried = _carry.get()
+        if carried is not None:
+            carried.events.append(event)
+            return
         self._events.append(event)
         self._queued += 1
         self._arm()
 
     @contextlib.contextmanager
-    def carrying(self) -> Iterator[list[dict[str, Any]]]:
-        """Collect the records made inside (this task only) instead of queueing them."""
-        records: list[dict[str, Any]] = []
-        token = _carry.set(records)
+    def carrying(self) -> Iterator[Carried]:
+        """Collect what is recorded inside (this task, and tasks it starts) instead of queueing it."""
+        carried = Carried()
+        token = _carry.set(carried)
         try:
-            yield records
+            yield carried
         finally:
             _carry.reset(token)
 
-    def adopt(self, records: Iterable[dict[str, Any]]) -> None:
-        """Queue records another replica made (and handed over) as if made here."""
-        for record in records:
-            self.append(record)
+    def adopt(self, carried: Carried | None) -> None:
+        """Take over what another replica (or a finished carry) recorded, as if recorded here."""
+        if carried:
+            for record in carried.records:
+                self.append(record)
+            for event in carried.events:
+                self.event(event)
 
     @property
     def pending(self) -> bool:

@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from serve import telemetry
+from serve.audit import Carried
 from serve.audit_service import AuditClient, AuditUnavailable
 from serve.errors import (
     AgentError,
@@ -76,7 +77,7 @@ class Exchange:
     done: bool = False
     # The ingress's audit records, handed to the agent with the call; kept until the
     # agent is known to have them (then it ships them with its own).
-    carried: list[dict[str, Any]] = field(default_factory=list)
+    carried: Carried = field(default_factory=Carried)
 
     @property
     def trace_id(self) -> str | None:
@@ -286,17 +287,17 @@ class Ingress:
             raise NotFound(f"no explanation for request {request_id!r}", param="request_id")
         return HTMLResponse(render_html(report)) if wants_html(request) else JSONResponse(report)
 
-    def _admit(self, ctx: Context, card: dict[str, Any]) -> list[dict[str, Any]]:
+    def _admit(self, ctx: Context, card: dict[str, Any]) -> Carried:
         """The ingress decision: may this principal call this agent? Returns its records."""
         principal = ctx.principal or Principal(tenant="anonymous", authenticated=False)
         facts = card_facts(card, principal.scopes)
-        with self._audit.carrying() as records:
+        with self._audit.carrying() as carried:
             decision = self._gov.decide(
                 "ingress", ctx, facts, {"agent": card["name"]}, f"call:{card['name']}"
             )
         if decision.allowed:
-            return records
-        self._audit.adopt(records)  # a refusal's record is this replica's to commit
+            return carried
+        self._audit.adopt(carried)  # a refusal's record is this replica's to commit
         reasons = "; ".join(decision.reasons)
         raise PolicyDenied(
             f"not allowed to call {card['name']!r}: {reasons}", decision_id=decision.id, param="model"
@@ -341,7 +342,7 @@ class Ingress:
             ex.carried = self._admit(ctx, card)
             # The agent ships the admission record with its own and commits them before it
             # answers: the request's one audit round trip.
-            ex.ctx = ctx = replace(ctx, audit=tuple(ex.carried))
+            ex.ctx = ctx = replace(ctx, audit=ex.carried)
             handle = self._agents[chat.model]
             if chat.stream:
                 return await self._stream(chat, card, handle, ex)
@@ -382,7 +383,7 @@ class Ingress:
             raise Timeout(f"the agent did not answer within {self._options.request_timeout_s:g}s") from None
         except Exception as exc:
             raise handle_error(exc, chat.model) from None
-        ex.carried = []  # the agent answered: it has committed them
+        ex.carried = Carried()  # the agent answered: it has committed them
         if isinstance(outcome, RequestError):
             raise outcome
         result: AgentResult = outcome
@@ -399,7 +400,7 @@ class Ingress:
         first = await self._next(events, deadline, chat.model)
         if isinstance(first, RequestError):
             raise first
-        ex.carried = []  # the agent commits what it was handed before its first event
+        ex.carried = Carried()  # the agent commits what it was handed before its first event
         return StreamingResponse(
             self._sse(chat, card, ex, first, events, deadline),
             media_type="text/event-stream",

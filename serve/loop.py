@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from opentelemetry import trace as otel
 
 from serve import telemetry
+from serve.audit import Carried
 from serve.errors import InvalidRequest, MaxTurnsExceeded, RequestError, ToolDenied, ToolError
 from serve.manifest import AgentSpec, delegate_tool_name
 from serve.models.base import ModelChunk, ModelRequest
@@ -68,7 +69,7 @@ class Context:
     session: str | None = None
     # Audit records the caller made and hands over, to ship with this agent's own (the
     # ingress's admission: one audit round trip per request instead of two).
-    audit: tuple[dict[str, Any], ...] = ()
+    audit: Carried | None = None
 
     @staticmethod
     def new(
@@ -114,6 +115,8 @@ class AgentResult:
     # This exchange as a session keeps it: the request's messages (as the model saw
     # them, after redaction) and the answer.
     transcript: list[dict[str, Any]] = field(default_factory=list)
+    # A delegate's audit records and steps, for its caller to ship with its own.
+    audit: Carried | None = None
 
 
 @dataclass(frozen=True)

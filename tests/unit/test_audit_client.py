@@ -105,12 +105,19 @@ def test_records_made_while_carrying_are_handed_over_not_queued() -> None:
         agent = AuditClient(service, commit_timeout_s=5)  # type: ignore[arg-type]
         with ingress.carrying() as carried:
             ingress.append({"n": "admission"})
-        ingress.event({"kind": "outcome"})  # steps are not carried
-        assert carried == [{"n": "admission"}] and not ingress._records
+        ingress.event({"kind": "outcome"})  # after the carry: queued as usual
+        assert carried.records == [{"n": "admission"}] and not ingress._records
         agent.adopt(carried)  # the agent ships them first, with its own
+        with agent.carrying() as delegate:  # a delegate hands its records and steps back
+            agent.append({"n": "delegate decision"})
+            agent.event({"kind": "model_call"})
+        assert agent._records == [{"n": "admission"}] and not agent._events  # nothing of the carry queued
         agent.append({"n": "model_input"})
+        agent.adopt(delegate)
         await agent.commit()
-        assert [x["n"] for x in service.stored] == ["admission", "model_input"]
+        assert [x.get("n", x.get("kind")) for x in service.stored] == [
+            "admission", "model_input", "delegate decision", "model_call",
+        ]  # fmt: skip
         await ingress.commit()
         assert service.stored[-1] == {"kind": "outcome"}
 
