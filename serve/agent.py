@@ -127,9 +127,13 @@ class AgentDeployment:
         # Everything this request records here (and its delegates hand back) is carried:
         # a delegate returns it to its caller; the agent the client called commits the
         # whole request tree's records at once, before it answers.
-        with self._audit.carrying() as carried:
-            ctx = self._enter(ctx)
-            outcome = await self._run(request, ctx)
+        try:
+            with self._audit.carrying() as carried:
+                ctx = self._enter(ctx)
+                outcome = await self._run(request, ctx)
+        except BaseException:  # cancelled (a timeout, a client gone): what was decided still ships
+            self._audit.adopt(carried)
+            raise
         if len(ctx.chain) > 1 and isinstance(outcome, AgentResult):
             outcome.audit = carried  # durable with its caller's, before the client hears anything
             return outcome

@@ -184,18 +184,20 @@ class AuditWriter:
         for record in records:
             record["input_digest"] = digest(self._key, record.pop("input_sha256", ""))
         chained = self._log.append(records) if records else []
+        for record in records:  # only once on disk: a failed write is retried, not skipped
+            self._remember(record.get("decision_id"))
         if events:
             os.write(self._events_fd, b"".join(canonical(e) + b"\n" for e in events))
         self._index(chained, events)
         return len(chained)
 
     def _first_time(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        fresh = []
+        fresh, seen = [], set()
         for record in records:
             key = record.get("decision_id")
-            if key is None or key not in self._written:
+            if key is None or (key not in self._written and key not in seen):
                 fresh.append(record)
-                self._remember(key)
+                seen.add(key)
         return fresh
 
     def _remember(self, decision_id: str | None) -> None:

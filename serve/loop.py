@@ -67,6 +67,9 @@ class Context:
     trace: Mapping[str, str] = field(default_factory=dict)
     # The conversation the client continues (sessions are kept by the top-level agent).
     session: str | None = None
+    # The request tree's own id, made here: the key of its shared memory. Not the request
+    # id, which a client may choose (and so reuse to read another request's context).
+    tree: str = field(default_factory=lambda: "tree_" + uuid.uuid4().hex, compare=False)
     # Audit records the caller made and hands over, to ship with this agent's own (the
     # ingress's admission: one audit round trip per request instead of two).
     audit: Carried | None = None

@@ -4,7 +4,7 @@ Three stores, every key starting with the tenant (one tenant never reaches anoth
 
 - **sessions**: the turns of a conversation, per (tenant, agent, session id);
 - **request contexts**: small values the agents of one request tree share, per
-  (tenant, request id); large artifacts travel as Ray object references beside them
+  (tenant, request tree id); large artifacts travel as Ray object references beside them
   (:mod:`serve.memory_service`), never through this store;
 - **facts**: long-term memory per (tenant, namespace, key), found by key or by words.
 
@@ -51,6 +51,14 @@ class MemoryLimits(BaseModel):
     )
     artifact_max_bytes: int = Field(
         default=1 << 30, gt=0, description="Bytes of artifacts per request tree (in Ray's object store)."
+    )
+    artifact_ttl_s: float = Field(
+        default=600, gt=0, description="A request tree's artifacts are released this long after the first."
+    )
+    artifacts_total_max_bytes: int = Field(
+        default=4 << 30,
+        gt=0,
+        description="Bytes of artifacts held for all requests (the oldest request trees' go first).",
     )
     facts_per_tenant: int = Field(default=10_000, gt=0, description="Facts kept per tenant (oldest go).")
     fact_max_bytes: int = Field(default=16 << 10, gt=0, description="Largest fact.")
@@ -172,7 +180,11 @@ class SqliteStore:
             "SELECT message FROM turns WHERE tenant=? AND agent=? AND session=? ORDER BY seq",
             (tenant, agent, session),
         ).fetchall()
-        return [json.loads(row[0]) for row in rows]
+        turns = [json.loads(row[0]) for row in rows]
+        # Eviction cuts by message: history starts at a user message, never at a tool
+        # result or an answer whose question is gone (models reject such a conversation).
+        first = next((i for i, m in enumerate(turns) if m.get("role") == "user"), len(turns))
+        return turns[first:]
 
     def append_session(self, tenant: str, agent: str, session: str, messages: list[dict[str, Any]]) -> None:
         now, key = self._clock(), (tenant, agent, session)

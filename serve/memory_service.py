@@ -113,7 +113,17 @@ class MemoryService:
         if held.size - old + size > self._limits.artifact_max_bytes:
             return f"the request's artifacts would exceed {self._limits.artifact_max_bytes} bytes"
         held.refs[name] = (ref, size)
+        self._release_oldest(keep=(tenant, request))
         return None
+
+    def _release_oldest(self, keep: tuple[str, str]) -> None:
+        """Within the cap on all artifacts: the oldest request trees' references go."""
+        total = sum(held.size for held in self._artifacts.values())
+        for key in sorted(self._artifacts, key=lambda k: self._artifacts[k].at):
+            if total <= self._limits.artifacts_total_max_bytes:
+                return
+            if key != keep:
+                total -= self._artifacts.pop(key).size
 
     async def artifact(self, tenant: str, request: str, name: str) -> list[ray.ObjectRef[Any]] | None:
         held = self._artifacts.get((tenant, request))
@@ -145,8 +155,11 @@ class MemoryService:
         stats = self._store.stats()
         return {"items": stats.items, "bytes": stats.bytes, "evicted": stats.evicted}
 
-    def check_health(self) -> None:
-        """Serve's periodic probe: the store answers; sizes are exported and old items expire."""
+    async def check_health(self) -> None:
+        """Serve's periodic probe: the store answers; sizes are exported and old items expire.
+
+        Async, so that it runs on the replica's loop like every other call: the store's
+        connection and the artifact table are not shared with a thread."""
         self._report()
 
     def _report(self, force: bool = False) -> None:
@@ -156,7 +169,7 @@ class MemoryService:
             return
         self._next_report = now + STATS_EVERY_S
         self._store.expire()
-        cutoff = time.time() - self._limits.context_ttl_s
+        cutoff = time.time() - self._limits.artifact_ttl_s
         for key in [k for k, held in self._artifacts.items() if held.at < cutoff]:
             del self._artifacts[key]
         stats = self._store.stats()
@@ -192,6 +205,7 @@ class RequestMemory:
         self._check = check
         self.tenant = tenant_of(ctx)
         self.request_id = ctx.request_id
+        self._tree = ctx.tree
 
     async def _call(self, method: str, *args: Any) -> Any:
         """One call to the memory service; a service that does not answer in time is a tool error."""
@@ -212,7 +226,7 @@ class RequestMemory:
     async def put(self, key: str, value: Any) -> None:
         """Share a small JSON value with the other agents of this request."""
         self._decide("write", "context")
-        problem = await self._call("put_context", self.tenant, self.request_id, key, value)
+        problem = await self._call("put_context", self.tenant, self._tree, key, value)
         if problem:
             raise ToolError(problem)
 
@@ -221,7 +235,7 @@ class RequestMemory:
 
     async def items(self) -> dict[str, Any]:
         self._decide("read", "context")
-        found: dict[str, Any] = await self._call("context", self.tenant, self.request_id)
+        found: dict[str, Any] = await self._call("context", self.tenant, self._tree)
         return found
 
     async def put_artifact(self, name: str, value: Any) -> int:
@@ -229,7 +243,7 @@ class RequestMemory:
         self._decide("write", "artifacts")
         ref = ray.put(value)
         size = _size_of(value)
-        problem = await self._call("put_artifact", self.tenant, self.request_id, name, [ref], size)
+        problem = await self._call("put_artifact", self.tenant, self._tree, name, [ref], size)
         if problem:
             raise ToolError(problem)
         return size
@@ -237,9 +251,9 @@ class RequestMemory:
     async def artifact(self, name: str) -> Any:
         """The object another agent of this request shared (read-only arrays are zero-copy)."""
         self._decide("read", "artifacts")
-        ref = await self._call("artifact", self.tenant, self.request_id, name)
+        ref = await self._call("artifact", self.tenant, self._tree, name)
         if ref is None:
-            names = await self._call("artifacts", self.tenant, self.request_id)
+            names = await self._call("artifacts", self.tenant, self._tree)
             raise ToolError(f"no artifact {name!r} in this request (there are: {', '.join(names) or 'none'})")
         return await ref[0]
 

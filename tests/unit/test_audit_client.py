@@ -145,3 +145,26 @@ def test_the_service_writes_each_decision_once_even_after_a_restart(tmp_path: Pa
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["decision_id"] for r in lines] == ["dec_a", "dec_b", "dec_c"]
     assert verify(log, audit_key(log, None)).ok
+
+
+def test_a_failed_write_is_written_when_retried(tmp_path: Path) -> None:
+    from serve.audit_service import AuditWriter
+
+    log = tmp_path / "audit.jsonl"
+    record = {"request_id": "req_1", "decision_id": "dec_a", "input_sha256": "00"}
+
+    async def scenario() -> None:
+        writer = AuditWriter(str(log))
+        real = writer._log.append
+
+        def full_disk(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            raise OSError(28, "No space left on device")
+
+        writer._log.append = full_disk  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            await writer.append([dict(record)], [])
+        writer._log.append = real  # type: ignore[method-assign]
+        assert await writer.append([dict(record)], []) == 1  # the client's retry is not a duplicate
+
+    run(scenario())
+    assert [json.loads(line)["decision_id"] for line in log.read_text().splitlines()] == ["dec_a"]

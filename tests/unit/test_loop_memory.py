@@ -162,6 +162,7 @@ class Clerk:
         self.backend = ScriptedBackend(ScriptedConfig.model_validate(SCRIPT))
         self.requests: list[ModelRequest] = []
         self.service = FakeMemoryService({("acme", "qa", "deadline"): "the release is on Friday"})
+        self.ctx: Context | None = None
         self.loop = AgentLoop(spec, {}, self.model, {}, self.guard, builtin=MEMORY_TOOLS)
 
     async def model(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
@@ -180,7 +181,7 @@ class Clerk:
         request = ChatRequest.model_validate(
             {"model": "clerk", "messages": [{"role": "user", "content": text}], **extra}
         )
-        ctx = self.guard.enter(Context.new("req_mem", principal))
+        self.ctx = ctx = self.guard.enter(Context.new("req_mem", principal))
         handle = cast("DeploymentHandle[Any]", self.service)
 
         async def serve() -> AgentResult:  # as serve/agent.py does around one request
@@ -319,14 +320,16 @@ def test_invalid_namespace_is_told_to_the_model_before_any_decision(clerk: Clerk
 def test_shared_context_round_trips_within_the_request(clerk: Clerk) -> None:
     result = clerk.ask("#share")
     assert result.content == "read back: 42 widgets"
-    assert clerk.service.contexts == {("acme", "req_mem"): {"finding": "42 widgets"}}
+    # Keyed by the request tree's own id, not the request id a client may choose (and reuse).
+    assert clerk.service.contexts == {("acme", clerk.ctx.tree): {"finding": "42 widgets"}}
+    assert clerk.ctx.tree.startswith("tree_") and clerk.ctx.tree != clerk.ctx.request_id
     assert [name for name, _ in clerk.service.calls] == ["put_context", "context"]
     assert clerk.memory_records() == [("memory:write:context", "allow"), ("memory:read:context", "allow")]
 
 
 def test_without_a_principal_memory_is_the_anonymous_tenants(clerk: Clerk) -> None:
     clerk.ask("#share", principal=None)
-    assert list(clerk.service.contexts) == [("anonymous", "req_mem")]
+    assert list(clerk.service.contexts) == [("anonymous", clerk.ctx.tree)]
 
 
 # --- an unavailable memory service ------------------------------------------------------

@@ -403,3 +403,33 @@ def test_stats_reports_items_and_bytes_per_store(store: SqliteStore) -> None:
         "context": len("[1,2,3]"),
         "facts": len("keytext") + len("othermore text"),
     }
+
+
+def test_history_read_back_starts_at_a_question(open_store: StoreFactory) -> None:
+    store = open_store(session_max_messages=3)
+    turn = [said("user", "q1"), {"role": "assistant", "content": None, "tool_calls": []}]
+    store.append_session("acme", "clerk", "s1", [*turn, said("tool", "result"), said("assistant", "a1")])
+    # Eviction kept [tool, assistant]: no question before them, so nothing is replayed.
+    assert store.session("acme", "clerk", "s1") == []
+    store.append_session("acme", "clerk", "s1", [said("user", "q2"), said("assistant", "a2")])
+    assert store.session("acme", "clerk", "s1") == [said("user", "q2"), said("assistant", "a2")]
+
+
+def test_artifacts_over_the_total_cap_release_the_oldest_request_trees() -> None:
+    from serve.memory_service import MemoryService
+    from tests.unit.conftest import run
+
+    service = MemoryService.__new__(MemoryService)  # its artifact table only: no store, no Ray
+    service._limits = MemoryLimits(artifact_max_bytes=60, artifacts_total_max_bytes=100)
+    service._artifacts = {}
+
+    async def scenario() -> None:
+        assert await service.put_artifact("acme", "tree_1", "a", [], 50) is None
+        assert await service.put_artifact("acme", "tree_2", "b", [], 40) is None
+        assert "exceed 60 bytes" in (await service.put_artifact("acme", "tree_2", "c", [], 30) or "")
+        assert await service.put_artifact("beta", "tree_3", "c", [], 30) is None  # 120 > 100: tree_1 goes
+        assert await service.artifacts("acme", "tree_1") == {}
+        assert await service.artifacts("acme", "tree_2") == {"b": 40}
+        assert await service.artifacts("beta", "tree_3") == {"c": 30}
+
+    run(scenario())
