@@ -191,25 +191,21 @@ class AgentDeployment:
         key = self._session(ctx)
         if key is None:
             return []
-        try:
-            turns: list[dict[str, Any]] = await asyncio.wait_for(
-                self._memory.session.remote(*key), self._memory_timeout
-            )
-        except Exception as exc:  # an answer without memory would silently change meaning
-            log.error("session of %s unavailable", ctx.request_id, exc_info=exc)
-            raise MemoryUnavailable("the session memory is unavailable; retry later") from None
+        turns: list[dict[str, Any]] = await self._session_call(ctx, "session", *key)
         return turns
 
     async def _remember(self, ctx: Context, outcome: AgentOutcome) -> None:
         key = self._session(ctx)
-        if key is None or not isinstance(outcome, AgentResult):
-            return
+        if key is not None and isinstance(outcome, AgentResult):
+            await self._session_call(ctx, "append_session", *key, outcome.transcript)
+
+    async def _session_call(self, ctx: Context, method: str, *args: Any) -> Any:
+        """A session load or save; failing it fails the request (503): an answer without
+        its conversation, or a turn missing from it, would silently change meaning."""
         try:
-            await asyncio.wait_for(
-                self._memory.append_session.remote(*key, outcome.transcript), self._memory_timeout
-            )
+            return await asyncio.wait_for(getattr(self._memory, method).remote(*args), self._memory_timeout)
         except Exception as exc:
-            log.error("session of %s not saved", ctx.request_id, exc_info=exc)
+            log.error("session %s of %s failed", method, ctx.request_id, exc_info=exc)
             raise MemoryUnavailable("the session memory is unavailable; retry later") from None
 
     def _internal(self, exc: Exception, ctx: Context) -> RequestError:

@@ -112,10 +112,6 @@ class AuditService:
         """The writer actor's handle."""
         return self._writer
 
-    async def append(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
-        count: int = await self._writer.append.remote(records, events)
-        return count
-
     async def explain(self, request_id: str, tenant: str | None) -> dict[str, Any] | None:
         report: dict[str, Any] | None = await self._writer.explain.remote(request_id, tenant)
         return report

@@ -17,11 +17,12 @@ session, per request context and per tenant, evicting the oldest first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -161,9 +162,16 @@ class SqliteStore:
     def close(self) -> None:
         self._db.close()
 
-    def _tx(self) -> sqlite3.Connection:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic change: committed when the block ends, rolled back if it raises."""
         self._db.execute("BEGIN IMMEDIATE")
-        return self._db
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _count_evicted(self, store: str, cursor: sqlite3.Cursor) -> None:
         self._evicted[store] += max(cursor.rowcount, 0)
@@ -189,8 +197,7 @@ class SqliteStore:
     def append_session(self, tenant: str, agent: str, session: str, messages: list[dict[str, Any]]) -> None:
         now, key = self._clock(), (tenant, agent, session)
         texts = [json.dumps(m, separators=(",", ":"), ensure_ascii=False) for m in messages]
-        db = self._tx()
-        try:
+        with self._transaction() as db:
             stale = db.execute(
                 "SELECT used FROM sessions WHERE tenant=? AND agent=? AND session=?", key
             ).fetchone()
@@ -204,10 +211,6 @@ class SqliteStore:
             )
             self._trim_session(db, key)
             self._trim_sessions(db, tenant)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def _trim_session(self, db: sqlite3.Connection, key: tuple[str, str, str]) -> None:
         """Oldest turns out until the session is within its message and byte limits."""
@@ -251,8 +254,7 @@ class SqliteStore:
             raise MemoryFull(
                 f"the value is {size} bytes; a request context holds {self.limits.context_max_bytes}"
             )
-        db = self._tx()
-        try:
+        with self._transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO context VALUES (?, ?, ?, ?, ?, ?)",
                 (tenant, request, key, text, size, self._clock()),
@@ -269,10 +271,6 @@ class SqliteStore:
                         "DELETE FROM context WHERE tenant=? AND request=? AND key=?", (tenant, request, other)
                     )
                     self._count_evicted("context", cursor)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def context(self, tenant: str, request: str) -> dict[str, Any]:
         oldest = self._clock() - self.limits.context_ttl_s
@@ -288,17 +286,12 @@ class SqliteStore:
         size = len(text.encode()) + len(key.encode())
         if size > self.limits.fact_max_bytes:
             raise MemoryFull(f"the fact is {size} bytes; at most {self.limits.fact_max_bytes} are kept")
-        db = self._tx()
-        try:
+        with self._transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO facts VALUES (?, ?, ?, ?, ?, ?)",
                 (tenant, namespace, key, text, size, self._clock()),
             )
             self._trim_facts(db, tenant)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def _trim_facts(self, db: sqlite3.Connection, tenant: str) -> None:
         rows = db.execute(
@@ -342,8 +335,7 @@ class SqliteStore:
     def expire(self) -> None:
         """Drop idle sessions and old request contexts."""
         now = self._clock()
-        db = self._tx()
-        try:
+        with self._transaction() as db:
             stale = db.execute(
                 "SELECT tenant, agent, session FROM sessions WHERE used<?", (now - self.limits.session_ttl_s,)
             ).fetchall()
@@ -351,10 +343,6 @@ class SqliteStore:
                 self._drop_session(db, tenant, agent, session)
             cursor = db.execute("DELETE FROM context WHERE at<?", (now - self.limits.context_ttl_s,))
             self._count_evicted("context", cursor)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def stats(self) -> MemoryStats:
         out = MemoryStats(evicted=dict(self._evicted))

@@ -94,8 +94,11 @@ class MemoryService:
 
     async def put_context(self, tenant: str, request: str, key: str, value: Any) -> str | None:
         """None when stored; else why not (the value is too large)."""
+        return self._stored(self._store.put_context, tenant, request, key, value)
+
+    def _stored(self, put: Callable[..., None], *args: Any) -> str | None:
         try:
-            self._store.put_context(tenant, request, key, value)
+            put(*args)
         except MemoryFull as exc:
             return str(exc)
         self._report()
@@ -135,12 +138,7 @@ class MemoryService:
         return {name: size for name, (_, size) in held.refs.items()} if held else {}
 
     async def put_fact(self, tenant: str, namespace: str, key: str, text: str) -> str | None:
-        try:
-            self._store.put_fact(tenant, namespace, key, text)
-        except MemoryFull as exc:
-            return str(exc)
-        self._report()
-        return None
+        return self._stored(self._store.put_fact, tenant, namespace, key, text)
 
     async def fact(self, tenant: str, namespace: str, key: str) -> str | None:
         return self._store.fact(tenant, namespace, key)
@@ -204,7 +202,6 @@ class RequestMemory:
         self._ctx = ctx
         self._check = check
         self.tenant = tenant_of(ctx)
-        self.request_id = ctx.request_id
         self._tree = ctx.tree
 
     async def _call(self, method: str, *args: Any) -> Any:

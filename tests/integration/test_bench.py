@@ -13,14 +13,19 @@ import pytest
 from tests.integration.conftest import ROOT, Fleet
 
 
-def test_ladder_runs_every_rung_and_renders_its_report(fleet: Fleet, tmp_path: Path) -> None:
+def cluster(fleet: Fleet) -> tuple[str, str]:
+    """The test cluster's GCS address and Serve's HTTP port, for a bench run against it."""
     if fleet.ray_address is None:
         pytest.skip("the reused cluster's GCS address is not known (FLEET_TEST_REUSE=PORT,DASHBOARD,GCS)")
+    return fleet.ray_address, fleet.url.rsplit(":", 1)[1]
+
+
+def test_ladder_runs_every_rung_and_renders_its_report(fleet: Fleet, tmp_path: Path) -> None:
+    address, port = cluster(fleet)
     out = tmp_path / "ladder.json"
-    port = fleet.url.rsplit(":", 1)[1]
     command = [
         sys.executable, "loadtests/bench.py", "--tiny", "--concurrency", "1", "2", "--no-throughput-pass",
-        "--address", fleet.ray_address, "--port", port, "--output", str(out),
+        "--address", address, "--port", port, "--output", str(out),
     ]  # fmt: skip
     env = {**os.environ, "FLEET_BENCH_AUDIT": str(tmp_path / "audit")}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -47,13 +52,11 @@ def test_ladder_runs_every_rung_and_renders_its_report(fleet: Fleet, tmp_path: P
 
 
 def test_artifact_benchmark_runs_both_ways(fleet: Fleet, tmp_path: Path) -> None:
-    if fleet.ray_address is None:
-        pytest.skip("the reused cluster's GCS address is not known (FLEET_TEST_REUSE=PORT,DASHBOARD,GCS)")
+    address, port = cluster(fleet)
     out = tmp_path / "memory.json"
-    port = fleet.url.rsplit(":", 1)[1]
     command = [
         sys.executable, "loadtests/bench_memory.py", "--megabytes", "1", "-n", "1",
-        "--address", fleet.ray_address, "--port", port, "--output", str(out),
+        "--address", address, "--port", port, "--output", str(out),
     ]  # fmt: skip
     env = {**os.environ, "FLEET_BENCH_WORK": str(tmp_path / "work")}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
