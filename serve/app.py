@@ -170,9 +170,15 @@ def _delegate(handle: Any, spec: AgentSpec) -> tuple[Any, str, list[str], list[s
     return handle, m.description, list(m.scopes), [c for c in m.data if c != "pii"]
 
 
+# Ray Serve logs every request each replica handles (INFO, one line per hop): a Fleet
+# request already has its metrics, audit records and trace, and the lines cost each hop
+# CPU. A deploy config's ``logging_config`` turns them back on.
+QUIET_LOGS = {"enable_access_log": False}
+
+
 def _deployment(cls: type) -> Deployment:
     # rayserve.deployment's overloads do not tell a class from options; it is a class here.
-    return cast(Deployment, rayserve.deployment(cls))
+    return cast(Deployment, rayserve.deployment(cls, logging_config=QUIET_LOGS))
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -109,7 +109,16 @@ class AuditLog:
         os.close(self._fd)
 
     def append(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Chain, write and fsync ``records``; returns them with seq, prev and hash."""
+        """Chain, write and fsync ``records``, then the checkpoint; returns them chained."""
+        chained = self.write(records)
+        self.seal()
+        return chained
+
+    def write(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chain, write and fsync ``records``; returns them with seq, prev and hash.
+
+        The log stays locked until :meth:`seal` rewrites the checkpoint (a verifier waits
+        for both): a writer can acknowledge the records in between."""
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             self._sync_tail()
@@ -125,13 +134,20 @@ class AuditLog:
             try:
                 while data:  # a short write (disk nearly full) goes on where it stopped
                     data = data[os.write(self._fd, data) :]
-                os.fsync(self._fd)
+                os.fdatasync(self._fd)  # the data and the size that reaches it
             except OSError:
-                self._size = -1  # the next append re-reads the tail (and drops a torn line)
+                self._size = -1  # the next write re-reads the tail (and drops a torn line)
                 raise
             self._size, self._seq, self._last = os.fstat(self._fd).st_size, seq, last
-            self._write_checkpoint()
             return chained
+        except BaseException:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # nothing new is on disk: the checkpoint stands
+            raise
+
+    def seal(self) -> None:
+        """Rewrite the checkpoint for what is on disk and unlock the log."""
+        try:
+            self._write_checkpoint()
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 

@@ -1,8 +1,8 @@
 """The audit service: the one writer of an application's audit log, and its reader.
 
 Replicas hand records to an :class:`AuditClient`, which ships them in batches to the
-``audit`` deployment (one replica); concurrent batches are group-committed: one write,
-one fsync. A request's records are durable before its response leaves: the agent and the
+writer of the ``audit`` deployment (one replica) over a socket; concurrent batches are
+group-committed: one write, one fsync. A request's records are durable before its response leaves: the agent and the
 ingress await :meth:`AuditClient.commit` (503 if the log cannot be written in time).
 
 The service also keeps the recent requests' decisions and steps (model calls, tool
@@ -18,11 +18,13 @@ import contextvars
 import json
 import logging
 import os
+import secrets
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import msgpack  # type: ignore[import-untyped]
 import ray
 from ray.serve.handle import DeploymentHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -90,13 +92,86 @@ def _without(item: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in item.items() if k not in keys}
 
 
+MAX_FRAME = 256 << 20  # one batch: far more than a replica queues between two ships
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> Any:
+    size = int.from_bytes(await reader.readexactly(4), "big")
+    if size > limit:
+        raise ValueError(f"frame of {size} bytes over the limit of {limit}")
+    return msgpack.unpackb(await reader.readexactly(size))
+
+
+def write_frame(writer: asyncio.StreamWriter, item: Any) -> None:
+    payload = msgpack.packb(item)
+    writer.write(len(payload).to_bytes(4, "big") + payload)
+
+
+Append = Callable[[list[dict[str, Any]], list[dict[str, Any]]], Awaitable[int]]
+
+
+async def serve_link(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str, append: Append
+) -> None:
+    """One replica's connection: its token, then batches in turn, each answered with the
+    count written once durable (or the error that kept it from the disk)."""
+    try:
+        first = await read_frame(reader, limit=1024)
+        if not isinstance(first, str) or not secrets.compare_digest(first, token):
+            log.warning("audit link refused: wrong token")
+            return
+        while True:
+            records, events = await read_frame(reader)
+            try:
+                write_frame(writer, {"count": await append(records, events)})
+            except Exception as exc:
+                write_frame(writer, {"error": f"{type(exc).__name__}: {exc}"})
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass  # the replica went away or gave up on this connection; it re-sends elsewhere
+    except Exception as exc:  # not a replica speaking this protocol
+        log.warning("audit link closed: %s", exc)
+    finally:
+        writer.close()
+
+
+class Link:
+    """A replica's connection to the writer: one batch out, its acknowledgement back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+        self.loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def open(cls, handle: DeploymentHandle[Any]) -> Link:
+        host, port, token = await handle.address.remote()
+        reader, writer = await asyncio.open_connection(host, port)
+        write_frame(writer, token)
+        return cls(reader, writer)
+
+    async def send(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
+        write_frame(self._writer, [records, events])
+        await self._writer.drain()
+        reply = await read_frame(self._reader)
+        if "error" in reply:
+            raise OSError(f"the audit writer could not write: {reply['error']}")
+        count: int = reply["count"]
+        return count
+
+    def close(self) -> None:
+        """Safe from any thread: a link is its own loop's."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._writer.close)
+
+
 class AuditService:
     """The ``audit`` deployment: starts the writer on its own node and fronts it.
 
-    Replicas ship records to the writer directly, as a plain Ray actor: a Serve handle
-    call costs a few milliseconds more per request than an actor call, and every
-    request waits for one. The writer is owned by this replica: if the replica goes, so
-    does the writer, and the next replica starts a new one (clients ask again)."""
+    Replicas ship records to the writer directly, over a TCP connection to a socket it
+    listens on: a Serve handle call costs a few milliseconds more per request than an
+    actor call, and an actor call a few more than a socket (measured in DECISIONS.md),
+    and every request waits for one. The writer is owned by this replica: if the replica
+    goes, so does the writer, and the next replica starts a new one (clients ask again)."""
 
     def __init__(self, path: str) -> None:
         node = ray.get_runtime_context().get_node_id()
@@ -108,9 +183,10 @@ class AuditService:
         self._writer: Any = cast(Any, writer).remote(path)  # an ActorHandle[AuditWriter]
         ray.get(self._writer.check_health.remote())  # the log opens (or fails) before traffic
 
-    async def writer(self) -> Any:
-        """The writer actor's handle."""
-        return self._writer
+    async def address(self) -> tuple[str, int, str]:
+        """Where the writer listens for batches, and the token it expects first."""
+        address: tuple[str, int, str] = await self._writer.address.remote()
+        return address
 
     async def explain(self, request_id: str, tenant: str | None) -> dict[str, Any] | None:
         report: dict[str, Any] | None = await self._writer.explain.remote(request_id, tenant)
@@ -132,10 +208,26 @@ class AuditWriter:
         self._recent: OrderedDict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = OrderedDict()
         self._pending: list[tuple[list[dict[str, Any]], list[dict[str, Any]], asyncio.Future[int]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._sealing: asyncio.Future[None] | None = None  # the last batch's checkpoint
         # A record may arrive twice (an ingress re-sends what it handed an agent that
         # did not answer): each decision is written once.
         self._written: OrderedDict[str, None] = OrderedDict()
         self._load_recent()
+        self._token = secrets.token_hex(16)  # only replicas that asked the service know it
+        self._listening: asyncio.Future[tuple[str, int]] | None = None
+
+    async def address(self) -> tuple[str, int, str]:
+        """The socket replicas send batches to (opened on first use), and its token."""
+        if self._listening is None:
+            self._listening = asyncio.ensure_future(self._listen())
+        host, port = await asyncio.shield(self._listening)
+        return host, port, self._token
+
+    async def _listen(self) -> tuple[str, int]:
+        host: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        server = await asyncio.start_server(lambda r, w: serve_link(r, w, self._token, self.append), host, 0)
+        self._server = server  # kept: the server lives as long as the writer
+        return host, server.sockets[0].getsockname()[1]
 
     async def append(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
         """Durably append; returns once the batch holding these records is fsync'ed."""
@@ -159,32 +251,47 @@ class AuditWriter:
         os.fstat(self._events_fd)
 
     async def _drain(self) -> None:
+        # On this loop, not in a thread: a batch is a few records and one fdatasync, and a
+        # thread hand-off cost more than the write. The checkpoint is rewritten in a
+        # thread after the callers have their answer; the next batch waits for it.
         while self._pending:
             batch, self._pending = self._pending, []
             records = [r for rs, _, _ in batch for r in rs]
             events = [e for _, es, _ in batch for e in es]
+            if self._sealing is not None:
+                await self._sealing
             try:
-                count = await asyncio.to_thread(self._write, records, events)
+                count = self._write(records, events)
             except Exception as exc:  # the disk failed: every caller of this batch hears it
                 log.error("audit write failed", exc_info=exc)
-                for _, _, done in batch:
-                    if not done.done():  # a caller that was cancelled no longer waits
-                        done.set_exception(exc)
+                _settle(batch, 0, exc)
                 continue
-            for _, _, done in batch:
-                if not done.done():
-                    done.set_result(count)
+            _settle(batch, count, None)
+            if records:
+                self._sealing = asyncio.ensure_future(self._seal())
+
+    async def _seal(self) -> None:
+        try:
+            await asyncio.to_thread(self._log.seal)
+        except Exception as exc:  # verification reports the stale checkpoint; the next batch retries
+            log.error("audit checkpoint write failed", exc_info=exc)
 
     def _write(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
+        """Writes a batch (the log stays locked until it is sealed); returns the records written."""
         records = self._first_time(records)
         for record in records:
             record["input_digest"] = digest(self._key, record.pop("input_sha256", ""))
-        chained = self._log.append(records) if records else []
-        for record in records:  # only once on disk: a failed write is retried, not skipped
-            self._remember(record.get("decision_id"))
-        if events:
-            os.write(self._events_fd, b"".join(canonical(e) + b"\n" for e in events))
-        self._index(chained, events)
+        chained = self._log.write(records) if records else []
+        try:
+            for record in records:  # only once on disk: a failed write is retried, not skipped
+                self._remember(record.get("decision_id"))
+            if events:
+                os.write(self._events_fd, b"".join(canonical(e) + b"\n" for e in events))
+            self._index(chained, events)
+        except BaseException:
+            if records:
+                self._log.seal()
+            raise
         return len(chained)
 
     def _first_time(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -232,7 +339,7 @@ class AuditClient:
 
     def __init__(self, handle: DeploymentHandle[Any], commit_timeout_s: float, linger_s: float = 0.1) -> None:
         self._handle = handle
-        self._writer: Any = None  # the writer actor, asked of the service on first use
+        self._link: Link | None = None  # to the writer, asked of the service on first use
         self._timeout = commit_timeout_s
         self._linger = linger_s
         self._records: list[dict[str, Any]] = []
@@ -319,12 +426,13 @@ class AuditClient:
             records, events = self._records, self._events
             self._records, self._events = [], []
             try:
-                if self._writer is None:
-                    self._writer = await asyncio.wait_for(self._handle.writer.remote(), self._timeout)
-                await asyncio.wait_for(self._writer.append.remote(records, events), self._timeout)
+                if self._link is None or self._link.loop is not asyncio.get_running_loop():
+                    self._drop_link()
+                    self._link = await asyncio.wait_for(Link.open(self._handle), self._timeout)
+                await asyncio.wait_for(self._link.send(records, events), self._timeout)
             except BaseException as exc:  # the service restarts, or this task is cancelled: keep them
                 self._records, self._events = records + self._records, events + self._events
-                self._writer = None  # a restarted service has a new writer
+                self._drop_link()  # its state is unknown; a restarted service has a new writer
                 if not isinstance(exc, Exception):
                     raise
                 log.warning("audit service unavailable (%s); retrying", type(exc).__name__)
@@ -335,12 +443,27 @@ class AuditClient:
             self._shipped += len(records) + len(events)
             self._wake()
 
+    def _drop_link(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
     def _wake(self) -> None:
         """Resolve the commits whose records have all landed (on their own loops)."""
         done = [w for w in self._waiters if w[0] <= self._shipped]
         self._waiters = [w for w in self._waiters if w[0] > self._shipped]
         for _, landed, loop in done:
             loop.call_soon_threadsafe(_resolve, landed)
+
+
+def _settle(batch: list[Any], count: int, error: Exception | None) -> None:
+    for _, _, done in batch:
+        if done.done():  # a caller that was cancelled no longer waits; one answered stays so
+            continue
+        if error is None:
+            done.set_result(count)
+        else:
+            done.set_exception(error)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -5,37 +5,50 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from serve.audit_service import AuditClient, AuditUnavailable
+from serve.audit_service import AuditClient, AuditUnavailable, serve_link
 from tests.unit.conftest import run
 
 
-class _Lookup:
-    def __init__(self, writer: Any) -> None:
-        self._writer = writer
-
-    async def remote(self) -> Any:
-        return self._writer
-
-
 class FlakyService:
-    """Stands in for the audit deployment's handle: fails the first ``failures`` calls."""
+    """Stands in for the audit deployment: a real link server whose writes fail the first
+    ``failures`` times. Like the writer, it stores each record once (a re-sent batch is
+    not a duplicate)."""
 
     def __init__(self, failures: int = 0, delay: float = 0.0) -> None:
         self.failures, self.delay = failures, delay
         self.stored: list[dict[str, Any]] = []
-        self.append = self  # writer.append.remote(...)
-        self.writer = _Lookup(self)  # handle.writer.remote(): the writer actor is the service here
+        self.address = self  # handle.address.remote()
+        self._server: asyncio.Server | None = None
+        self._connections: list[asyncio.StreamWriter] = []
 
-    async def remote(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
+    async def remote(self) -> tuple[str, int, str]:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return "127.0.0.1", self._server.sockets[0].getsockname()[1], "secret"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.append(writer)
+        await serve_link(reader, writer, "secret", self.store)
+
+    def restart(self) -> None:
+        """The writer dies with its connections; the next one listens elsewhere."""
+        assert self._server is not None
+        self._server.close()
+        for writer in self._connections:
+            writer.close()
+        self._server, self._connections = None, []
+
+    async def store(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
         await asyncio.sleep(self.delay)
         if self.failures:
             self.failures -= 1
-            raise ConnectionError("replica restarting")
-        self.stored += records + events
+            raise OSError("disk full")
+        self.stored += [r for r in records if r not in self.stored] + events
         return len(records)
 
 
@@ -155,16 +168,62 @@ def test_a_failed_write_is_written_when_retried(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         writer = AuditWriter(str(log))
-        real = writer._log.append
+        real = writer._log.write
 
         def full_disk(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise OSError(28, "No space left on device")
 
-        writer._log.append = full_disk  # type: ignore[method-assign]
+        writer._log.write = full_disk  # type: ignore[method-assign]
         with pytest.raises(OSError):
             await writer.append([dict(record)], [])
-        writer._log.append = real  # type: ignore[method-assign]
+        writer._log.write = real  # type: ignore[method-assign]
         assert await writer.append([dict(record)], []) == 1  # the client's retry is not a duplicate
 
     run(scenario())
     assert [json.loads(line)["decision_id"] for line in log.read_text().splitlines()] == ["dec_a"]
+
+
+def test_a_restarted_writer_is_found_again() -> None:
+    service = FlakyService()
+
+    async def scenario() -> None:
+        client = AuditClient(service, commit_timeout_s=5)  # type: ignore[arg-type]
+        client.append({"n": 1})
+        await client.commit()
+        service.restart()
+        client.append({"n": 2})
+        await client.commit()  # the link is dead: the client asks the service again
+        assert [x["n"] for x in service.stored] == [1, 2]
+
+    run(scenario())
+
+
+def test_the_writer_takes_batches_over_its_socket_only_with_its_token(tmp_path: Path) -> None:
+    from serve.audit import audit_key, verify
+    from serve.audit_service import AuditWriter, write_frame
+
+    log = tmp_path / "audit.jsonl"
+
+    def record(decision_id: str) -> dict[str, Any]:
+        return {"request_id": "req_1", "decision_id": decision_id, "input_sha256": "00"}
+
+    async def scenario() -> None:
+        writer = AuditWriter(str(log))
+        service = SimpleNamespace(address=SimpleNamespace(remote=writer.address))  # the deployment's handle
+        client = AuditClient(service, commit_timeout_s=5)  # type: ignore[arg-type]
+        client.append(record("dec_a"))
+        await client.commit()
+        host, port, token = await writer.address()
+        reader, stranger = await asyncio.open_connection(host, port)
+        write_frame(stranger, token[::-1])
+        write_frame(stranger, [[record("dec_forged")], []])
+        await stranger.drain()
+        assert await reader.read() == b""  # hung up on, unanswered
+        reader, stranger = await asyncio.open_connection(host, port)
+        stranger.write((1 << 31).to_bytes(4, "big"))  # "here come 2 GiB": not read, not kept
+        await stranger.drain()
+        assert await reader.read() == b""
+
+    run(scenario())
+    assert [json.loads(line)["decision_id"] for line in log.read_text().splitlines()] == ["dec_a"]
+    assert verify(log, audit_key(log, None)).ok
