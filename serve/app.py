@@ -236,6 +236,10 @@ def build_app(args: dict[str, Any]) -> Application:
     cards = {name: agent_card(spec) for name, spec in specs.items()}
     return (
         _deployment(Ingress)
-        .options(name="ingress", ray_actor_options=SERVICE_ACTOR_OPTIONS)
+        .options(
+            name="ingress",
+            ray_actor_options=SERVICE_ACTOR_OPTIONS,
+            max_ongoing_requests=fleet.ingress.max_ongoing_requests,
+        )
         .bind(cards, bound, fleet.ingress.model_dump(), governance, root, audit)
     )

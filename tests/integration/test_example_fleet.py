@@ -140,6 +140,8 @@ def test_each_agent_deployment_carries_its_manifest_autoscaling(fleet: Fleet) ->
         if "target_ongoing_requests" in manifest:
             assert auto["target_ongoing_requests"] == manifest["target_ongoing_requests"], name
         assert config["max_ongoing_requests"] == manifest["max_ongoing_requests"], name
+    # The ingress holds what its options say (512 by default), not Ray's default of 5.
+    assert deployments["ingress"]["deployment_config"]["max_ongoing_requests"] == 512
 
 
 def test_health(api: httpx.Client) -> None:
