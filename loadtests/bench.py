@@ -185,6 +185,26 @@ def measure(url: str, model: str, concurrency: list[int], seconds: float, warmup
     return {f"c{c}": figures(asyncio.run(load(url, model, c, seconds)), seconds) for c in concurrency}
 
 
+def interleaved(
+    targets: dict[str, tuple[str, str]], concurrency: list[int], seconds: float, warmup: float, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Each rung measured ``seconds`` in all, in ``rounds`` slices taken in turn with the
+    other rungs': a machine that slows down mid-run slows every rung alike, so the ratios
+    between rungs hold (measuring them one after the other, they did not, on shared
+    machines). ``targets`` maps a rung to its (url, model)."""
+    for url, model in targets.values():
+        asyncio.run(load(url, model, 2, warmup))
+    out: dict[str, dict[str, Any]] = {name: {} for name in targets}
+    for c in concurrency:
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+        for _ in range(rounds):
+            for name, (url, model) in targets.items():
+                samples[name] += asyncio.run(load(url, model, c, seconds / rounds))
+        for name in targets:
+            out[name][f"c{c}"] = figures(samples[name], seconds)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -302,11 +322,10 @@ def ladder(args: argparse.Namespace, names: list[str], audit: Path) -> dict[str,
                 print(f"[{name}] deploying ...", flush=True)
                 rayserve.run(builder(audit), name=app, route_prefix=prefix)
                 deployed.append(app)
+        targets = {name: (f"http://127.0.0.1:{port}{RUNGS[name][2]}", RUNGS[name][3]) for name in names}
+        print(f"measuring {len(names)} rungs in {args.rounds} interleaved rounds ...", flush=True)
+        out.update(interleaved(targets, args.concurrency, args.seconds, args.warmup, args.rounds))
         for name in names:
-            _, _, path, model = RUNGS[name]
-            out[name] = measure(
-                f"http://127.0.0.1:{port}{path}", model, args.concurrency, args.seconds, args.warmup
-            )
             print(f"[{name}] {out[name]}", flush=True)
         if args.autoscaling:
             print("[autoscaling] step load ...", flush=True)
@@ -391,6 +410,9 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="Duration of each measurement.")
     parser.add_argument("--warmup", type=float, default=3.0, help="Warm-up before each rung.")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="Slices each measurement is taken in, interleaved across rungs."
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--no-autoscaling", dest="autoscaling", action="store_false")
     parser.add_argument("--step-before-s", type=float, default=10.0)
@@ -416,6 +438,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.seconds, args.warmup, args.step_before_s, args.step_after_s = 1.0, 0.3, 1.0, 4.0
+        args.rounds = 2
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     audit = Path(os.environ.get("FLEET_BENCH_AUDIT", "/tmp/fleet-bench-audit"))
     audit.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,9 @@ AGENT_ACTOR_OPTIONS = {"num_cpus": 0.1}
 SERVICE_ACTOR_OPTIONS = {"num_cpus": 0.1}
 # The audit log and the memory store are files: their one writer lives on the head node,
 # whose disk outlives workers.
+# Ray's default (5 requests in flight per replica) queues in the caller's router beyond
+# that: the deployments that only wait on others (a scripted or upstream model) take many.
+PROXY_MAX_ONGOING_REQUESTS = 512
 AUDIT_ACTOR_OPTIONS = {"num_cpus": 0.1, "resources": {"node:__internal_head__": 0.001}}
 MEMORY_ACTOR_OPTIONS = AUDIT_ACTOR_OPTIONS
 
@@ -142,8 +145,12 @@ def agent_card(spec: AgentSpec) -> dict[str, Any]:
 
 def model_deployment_options(name: str, config: Any) -> dict[str, Any]:
     """Options of a model backend's deployment; an engine gets LLM-shaped ones."""
-    if not isinstance(config, VLLMConfig):
-        return {"name": f"model-{name}", "ray_actor_options": SERVICE_ACTOR_OPTIONS}
+    if not isinstance(config, VLLMConfig):  # a script, or a client of an upstream API: async, light
+        return {
+            "name": f"model-{name}",
+            "ray_actor_options": SERVICE_ACTOR_OPTIONS,
+            "max_ongoing_requests": PROXY_MAX_ONGOING_REQUESTS,
+        }
     return {
         "name": f"model-{name}",
         "ray_actor_options": config.ray_actor_options(),

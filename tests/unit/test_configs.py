@@ -50,3 +50,14 @@ def test_local_config_runs_the_embedded_model_on_cpu() -> None:
 def test_same_agents_everywhere() -> None:
     agents = {p.name: yaml.safe_load(p.read_text())["applications"][0]["args"]["agents"] for p in CONFIGS}
     assert len({tuple(a) for a in agents.values()}) == 1, agents
+
+
+def test_a_scripted_or_upstream_model_takes_many_requests_at_once() -> None:
+    from serve.models.scripted import ScriptedConfig
+    from serve.models.upstream import OpenAIConfig
+
+    script = ScriptedConfig.model_validate({"kind": "scripted", "script": [{"replies": [{"content": "hi"}]}]})
+    upstream = OpenAIConfig.model_validate({"kind": "openai", "base_url": "http://upstream/v1", "model": "m"})
+    for config in (script, upstream):
+        options = model_deployment_options("default", config)
+        assert options["max_ongoing_requests"] == 512, config.kind  # not Ray's default of 5
