@@ -2,8 +2,9 @@
 
 Replicas hand records to an :class:`AuditClient`, which ships them in batches to the
 writer of the ``audit`` deployment (one replica) over a socket; concurrent batches are
-group-committed: one write, one fsync. A request's records are durable before its response leaves: the agent and the
-ingress await :meth:`AuditClient.commit` (503 if the log cannot be written in time).
+group-committed: one write, one fsync. A request's records are durable before its
+response leaves: the agent and the ingress await :meth:`AuditClient.commit` (503 if the
+log cannot be written in time).
 
 The service also keeps the recent requests' decisions and steps (model calls, tool
 calls, delegations, outcome) for ``GET /v1/requests/{id}/explain``; the steps are kept
