@@ -39,6 +39,8 @@ __all__ = ["AuditClient", "AuditService", "AuditWriter", "explanation"]
 log = logging.getLogger("fleet.audit")
 
 KEEP_REQUESTS = 10_000
+CONNECT_TIMEOUT_S = 1.0  # to the writer's port; beyond it, batches are relayed by the service ...
+RELAY_S = 60.0  # ... for this long, then the port is tried again
 KEEP_DECISION_IDS = 100_000
 
 # What a request makes while this is set is carried instead of queued: the ingress hands
@@ -144,8 +146,7 @@ class Link:
         self.loop = asyncio.get_running_loop()
 
     @classmethod
-    async def open(cls, handle: DeploymentHandle[Any]) -> Link:
-        host, port, token = await handle.address.remote()
+    async def open(cls, host: str, port: int, token: str) -> Link:
         reader, writer = await asyncio.open_connection(host, port)
         write_frame(writer, token)
         return cls(reader, writer)
@@ -188,6 +189,11 @@ class AuditService:
         """Where the writer listens for batches, and the token it expects first."""
         address: tuple[str, int, str] = await self._writer.address.remote()
         return address
+
+    async def append(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
+        """A batch relayed to the writer, for a replica that cannot reach the writer's port."""
+        count: int = await self._writer.append.remote(records, events)
+        return count
 
     async def explain(self, request_id: str, tenant: str | None) -> dict[str, Any] | None:
         report: dict[str, Any] | None = await self._writer.explain.remote(request_id, tenant)
@@ -341,6 +347,7 @@ class AuditClient:
     def __init__(self, handle: DeploymentHandle[Any], commit_timeout_s: float, linger_s: float = 0.1) -> None:
         self._handle = handle
         self._link: Link | None = None  # to the writer, asked of the service on first use
+        self._relay_until = 0.0  # while the writer's port is out of reach: through the service
         self._timeout = commit_timeout_s
         self._linger = linger_s
         self._records: list[dict[str, Any]] = []
@@ -427,10 +434,7 @@ class AuditClient:
             records, events = self._records, self._events
             self._records, self._events = [], []
             try:
-                if self._link is None or self._link.loop is not asyncio.get_running_loop():
-                    self._drop_link()
-                    self._link = await asyncio.wait_for(Link.open(self._handle), self._timeout)
-                await asyncio.wait_for(self._link.send(records, events), self._timeout)
+                await self._send(records, events)
             except BaseException as exc:  # the service restarts, or this task is cancelled: keep them
                 self._records, self._events = records + self._records, events + self._events
                 self._drop_link()  # its state is unknown; a restarted service has a new writer
@@ -443,6 +447,27 @@ class AuditClient:
             delay = 0.05
             self._shipped += len(records) + len(events)
             self._wake()
+
+    async def _send(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        """One batch to the writer: over the link, or relayed by the ``audit`` deployment
+        while the writer's port cannot be reached (a firewall between nodes, say)."""
+        loop = asyncio.get_running_loop()
+        if self._link is not None and self._link.loop is not loop:
+            self._drop_link()
+        if self._link is None and loop.time() >= self._relay_until:
+            host, port, token = await asyncio.wait_for(self._handle.address.remote(), self._timeout)
+            try:
+                self._link = await asyncio.wait_for(Link.open(host, port, token), CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError) as exc:
+                log.warning(
+                    "audit writer at %s:%d out of reach (%s); relaying through the audit deployment",
+                    host, port, type(exc).__name__,
+                )  # fmt: skip
+                self._relay_until = loop.time() + RELAY_S
+        if self._link is None:
+            await asyncio.wait_for(self._handle.append.remote(records, events), self._timeout)
+        else:
+            await asyncio.wait_for(self._link.send(records, events), self._timeout)
 
     def _drop_link(self) -> None:
         if self._link is not None:

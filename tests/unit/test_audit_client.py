@@ -23,6 +23,8 @@ class FlakyService:
         self.failures, self.delay = failures, delay
         self.stored: list[dict[str, Any]] = []
         self.address = self  # handle.address.remote()
+        self.append = SimpleNamespace(remote=self.relay)  # handle.append.remote(): the service relays
+        self.relayed = 0
         self._server: asyncio.Server | None = None
         self._connections: list[asyncio.StreamWriter] = []
 
@@ -42,6 +44,10 @@ class FlakyService:
         for writer in self._connections:
             writer.close()
         self._server, self._connections = None, []
+
+    async def relay(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
+        self.relayed += len(records) + len(events)
+        return await self.store(records, events)
 
     async def store(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
         await asyncio.sleep(self.delay)
@@ -227,3 +233,29 @@ def test_the_writer_takes_batches_over_its_socket_only_with_its_token(tmp_path: 
     run(scenario())
     assert [json.loads(line)["decision_id"] for line in log.read_text().splitlines()] == ["dec_a"]
     assert verify(log, audit_key(log, None)).ok
+
+
+def test_a_writer_port_out_of_reach_is_relayed_through_the_service() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    service = FlakyService()
+
+    async def unreachable() -> tuple[str, int, str]:
+        return "127.0.0.1", closed, "secret"
+
+    service.address = SimpleNamespace(remote=unreachable)  # type: ignore[assignment]
+
+    async def scenario() -> None:
+        client = AuditClient(service, commit_timeout_s=5)  # type: ignore[arg-type]
+        client.append({"n": 1})
+        client.event({"kind": "outcome"})
+        await client.commit()
+        assert service.stored == [{"n": 1}, {"kind": "outcome"}] and service.relayed == 2
+        client.append({"n": 2})
+        await client.commit()  # no new attempt on the port for a while
+        assert service.relayed == 3 and client._link is None
+
+    run(scenario())
