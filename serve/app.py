@@ -43,11 +43,11 @@ __all__ = [
 # a laptop hold a fleet. The deploy config's ``deployments:`` section overrides these.
 AGENT_ACTOR_OPTIONS = {"num_cpus": 0.1}
 SERVICE_ACTOR_OPTIONS = {"num_cpus": 0.1}
-# The audit log and the memory store are files: their one writer lives on the head node,
-# whose disk outlives workers.
 # Ray's default (5 requests in flight per replica) queues in the caller's router beyond
 # that: the deployments that only wait on others (a scripted or upstream model) take many.
 PROXY_MAX_ONGOING_REQUESTS = 512
+# The audit log and the memory store are files: their one writer lives on the head node,
+# whose disk outlives workers.
 AUDIT_ACTOR_OPTIONS = {"num_cpus": 0.1, "resources": {"node:__internal_head__": 0.001}}
 MEMORY_ACTOR_OPTIONS = AUDIT_ACTOR_OPTIONS
 
