@@ -143,22 +143,24 @@ def test_records_made_while_carrying_are_handed_over_not_queued() -> None:
     run(scenario())
 
 
+def _record(decision_id: str) -> dict[str, Any]:
+    """A decision as a replica ships it."""
+    return {"request_id": "req_1", "decision_id": decision_id, "input_sha256": "00"}
+
+
 def test_the_service_writes_each_decision_once_even_after_a_restart(tmp_path: Path) -> None:
     from serve.audit import audit_key, verify
     from serve.audit_service import AuditWriter
 
     log = tmp_path / "audit.jsonl"
 
-    def record(decision_id: str) -> dict[str, Any]:
-        return {"request_id": "req_1", "decision_id": decision_id, "input_sha256": "00"}
-
     async def scenario() -> None:
         service = AuditWriter(str(log))
         # An ingress re-sends what it handed an agent that did not answer; the agent had it.
-        await service.append([record("dec_a"), record("dec_b")], [])
-        await service.append([record("dec_a")], [])
+        await service.append([_record("dec_a"), _record("dec_b")], [])
+        await service.append([_record("dec_a")], [])
         restarted = AuditWriter(str(log))
-        await restarted.append([record("dec_b"), record("dec_c")], [])
+        await restarted.append([_record("dec_b"), _record("dec_c")], [])
 
     run(scenario())
     lines = [json.loads(line) for line in log.read_text().splitlines()]
@@ -170,7 +172,6 @@ def test_a_failed_write_is_written_when_retried(tmp_path: Path) -> None:
     from serve.audit_service import AuditWriter
 
     log = tmp_path / "audit.jsonl"
-    record = {"request_id": "req_1", "decision_id": "dec_a", "input_sha256": "00"}
 
     async def scenario() -> None:
         writer = AuditWriter(str(log))
@@ -181,9 +182,9 @@ def test_a_failed_write_is_written_when_retried(tmp_path: Path) -> None:
 
         writer._log.write = full_disk  # type: ignore[method-assign]
         with pytest.raises(OSError):
-            await writer.append([dict(record)], [])
+            await writer.append([_record("dec_a")], [])
         writer._log.write = real  # type: ignore[method-assign]
-        assert await writer.append([dict(record)], []) == 1  # the client's retry is not a duplicate
+        assert await writer.append([_record("dec_a")], []) == 1  # the client's retry is not a duplicate
 
     run(scenario())
     assert [json.loads(line)["decision_id"] for line in log.read_text().splitlines()] == ["dec_a"]
@@ -210,19 +211,16 @@ def test_the_writer_takes_batches_over_its_socket_only_with_its_token(tmp_path: 
 
     log = tmp_path / "audit.jsonl"
 
-    def record(decision_id: str) -> dict[str, Any]:
-        return {"request_id": "req_1", "decision_id": decision_id, "input_sha256": "00"}
-
     async def scenario() -> None:
         writer = AuditWriter(str(log))
         service = SimpleNamespace(address=SimpleNamespace(remote=writer.address))  # the deployment's handle
         client = AuditClient(service, commit_timeout_s=5)  # type: ignore[arg-type]
-        client.append(record("dec_a"))
+        client.append(_record("dec_a"))
         await client.commit()
         host, port, token = await writer.address()
         reader, stranger = await asyncio.open_connection(host, port)
         write_frame(stranger, token[::-1])
-        write_frame(stranger, [[record("dec_forged")], []])
+        write_frame(stranger, [[_record("dec_forged")], []])
         await stranger.drain()
         assert await reader.read() == b""  # hung up on, unanswered
         reader, stranger = await asyncio.open_connection(host, port)
