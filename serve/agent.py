@@ -33,7 +33,7 @@ from serve.policy.guard import AgentGuard
 from serve.protocol import ChatRequest
 from serve.tools import load_tools
 
-__all__ = ["AgentDeployment"]
+__all__ = ["AgentDeployment", "shipping_first"]
 
 log = logging.getLogger("fleet.agent")
 
@@ -68,6 +68,22 @@ def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
             yield item
 
     return remote
+
+
+def shipping_first(audit: AuditClient, call: ModelCaller) -> ModelCaller:
+    """``call``, which first starts shipping the audit records queued before it.
+
+    A streamed answer's first token waits until the decisions made before it are durable;
+    shipped as the model call starts, their round trip overlaps the engine's prefill
+    instead of following the first token. (A carried request's records are not queued,
+    so nothing ships early for them: they go with the caller's commit.)
+    """
+
+    def call_after_shipping(request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        audit.ship()
+        return call(request)
+
+    return call_after_shipping
 
 
 def delegate_target(
@@ -116,7 +132,9 @@ class AgentDeployment:
         self._memory = memory
         self._memory_timeout = memory_timeout_s
         self._sessions = spec.manifest.memory.session
-        self._loop = AgentLoop(spec, tools, model_caller(model), targets, self._guard, builtin)
+        self._loop = AgentLoop(
+            spec, tools, shipping_first(self._audit, model_caller(model)), targets, self._guard, builtin
+        )
 
     def _enter(self, ctx: Context) -> Context:
         """This agent's context; records handed over with it are now this replica's to ship."""
