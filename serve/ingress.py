@@ -409,7 +409,8 @@ class Ingress:
 
     async def _next(self, events: Any, deadline: float, agent: str) -> Any:
         try:
-            return await asyncio.wait_for(events.__anext__(), max(deadline - time.monotonic(), 0.001))
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):  # no task per event
+                return await events.__anext__()
         except StopAsyncIteration:
             return AgentError(f"agent {agent!r} ended its stream without a result")
         except TimeoutError:
