@@ -1,11 +1,22 @@
 """The engine through Fleet against the engine alone, on the same model, in one run.
 
-(a) ``engine``: vLLM's engine in this process (Fleet's ``VLLMBackend``, no Ray), fed the
-    very messages the agent sends; (b) ``fleet``: the ``orchestrator`` agent of
-    configs/local.yaml over HTTP (proxy -> ingress -> agent -> model deployment), streamed.
-Same prompt, greedy decoding, concurrency 1 and 4. Output tokens/s per stream and time
-to first token. These are rungs L6 and L7 of the ladder: they go under ``llm`` in
-``loadtests/results/<date>.json``, beside bench.py's rungs.
+Rungs (one process holds the engine of L6 and drives the Ray cluster of L7):
+
+- ``L6 vllm-engine``: vLLM's engine in this process (Fleet's ``VLLMBackend``, no Ray),
+  fed the very messages the agent sends;
+- ``L6s serve-engine``: the same engine in a bare Ray Serve deployment that streams it
+  over HTTP (proxy -> deployment): what hosting an engine on Ray Serve costs before any
+  Fleet code runs, the floor under L7;
+- ``L7 fleet-on-engine``: ``chat-agent`` over HTTP (proxy -> ingress -> agent -> model
+  deployment, the engine of configs/local.yaml), streamed;
+- ``L7r fleet-on-engine-redacting``: the same agent with PII redaction on, whose stream
+  is held back by one word (a card number must be whole before any of it leaves), so
+  its first token leaves when the engine has made the second.
+
+Same prompt, greedy decoding, concurrency 1 and 4. Both engines stay loaded and the rungs
+take turns, round by round, so a machine that slows down mid-run slows every rung alike.
+Output tokens/s per stream (completion tokens over the whole stream) and time to first
+token. They go under ``llm`` in ``loadtests/results/<date>.json``, beside bench.py's rungs.
 """
 
 from __future__ import annotations
@@ -16,7 +27,9 @@ import datetime as dt
 import json
 import os
 import statistics
+import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +39,12 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 QUESTION = "Name three famous landmarks in Paris and say one sentence about each."
+AGENT, REDACTING = "chat-agent", "chat-agent-redacting"
+L6, L6S = "L6 vllm-engine", "L6s serve-engine"
+L7, L7R = "L7 fleet-on-engine", "L7r fleet-on-engine-redacting"
+
+Stream = tuple[float, float, int]  # time to first token, whole stream (s), completion tokens
+Runner = Callable[[], Awaitable[Stream]]
 
 
 def local_model_config() -> dict[str, Any]:
@@ -34,8 +53,7 @@ def local_model_config() -> dict[str, Any]:
     return config
 
 
-def summary(runs: list[tuple[float, float, int]]) -> dict[str, float]:
-    """runs: (time to first token, total seconds, completion tokens) per stream."""
+def summary(runs: list[Stream]) -> dict[str, float]:
     return {
         "streams": len(runs),
         "ttft_p50_ms": round(statistics.median(r[0] for r in runs) * 1000, 1),
@@ -44,24 +62,44 @@ def summary(runs: list[tuple[float, float, int]]) -> dict[str, float]:
     }
 
 
-async def engine_rungs(concurrency: list[int], rounds: int, max_tokens: int) -> dict[str, dict[str, float]]:
+def ratios(rungs: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for point, engine in rungs[L6].items():
+        figures: dict[str, float] = {}
+        for rung, label in ((L6S, "L6s"), (L7, "L7"), (L7R, "L7r")):
+            fleet = rungs.get(rung, {}).get(point)
+            if fleet is None:
+                continue
+            figures[f"{label}/L6 tokens/s"] = round(
+                fleet["tokens_per_s_per_stream"] / engine["tokens_per_s_per_stream"], 3
+            )
+            figures[f"{label}-L6 time to first token ms"] = round(
+                fleet["ttft_p50_ms"] - engine["ttft_p50_ms"], 1
+            )
+        out[point] = figures
+    return out
+
+
+def model_request(messages: list[dict[str, Any]], max_tokens: int) -> Any:
+    """What chat-agent asks its model for ``messages``: its system prompt first."""
     from serve.manifest import load_agent
-    from serve.models import VLLMConfig
     from serve.models.base import ModelRequest
-    from serve.models.vllm_engine import VLLMBackend
     from serve.prompt import PromptRenderer
 
-    system = PromptRenderer(load_agent(ROOT / "agents/orchestrator")).render(None)
-    backend = VLLMBackend(VLLMConfig.model_validate(local_model_config()))
-    request = ModelRequest(
-        agent="orchestrator",
-        messages=[{"role": "system", "content": system}, {"role": "user", "content": QUESTION}],
+    system = PromptRenderer(load_agent(HERE / "agents" / AGENT)).render(None)
+    return ModelRequest(
+        agent=AGENT,
+        messages=[{"role": "system", "content": system}, *messages],
         tool_choice="none",
         max_tokens=max_tokens,
         temperature=0,
     )
 
-    async def one() -> tuple[float, float, int]:
+
+def engine_runner(backend: Any, max_tokens: int) -> Runner:
+    request = model_request([{"role": "user", "content": QUESTION}], max_tokens)
+
+    async def one() -> Stream:
         start, first, tokens = time.perf_counter(), 0.0, 0
         async for piece in backend.stream(request):
             if piece.content and not first:
@@ -70,23 +108,38 @@ async def engine_rungs(concurrency: list[int], rounds: int, max_tokens: int) -> 
                 tokens = piece.usage.completion_tokens
         return first, time.perf_counter() - start, tokens
 
-    try:
-        await one()  # warm-up
-        out = {}
-        for c in concurrency:
-            runs = []
-            for _ in range(rounds):
-                runs += await asyncio.gather(*(one() for _ in range(c)))
-            out[f"c{c}"] = summary(runs)
-            print(f"[engine] concurrency {c}: {out[f'c{c}']}", flush=True)
-        return out
-    finally:
-        backend.shutdown()
+    return one
 
 
-async def fleet_rung(url: str, concurrency: int, rounds: int, max_tokens: int) -> dict[str, float]:
+class ServeEngine:
+    """L6s: the engine in a bare Ray Serve deployment, streamed as server-sent events."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from serve.models import VLLMConfig
+        from serve.models.vllm_engine import VLLMBackend
+
+        self._backend = VLLMBackend(VLLMConfig.model_validate(config))
+
+    async def __call__(self, http: Any) -> Any:
+        from starlette.responses import StreamingResponse
+
+        body = await http.json()
+        request = model_request(body["messages"], body["max_tokens"])
+
+        async def events() -> AsyncIterator[str]:
+            async for piece in self._backend.stream(request):
+                if piece.content:
+                    yield f"data: {json.dumps({'choices': [{'delta': {'content': piece.content}}]})}\n\n"
+                if piece.usage:
+                    yield f"data: {json.dumps({'usage': piece.usage.model_dump()})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def http_runner(client: httpx.AsyncClient, url: str, agent: str, max_tokens: int) -> Runner:
     body = {
-        "model": "orchestrator",
+        "model": agent,
         "messages": [{"role": "user", "content": QUESTION}],
         "tool_choice": "none",
         "temperature": 0,
@@ -94,93 +147,127 @@ async def fleet_rung(url: str, concurrency: int, rounds: int, max_tokens: int) -
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    async with httpx.AsyncClient(timeout=600) as client:
 
-        async def one() -> tuple[float, float, int]:
-            start, first, tokens = time.perf_counter(), 0.0, 0
-            async with client.stream("POST", url, json=body) as response:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    event = json.loads(line[6:])
-                    choices = event.get("choices") or []
-                    if choices and choices[0]["delta"].get("content") and not first:
-                        first = time.perf_counter() - start
-                    if event.get("usage"):
-                        tokens = event["usage"]["completion_tokens"]
-            return first, time.perf_counter() - start, tokens
+    async def one() -> Stream:
+        start, first, tokens = time.perf_counter(), 0.0, 0
+        async with client.stream("POST", url, json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                choices = event.get("choices") or []
+                if choices and choices[0]["delta"].get("content") and not first:
+                    first = time.perf_counter() - start
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+        return first, time.perf_counter() - start, tokens
 
-        await one()
-        runs = []
-        for _ in range(rounds):
-            runs += await asyncio.gather(*(one() for _ in range(concurrency)))
-    return summary(runs)
+    return one
 
 
-def deploy_fleet(port: int) -> None:
+async def interleaved(
+    runners: dict[str, Runner], concurrency: list[int], rounds: dict[int, int]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Each rung's streams, ``c`` at a time, the rungs taking turns (order rotated each round)."""
+    for run in runners.values():
+        await run()  # warm-up
+    names = list(runners)
+    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
+    for c in concurrency:
+        runs: dict[str, list[Stream]] = {name: [] for name in names}
+        for i in range(rounds[c]):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                runs[name] += await asyncio.gather(*(runners[name]() for _ in range(c)))
+            print(f"[c{c}] round {i + 1}/{rounds[c]}", flush=True)
+        for name in names:
+            out[name][f"c{c}"] = summary(runs[name])
+            print(f"[c{c}] {name}: {out[name][f'c{c}']}", flush=True)
+    return out
+
+
+def deploy_fleet(port: int, audit: Path) -> None:
     import ray
     from ray import serve as rayserve
 
     from serve.app import build_app
 
-    raw = yaml.safe_load((ROOT / "configs/local.yaml").read_text())
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    args = {
+        "agents_dir": str(HERE / "agents"),
+        "agents": [AGENT, REDACTING],
+        "models": {"default": local_model_config()},
+        "governance": {"audit": {"path": str(audit)}},
+    }
+    from serve.models import VLLMConfig
+
+    # Logical CPUs: two engines and Fleet's replicas must all be placed on this one node.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     rayserve.start(http_options={"host": "127.0.0.1", "port": port})
-    rayserve.run(build_app(raw["applications"][0]["args"]), name="fleet", route_prefix="/")
+    engine = rayserve.deployment(
+        ServeEngine, ray_actor_options=VLLMConfig.model_validate(local_model_config()).ray_actor_options()
+    )
+    rayserve.run(engine.bind(local_model_config()), name="engine", route_prefix="/engine")
+    rayserve.run(build_app(args), name="fleet", route_prefix="/")
+
+
+async def measure(args: argparse.Namespace, port: int) -> dict[str, dict[str, dict[str, float]]]:
+    from serve.models import VLLMConfig
+    from serve.models.vllm_engine import VLLMBackend
+
+    print("[engine] loading the engine in this process ...", flush=True)
+    backend = VLLMBackend(VLLMConfig.model_validate(local_model_config()))
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        async with httpx.AsyncClient(timeout=600) as client:
+            runners = {
+                L6: engine_runner(backend, args.max_tokens),
+                L6S: http_runner(client, f"http://127.0.0.1:{port}/engine", AGENT, args.max_tokens),
+                L7: http_runner(client, url, AGENT, args.max_tokens),
+                L7R: http_runner(client, url, REDACTING, args.max_tokens),
+            }
+            rounds = {c: max(1, args.streams // c) for c in args.concurrency}
+            return await interleaved(runners, args.concurrency, rounds)
+    finally:
+        backend.shutdown()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=12, help="Streams per rung and concurrency.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
-    results: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(), "question": QUESTION, "rungs": {}}
-    # One engine at a time (the machine has two cores): first alone, then behind Fleet.
-    results["rungs"]["engine"] = asyncio.run(engine_rungs(args.concurrency, args.rounds, args.max_tokens))
     port = 8124
-    print("[fleet] deploying configs/local.yaml ...", flush=True)
-    deploy_fleet(port)
-    try:
-        for c in args.concurrency:
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            results["rungs"].setdefault("fleet", {})[f"c{c}"] = asyncio.run(
-                fleet_rung(url, c, args.rounds, args.max_tokens)
-            )
-            print(results["rungs"]["fleet"][f"c{c}"], flush=True)
-    finally:
-        import ray
-        from ray import serve as rayserve
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-llm-") as audit:
+        print(
+            "[fleet] deploying chat-agent, and a bare engine deployment, on configs/local.yaml's model ...",
+            flush=True,
+        )
+        deploy_fleet(port, Path(audit) / "audit.jsonl")
+        try:
+            rungs = asyncio.run(measure(args, port))
+        finally:
+            import ray
+            from ray import serve as rayserve
 
-        rayserve.shutdown()
-        ray.shutdown()
-    engine, fleet = results["rungs"]["engine"], results["rungs"]["fleet"]
-    ratios = {
-        f"c{c}": {
-            "L7/L6 tokens/s": round(
-                fleet[f"c{c}"]["tokens_per_s_per_stream"] / engine[f"c{c}"]["tokens_per_s_per_stream"], 3
-            ),
-            "L7-L6 time to first token ms": round(
-                fleet[f"c{c}"]["ttft_p50_ms"] - engine[f"c{c}"]["ttft_p50_ms"], 1
-            ),
-        }
-        for c in args.concurrency
-    }
-    print(json.dumps(ratios, indent=2))
+            rayserve.shutdown()
+            ray.shutdown()
+    figures = ratios(rungs)
+    print(json.dumps(figures, indent=2))
     # L6 and L7 of the ladder, in the same results file as bench.py's rungs.
     out = args.output or HERE / "results" / f"{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(out.read_text()) if out.exists() else {}
     merged["llm"] = {
-        "date": results["date"],
+        "date": dt.datetime.now(dt.UTC).isoformat(),
         "question": QUESTION,
         "max_tokens": args.max_tokens,
-        "rungs": {"L6 vllm-engine": engine, "L7 fleet-on-engine": fleet},
-        "ratios": ratios,
+        "rungs": rungs,
+        "ratios": figures,
     }
     out.write_text(json.dumps(merged, indent=2) + "\n")
     print(f"written: {out}")
