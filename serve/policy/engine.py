@@ -177,10 +177,15 @@ class RegoEngine:
             raise _rego_config_error(exc, by_path) from None
         # One interpreter holds one input at a time; tools run in threads, policies may too.
         self._lock = threading.Lock()
+        # Asked on every decision (its audit record names the policy): worked out once.
+        self._described = {
+            point: (Path(module.path).name, module.version)
+            for point in POINTS
+            if (module := self._by_package.get(f"fleet.{point}")) is not None
+        }
 
     def describe(self, point: Point) -> tuple[str, str]:
-        module = self._by_package.get(f"fleet.{point}")
-        return (Path(module.path).name, module.version) if module else ("none", "-")
+        return self._described.get(point, ("none", "-"))
 
     def evaluate(self, point: Point, document: dict[str, Any]) -> PolicyResult:
         if point not in self._points or self._bundle is None:
