@@ -130,8 +130,12 @@ class MetricsSink:
         kind, agent = event["kind"], event.get("agent") or self._agent or "unknown"
         version = {"agent": agent, "version": self._version}
         if kind == "model_call":
-            self._m.tokens.inc(event["prompt_tokens"], {**version, "direction": "input"})
-            self._m.tokens.inc(event["completion_tokens"], {**version, "direction": "output"})
+            for direction, count in (
+                ("input", event["prompt_tokens"]),
+                ("output", event["completion_tokens"]),
+            ):
+                if count:  # a backend may report no usage; Ray's counters refuse an increment of 0
+                    self._m.tokens.inc(count, {**version, "direction": direction})
             self._m.model_calls.inc(1, {**version, "finish_reason": str(event["finish_reason"])})
         elif kind == "tool_call":
             tool = event["tool"] if event["tool"] in self._tools else "unknown"

@@ -70,3 +70,15 @@ def test_dashboard_queries_parse_and_use_exported_metrics() -> None:
         "ray_fleet_policy_decisions_total",
     } <= used
     assert "ray_serve_deployment_replica_healthy" in used
+
+
+def test_a_model_call_without_usage_is_counted_and_handed_on() -> None:
+    """A backend that reports no tokens (an upstream without streamed usage) fails nothing."""
+    from serve.metrics import MetricsSink
+    from tests.unit.conftest import MemorySink
+
+    inner = MemorySink()
+    sink = MetricsSink(inner, "tester", "1.0.0", [])
+    call = {"kind": "model_call", "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}
+    sink.event(call)
+    assert inner.events == [call]
