@@ -33,7 +33,7 @@ from serve.policy.guard import AgentGuard
 from serve.protocol import ChatRequest
 from serve.tools import load_tools
 
-__all__ = ["AgentDeployment", "shipping_first"]
+__all__ = ["AgentDeployment"]
 
 log = logging.getLogger("fleet.agent")
 
@@ -70,7 +70,7 @@ def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
     return remote
 
 
-def shipping_first(audit: AuditClient, call: ModelCaller) -> ModelCaller:
+def _shipping_first(audit: AuditClient, call: ModelCaller) -> ModelCaller:
     """``call``, which first starts shipping the audit records queued before it.
 
     A streamed answer's first token waits until the decisions made before it are durable;
@@ -133,7 +133,7 @@ class AgentDeployment:
         self._memory_timeout = memory_timeout_s
         self._sessions = spec.manifest.memory.session
         self._loop = AgentLoop(
-            spec, tools, shipping_first(self._audit, model_caller(model)), targets, self._guard, builtin
+            spec, tools, _shipping_first(self._audit, model_caller(model)), targets, self._guard, builtin
         )
 
     def _enter(self, ctx: Context) -> Context:

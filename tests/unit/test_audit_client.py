@@ -27,6 +27,7 @@ class FlakyService:
         self.relayed = 0
         self._server: asyncio.Server | None = None
         self._connections: list[asyncio.StreamWriter] = []
+        self.landed = asyncio.Event()  # set when a batch is stored
 
     async def remote(self) -> tuple[str, int, str]:
         if self._server is None:
@@ -55,6 +56,7 @@ class FlakyService:
             self.failures -= 1
             raise OSError("disk full")
         self.stored += [r for r in records if r not in self.stored] + events
+        self.landed.set()
         return len(records)
 
 
@@ -255,33 +257,5 @@ def test_a_writer_port_out_of_reach_is_relayed_through_the_service() -> None:
         client.append({"n": 2})
         await client.commit()  # no new attempt on the port for a while
         assert service.relayed == 3 and client._link is None
-
-    run(scenario())
-
-
-def test_records_queued_before_a_model_call_ship_while_the_model_works() -> None:
-    """The model's first token must wait for them: their round trip overlaps the prefill."""
-    from serve.agent import shipping_first
-    from serve.models.base import ModelChunk, ModelRequest
-
-    service = FlakyService()
-
-    async def scenario() -> None:
-        # A linger far longer than the test: only the model call can have shipped them.
-        client = AuditClient(service, commit_timeout_s=5, linger_s=3600)  # type: ignore[arg-type]
-        client.append(_record("d-before-model"))
-
-        async def model(request: ModelRequest) -> Any:
-            for _ in range(500):  # the engine's prefill, during which the batch lands
-                if service.stored:
-                    break
-                await asyncio.sleep(0.01)
-            yield ModelChunk(content="stored" if service.stored else "not shipped")
-
-        call = shipping_first(client, model)
-        chunks = [c async for c in call(ModelRequest(agent="a", messages=[]))]
-        assert [c.content for c in chunks] == ["stored"]
-        await client.commit()  # the first token's wait: nothing left to send
-        assert service.stored == [_record("d-before-model")]
 
     run(scenario())

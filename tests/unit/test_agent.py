@@ -1,0 +1,58 @@
+"""serve.agent.AgentDeployment outside Ray: a fake model handle, a real audit link server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from serve.agent import AgentDeployment
+from serve.loop import ContentDelta, Context, Finished
+from serve.models.base import ModelChunk, ModelRequest
+from serve.protocol import ChatRequest
+from tests.unit.conftest import ROOT, run, write_agent
+from tests.unit.test_audit_client import FlakyService
+
+
+class WaitingModel:
+    """A model deployment's handle whose prefill lasts until the audit service has stored
+    something (or 5 s): its reply says which."""
+
+    def __init__(self, service: FlakyService) -> None:
+        self.service = service
+        self.stream = self  # handle.options(stream=True).stream.remote(request)
+
+    def options(self, **_: Any) -> WaitingModel:
+        return self
+
+    async def remote(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        try:
+            await asyncio.wait_for(self.service.landed.wait(), 5)
+            reply = "stored"
+        except TimeoutError:
+            reply = "not shipped"
+        yield ModelChunk(content=reply)
+        yield ModelChunk(finish_reason="stop")
+
+
+def test_a_streamed_answer_ships_its_decisions_while_the_model_works(tmp_path: Path) -> None:
+    """The first token waits for them: their round trip overlaps the prefill, not after it."""
+    write_agent(tmp_path, "streamer", policies={"pii": "allow"})
+    service = FlakyService()
+
+    async def scenario() -> list[Any]:
+        agent = AgentDeployment(
+            str(tmp_path), "streamer", WaitingModel(service), {},  # type: ignore[arg-type]
+            {"policies": ["configs/policies"]}, str(ROOT), service, None,  # type: ignore[arg-type]
+        )  # fmt: skip
+        agent._audit._linger = 3600  # only the model call may ship them, not the straggler timer
+        request = ChatRequest.model_validate(
+            {"model": "streamer", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        )
+        return [event async for event in agent.stream(request, Context.new())]
+
+    events = run(scenario())
+    assert [e.text for e in events if isinstance(e, ContentDelta)] == ["stored"]
+    assert isinstance(events[-1], Finished)
+    assert [r["point"] for r in service.stored if "point" in r][:1] == ["model_input"]
