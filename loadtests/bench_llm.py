@@ -1,22 +1,23 @@
 """The engine through Fleet against the engine alone, on the same model, in one run.
 
-Rungs (one process holds the engine of L6 and drives the Ray cluster of L7):
+Rungs (this process holds L6's engine and drives a Ray cluster holding L6s's and L7's):
 
 - ``L6 vllm-engine``: vLLM's engine in this process (Fleet's ``VLLMBackend``, no Ray),
   fed the very messages the agent sends;
 - ``L6s serve-engine``: the same engine in a bare Ray Serve deployment that streams it
-  over HTTP (proxy -> deployment): what hosting an engine on Ray Serve costs before any
-  Fleet code runs, the floor under L7;
+  over HTTP (proxy -> deployment; no ingress, agent or governance): what hosting an
+  engine on Ray Serve costs, the floor under L7;
 - ``L7 fleet-on-engine``: ``chat-agent`` over HTTP (proxy -> ingress -> agent -> model
   deployment, the engine of configs/local.yaml), streamed;
 - ``L7r fleet-on-engine-redacting``: the same agent with PII redaction on, whose stream
-  is held back by one word (a card number must be whole before any of it leaves), so
-  its first token leaves when the engine has made the second.
+  is held back until the word or number it may belong to is complete (a card number must
+  be whole before any of it leaves).
 
-Same prompt, greedy decoding, concurrency 1 and 4. Both engines stay loaded and the rungs
-take turns, round by round, so a machine that slows down mid-run slows every rung alike.
-Output tokens/s per stream (completion tokens over the whole stream) and time to first
-token. They go under ``llm`` in ``loadtests/results/<date>.json``, beside bench.py's rungs.
+Same prompt, greedy decoding, concurrency 1 and 4. The three engines stay loaded and the
+rungs take turns, round by round, each going first equally often, so a machine that
+slows down mid-run slows every rung alike. Output tokens/s per stream (completion tokens
+over the whole stream) and time to first token. They go under ``llm`` in
+``loadtests/results/<date>.json``, beside bench.py's rungs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from serve.models import VLLMConfig  # the config half: no vLLM import
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -80,13 +83,18 @@ def ratios(rungs: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str,
     return out
 
 
-def model_request(messages: list[dict[str, Any]], max_tokens: int) -> Any:
-    """What chat-agent asks its model for ``messages``: its system prompt first."""
+def system_prompt() -> str:
+    """chat-agent's system prompt (rendered once: the agent's replica caches its template)."""
     from serve.manifest import load_agent
-    from serve.models.base import ModelRequest
     from serve.prompt import PromptRenderer
 
-    system = PromptRenderer(load_agent(HERE / "agents" / AGENT)).render(None)
+    return PromptRenderer(load_agent(HERE / "agents" / AGENT)).render(None)
+
+
+def model_request(system: str, messages: list[dict[str, Any]], max_tokens: int) -> Any:
+    """What chat-agent asks its model for ``messages``."""
+    from serve.models.base import ModelRequest
+
     return ModelRequest(
         agent=AGENT,
         messages=[{"role": "system", "content": system}, *messages],
@@ -97,7 +105,7 @@ def model_request(messages: list[dict[str, Any]], max_tokens: int) -> Any:
 
 
 def engine_runner(backend: Any, max_tokens: int) -> Runner:
-    request = model_request([{"role": "user", "content": QUESTION}], max_tokens)
+    request = model_request(system_prompt(), [{"role": "user", "content": QUESTION}], max_tokens)
 
     async def one() -> Stream:
         start, first, tokens = time.perf_counter(), 0.0, 0
@@ -115,16 +123,16 @@ class ServeEngine:
     """L6s: the engine in a bare Ray Serve deployment, streamed as server-sent events."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from serve.models import VLLMConfig
         from serve.models.vllm_engine import VLLMBackend
 
         self._backend = VLLMBackend(VLLMConfig.model_validate(config))
+        self._system = system_prompt()
 
     async def __call__(self, http: Any) -> Any:
         from starlette.responses import StreamingResponse
 
         body = await http.json()
-        request = model_request(body["messages"], body["max_tokens"])
+        request = model_request(self._system, body["messages"], body["max_tokens"])
 
         async def events() -> AsyncIterator[str]:
             async for piece in self._backend.stream(request):
@@ -198,8 +206,6 @@ def deploy_fleet(port: int, audit: Path) -> None:
         "models": {"default": local_model_config()},
         "governance": {"audit": {"path": str(audit)}},
     }
-    from serve.models import VLLMConfig
-
     # Logical CPUs: two engines and Fleet's replicas must all be placed on this one node.
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     rayserve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -211,7 +217,6 @@ def deploy_fleet(port: int, audit: Path) -> None:
 
 
 async def measure(args: argparse.Namespace, port: int) -> dict[str, dict[str, dict[str, float]]]:
-    from serve.models import VLLMConfig
     from serve.models.vllm_engine import VLLMBackend
 
     print("[engine] loading the engine in this process ...", flush=True)
@@ -225,7 +230,9 @@ async def measure(args: argparse.Namespace, port: int) -> dict[str, dict[str, di
                 L7: http_runner(client, url, AGENT, args.max_tokens),
                 L7R: http_runner(client, url, REDACTING, args.max_tokens),
             }
-            rounds = {c: max(1, args.streams // c) for c in args.concurrency}
+            # Whole cycles of rotation: each rung goes first equally often.
+            cycles = {c: max(1, -(-args.streams // (c * len(runners)))) for c in args.concurrency}
+            rounds = {c: n * len(runners) for c, n in cycles.items()}
             return await interleaved(runners, args.concurrency, rounds)
     finally:
         backend.shutdown()
