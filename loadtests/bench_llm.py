@@ -194,7 +194,17 @@ async def interleaved(
     return out
 
 
-def deploy_fleet(port: int, audit: Path) -> None:
+ENGINE_APP, FLEET_APP = "bench-llm-engine", "bench-llm"
+
+
+def model_config(tiny: bool) -> dict[str, Any]:
+    """configs/local.yaml's model; ``tiny`` gives its engines a small KV cache (a CI box)."""
+    config = local_model_config()
+    return {**config, "cpu_kv_cache_gib": 0.25, "max_model_len": 512} if tiny else config
+
+
+def deploy(address: str | None, port: int, audit: Path, model: dict[str, Any]) -> None:
+    """L6s's and L7's applications, on a cluster of their own or beside a running fleet."""
     import ray
     from ray import serve as rayserve
 
@@ -203,30 +213,49 @@ def deploy_fleet(port: int, audit: Path) -> None:
     args = {
         "agents_dir": str(HERE / "agents"),
         "agents": [AGENT, REDACTING],
-        "models": {"default": local_model_config()},
+        "models": {"default": model},
         "governance": {"audit": {"path": str(audit)}},
     }
-    # Logical CPUs: two engines and Fleet's replicas must all be placed on this one node.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    rayserve.start(http_options={"host": "127.0.0.1", "port": port})
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # logical CPUs: two engines and Fleet's replicas must all be placed on this one node
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+        rayserve.start(http_options={"host": "127.0.0.1", "port": port})
     engine = rayserve.deployment(
-        ServeEngine, ray_actor_options=VLLMConfig.model_validate(local_model_config()).ray_actor_options()
+        ServeEngine, ray_actor_options=VLLMConfig.model_validate(model).ray_actor_options()
     )
-    rayserve.run(engine.bind(local_model_config()), name="engine", route_prefix="/engine")
-    rayserve.run(build_app(args), name="fleet", route_prefix="/")
+    rayserve.run(engine.bind(model), name=ENGINE_APP, route_prefix=f"/{ENGINE_APP}")
+    rayserve.run(build_app(args), name=FLEET_APP, route_prefix=f"/{FLEET_APP}")
 
 
-async def measure(args: argparse.Namespace, port: int) -> dict[str, dict[str, dict[str, float]]]:
+def undeploy(address: str | None) -> None:
+    """Remove what :func:`deploy` made: its applications, or its whole cluster."""
+    import ray
+    from ray import serve as rayserve
+
+    try:
+        if address:
+            for app in (ENGINE_APP, FLEET_APP):
+                rayserve.delete(app)
+        else:
+            rayserve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+async def measure(
+    args: argparse.Namespace, base: str, model: dict[str, Any]
+) -> dict[str, dict[str, dict[str, float]]]:
     from serve.models.vllm_engine import VLLMBackend
 
     print("[engine] loading the engine in this process ...", flush=True)
-    backend = VLLMBackend(VLLMConfig.model_validate(local_model_config()))
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    backend = VLLMBackend(VLLMConfig.model_validate(model))
+    url = f"{base}/{FLEET_APP}/v1/chat/completions"
     try:
         async with httpx.AsyncClient(timeout=600) as client:
             runners = {
                 L6: engine_runner(backend, args.max_tokens),
-                L6S: http_runner(client, f"http://127.0.0.1:{port}/engine", AGENT, args.max_tokens),
+                L6S: http_runner(client, f"{base}/{ENGINE_APP}", AGENT, args.max_tokens),
                 L7: http_runner(client, url, AGENT, args.max_tokens),
                 L7R: http_runner(client, url, REDACTING, args.max_tokens),
             }
@@ -246,23 +275,29 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--address", default=None, help="Deploy beside a running fleet on this Ray cluster (Serve started)."
+    )
+    parser.add_argument("--port", type=int, default=None, help="Serve's HTTP port (with --address).")
+    parser.add_argument(
+        "--tiny", action="store_true", help="One rotation of 4-token streams at c1: exercises the code only."
+    )
     args = parser.parse_args()
+    if args.tiny:
+        args.streams, args.max_tokens, args.concurrency = 1, 4, [1]
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
-    port = 8124
+    port = args.port or 8124
+    model = model_config(args.tiny)
     with tempfile.TemporaryDirectory(prefix="fleet-bench-llm-") as audit:
         print(
-            "[fleet] deploying chat-agent, and a bare engine deployment, on configs/local.yaml's model ...",
+            "[fleet] deploying chat-agent and a bare engine deployment, on configs/local.yaml's model ...",
             flush=True,
         )
-        deploy_fleet(port, Path(audit) / "audit.jsonl")
         try:
-            rungs = asyncio.run(measure(args, port))
+            deploy(args.address, port, Path(audit) / "audit.jsonl", model)
+            rungs = asyncio.run(measure(args, f"http://127.0.0.1:{port}", model))
         finally:
-            import ray
-            from ray import serve as rayserve
-
-            rayserve.shutdown()
-            ray.shutdown()
+            undeploy(args.address)
     figures = ratios(rungs)
     print(json.dumps(figures, indent=2))
     # L6 and L7 of the ladder, in the same results file as bench.py's rungs.

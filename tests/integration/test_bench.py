@@ -70,3 +70,27 @@ def test_artifact_benchmark_runs_both_ways(fleet: Fleet, tmp_path: Path) -> None
 
     apps = serve_details(fleet.dashboard)["applications"]
     assert not [name for name in apps if name.startswith("bench-")]
+
+
+def test_llm_bench_runs_its_four_rungs_on_the_real_engine(fleet: Fleet, tmp_path: Path) -> None:
+    """L6 (in the bench's process), L6s and L7/L7r (beside the test fleet): small engines, 4 tokens."""
+    address, port = cluster(fleet)
+    out = tmp_path / "llm.json"
+    command = [
+        sys.executable, "loadtests/bench_llm.py", "--tiny", "--address", address, "--port", port,
+        "--output", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    llm = json.loads(out.read_text())["llm"]
+    assert set(llm["rungs"]) == {
+        "L6 vllm-engine", "L6s serve-engine", "L7 fleet-on-engine", "L7r fleet-on-engine-redacting",
+    }  # fmt: skip
+    for figures in llm["rungs"].values():
+        c1 = figures["c1"]
+        assert c1["streams"] == 4 and c1["ttft_p50_ms"] > 0 and c1["completion_tokens_p50"] == 4
+    assert set(llm["ratios"]["c1"]) >= {"L7/L6 tokens/s", "L7-L6 time to first token ms"}
+    from serve.cli import serve_details
+
+    apps = serve_details(fleet.dashboard)["applications"]
+    assert not [name for name in apps if name.startswith("bench-")]  # the bench removed what it deployed
