@@ -288,6 +288,10 @@ def main() -> None:
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     port = args.port or 8124
     model = model_config(args.tiny)
+    if VLLMConfig.model_validate(model).embedded:  # as `fleet up` does: once, before any engine starts
+        from serve.models.embedded import ensure_model
+
+        print(f"[model] preparing the embedded model ... {ensure_model()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fleet-bench-llm-") as audit:
         print(
             "[fleet] deploying chat-agent and a bare engine deployment, on configs/local.yaml's model ...",
