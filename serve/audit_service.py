@@ -283,12 +283,17 @@ class AuditWriter:
                 _settle(batch, 0, exc)
                 continue
             _settle(batch, count, None)
-            if records:
+            if count:  # only a write locks the log; a batch of duplicates wrote nothing to seal
                 self._sealing = asyncio.ensure_future(self._seal())
 
     async def _seal(self) -> None:
+        # Once a batch is written, its checkpoint must follow and the lock go, even if this
+        # task is cancelled (the loop closing) before a thread picks the job up: a cancelled
+        # to_thread() would drop the job, leaving the log locked. The shielded executor
+        # future is not a task, so a closing loop waits for it instead of cancelling it.
+        job = asyncio.get_running_loop().run_in_executor(None, self._log.seal)
         try:
-            await asyncio.to_thread(self._log.seal)
+            await asyncio.shield(job)
         except Exception as exc:  # verification reports the stale checkpoint; the next batch retries
             log.error("audit checkpoint write failed", exc_info=exc)
 

@@ -263,3 +263,27 @@ def test_a_writer_port_out_of_reach_is_relayed_through_the_service() -> None:
         assert service.relayed == 3 and client._link is None
 
     run(scenario())
+
+
+def test_a_batch_written_as_the_loop_closes_is_still_sealed_and_unlocked(tmp_path: Path) -> None:
+    """The checkpoint follows every write, even when its task is cancelled before it ran
+    (before: about one loop in eight left the log locked), and a batch of duplicates
+    rewrites no checkpoint (before: it raced the next writer's, without the lock)."""
+    import fcntl
+
+    from serve.audit import audit_key, verify
+    from serve.audit_service import AuditWriter
+
+    for attempt in range(30):
+        log = tmp_path / f"audit-{attempt}.jsonl"
+
+        async def scenario(path: Path = log) -> None:
+            first = AuditWriter(str(path))
+            await first.append([_record("dec_a"), _record("dec_b")], [])
+            await first.append([_record("dec_a")], [])
+            await AuditWriter(str(path)).append([_record("dec_c")], [])  # the loop ends right after
+
+        run(scenario())
+        with log.open("rb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # BlockingIOError if still locked
+        assert verify(log, audit_key(log, None)).ok
