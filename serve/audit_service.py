@@ -257,15 +257,6 @@ class AuditWriter:
     def check_health(self) -> None:
         os.fstat(self._events_fd)
 
-    async def close(self) -> None:
-        """Finish the batch in hand and its checkpoint, then let go of the files (and the lock)."""
-        if self._writer is not None:
-            await self._writer
-        if self._sealing is not None:
-            await self._sealing
-        self._log.close()
-        os.close(self._events_fd)
-
     async def _drain(self) -> None:
         # On this loop, not in a thread: a batch is a few records and one fdatasync, and a
         # thread hand-off cost more than the write. The checkpoint is rewritten in a

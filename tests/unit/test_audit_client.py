@@ -161,10 +161,8 @@ def test_the_service_writes_each_decision_once_even_after_a_restart(tmp_path: Pa
         # An ingress re-sends what it handed an agent that did not answer; the agent had it.
         await service.append([_record("dec_a"), _record("dec_b")], [])
         await service.append([_record("dec_a")], [])
-        await service.close()
         restarted = AuditWriter(str(log))
         await restarted.append([_record("dec_b"), _record("dec_c")], [])
-        await restarted.close()
 
     run(scenario())
     lines = [json.loads(line) for line in log.read_text().splitlines()]
@@ -189,7 +187,6 @@ def test_a_failed_write_is_written_when_retried(tmp_path: Path) -> None:
             await writer.append([_record("dec_a")], [])
         writer._log.write = real  # type: ignore[method-assign]
         assert await writer.append([_record("dec_a")], []) == 1  # the client's retry is not a duplicate
-        await writer.close()
 
     run(scenario())
     assert [json.loads(line)["decision_id"] for line in log.read_text().splitlines()] == ["dec_a"]
@@ -232,7 +229,6 @@ def test_the_writer_takes_batches_over_its_socket_only_with_its_token(tmp_path: 
         stranger.write((1 << 31).to_bytes(4, "big"))  # "here come 2 GiB": not read, not kept
         await stranger.drain()
         assert await reader.read() == b""
-        await writer.close()
 
     run(scenario())
     assert [json.loads(line)["decision_id"] for line in log.read_text().splitlines()] == ["dec_a"]
