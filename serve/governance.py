@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from serve.audit import canonical
 from serve.errors import ConfigError, Unauthorized
 from serve.loop import Context
-from serve.policy.engine import OpaEngine, PolicyEngine, PolicyFailure, RegoEngine, load_modules
+from serve.policy.engine import (
+    EncodedInput,
+    OpaEngine,
+    PolicyEngine,
+    PolicyFailure,
+    RegoEngine,
+    encode_input,
+    load_modules,
+)
 from serve.policy.pii import redact, scan
-from serve.policy.schema import POINTS, AgentFacts, Outcome, Point, PolicyInput, Principal, RequestFacts
+from serve.policy.schema import INPUT_VERSION, POINTS, AgentFacts, Outcome, Point, Principal
 
 __all__ = [
     "ANONYMOUS",
@@ -204,30 +212,55 @@ class Governor:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._engine, self._shadow, self._sink, self._clock = engine, shadow, sink, clock
+        # The principal and agent facts of recent decisions, as JSON and canonical JSON, by
+        # identity: a request's decisions share them (its guard keeps one AgentFacts per
+        # scope set), so each is dumped and encoded once, not once per decision.
+        self._dumped: dict[int, tuple[Principal | AgentFacts, dict[str, Any], bytes]] = {}
 
     def decide(
         self, point: Point, ctx: Context, agent: AgentFacts, action: dict[str, Any], label: str
     ) -> Decision:
-        document = PolicyInput(
-            point=point,
-            request=RequestFacts(id=ctx.request_id, chain=list(ctx.chain)),
-            principal=ctx.principal or ANONYMOUS,
-            agent=agent,
-            action=action,
-        ).model_dump(mode="json")
-        input_sha = hashlib.sha256(canonical(document)).hexdigest()
-        decision = self._evaluate(self._engine, point, document)
+        # The PolicyInput document (``fleet.policy/v1``), built as the dict its model dumps
+        # to (a test holds the two equal): validating it again per decision cost more than
+        # the decision.
+        chain = list(ctx.chain)
+        principal, principal_json = self._dump(ctx.principal or ANONYMOUS)
+        facts, facts_json = self._dump(agent)
+        document = {
+            "version": INPUT_VERSION,
+            "point": point,
+            "request": {"id": ctx.request_id, "chain": chain},
+            "principal": principal,
+            "agent": facts,
+            "action": action,
+        }
+        encoded = encode_input(point, ctx.request_id, chain, principal_json, facts_json, action)
+        input_sha = hashlib.sha256(encoded.whole).hexdigest()
+        decision = self._evaluate(self._engine, point, document, encoded)
         self._audit(ctx, agent.name, label, decision, input_sha, enforced=True)
         if self._shadow is not None and point in self._shadow[1]:
-            shadow = self._evaluate(self._shadow[0], point, document)
+            shadow = self._evaluate(self._shadow[0], point, document, encoded)
             self._audit(ctx, agent.name, label, shadow, input_sha, enforced=False)
         return decision
 
-    def _evaluate(self, engine: PolicyEngine, point: Point, document: dict[str, Any]) -> Decision:
+    def _dump(self, model: Principal | AgentFacts) -> tuple[dict[str, Any], bytes]:
+        hit = self._dumped.get(id(model))
+        if hit is not None and hit[0] is model:
+            return hit[1], hit[2]
+        if len(self._dumped) >= 256:  # principals arrive with each request: keep the recent ones
+            self._dumped.clear()
+        dumped = model.model_dump(mode="json")
+        encoded = canonical(dumped)
+        self._dumped[id(model)] = (model, dumped, encoded)
+        return dumped, encoded
+
+    def _evaluate(
+        self, engine: PolicyEngine, point: Point, document: dict[str, Any], encoded: EncodedInput
+    ) -> Decision:
         policy, version = engine.describe(point)
-        decision_id = "dec_" + uuid.uuid4().hex[:20]
+        decision_id = "dec_" + os.urandom(10).hex()
         try:
-            result = engine.evaluate(point, document)
+            result = engine.evaluate(point, document, encoded)
         except PolicyFailure as exc:  # fail closed
             return Decision(decision_id, point, "deny", [f"policy failed, denied: {exc}"], policy, version)
         except Exception as exc:  # an engine bug or a malformed answer: still closed

@@ -249,6 +249,7 @@ class Ingress:
         telemetry.setup_tracing()
         self._metrics = RequestMetrics({name: card["version"] for name, card in cards.items()})
         self._gov = Governor(*build_engines(config, Path(root)), MetricsSink(self._audit, None, "", ()))
+        self._agent_facts: dict[tuple[str, tuple[str, ...] | None], AgentFacts] = {}
 
     @app.get("/v1/health")
     async def health(self) -> dict[str, Any]:
@@ -290,7 +291,7 @@ class Ingress:
     def _admit(self, ctx: Context, card: dict[str, Any]) -> Carried:
         """The ingress decision: may this principal call this agent? Returns its records."""
         principal = ctx.principal or Principal(tenant="anonymous", authenticated=False)
-        facts = card_facts(card, principal.scopes)
+        facts = self._facts(card, principal.scopes)
         with self._audit.carrying() as carried:
             decision = self._gov.decide(
                 "ingress", ctx, facts, {"agent": card["name"]}, f"call:{card['name']}"
@@ -302,6 +303,16 @@ class Ingress:
         raise PolicyDenied(
             f"not allowed to call {card['name']!r}: {reasons}", decision_id=decision.id, param="model"
         )
+
+    def _facts(self, card: dict[str, Any], scopes: list[str] | None) -> AgentFacts:
+        """``card_facts``, one per agent and key scopes (so the governor encodes each once)."""
+        key = (card["name"], None if scopes is None else tuple(scopes))
+        facts = self._agent_facts.get(key)
+        if facts is None:
+            if len(self._agent_facts) >= 1024:  # keys with many scope sets: keep it bounded
+                self._agent_facts.clear()
+            facts = self._agent_facts[key] = card_facts(card, scopes)
+        return facts
 
     def _finish(self, ex: Exchange, status: int, **fields: Any) -> None:
         """The one place a chat completion ends: outcome step, metrics, span."""

@@ -22,10 +22,20 @@ from pydantic import ValidationError
 from regopy import Input, Interpreter, LogLevel, RegoError
 from regopy.rego_shared import rego as _C
 
+from serve.audit import canonical
 from serve.errors import ConfigError
-from serve.policy.schema import POINTS, Point, PolicyResult
+from serve.policy.schema import INPUT_VERSION, POINTS, Point, PolicyResult
 
-__all__ = ["OpaEngine", "PolicyEngine", "PolicyFailure", "PolicyModule", "RegoEngine", "load_modules"]
+__all__ = [
+    "EncodedInput",
+    "OpaEngine",
+    "PolicyEngine",
+    "PolicyFailure",
+    "PolicyModule",
+    "RegoEngine",
+    "encode_input",
+    "load_modules",
+]
 
 _PACKAGE = re.compile(r"^\s*package\s+([\w.]+)", re.MULTILINE)
 _ERROR_AT = re.compile(r"\(error \d+:([^|\s]+)\|(\d+)\|")
@@ -51,8 +61,49 @@ class PolicyModule:
         return hashlib.sha256(self.source.encode()).hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class EncodedInput:
+    """A policy input's canonical JSON (:func:`serve.audit.canonical`), whole and without
+    the request id: the digest in its audit record and the key of an engine's memo."""
+
+    whole: bytes
+    without_request_id: bytes
+
+
+def encode_input(
+    point: Point, request_id: str, chain: list[str], principal: bytes, agent: bytes, action: dict[str, Any]
+) -> EncodedInput:
+    """``canonical(document)`` of a ``fleet.policy/v1`` input, put together from its parts.
+
+    ``principal`` and ``agent`` are their canonical JSON, which a replica encodes once: a
+    decision then encodes only its action, chain and id, where encoding the whole document
+    twice (digest, memo key) was a third of its cost. Canonical JSON sorts keys, so the
+    parts go in the order ``action, agent, point, principal, request{chain, id}, version``;
+    a test holds this to ``canonical`` of the document."""
+    head = b"".join(
+        (
+            b'{"action":',
+            canonical(action),
+            b',"agent":',
+            agent,
+            b',"point":',
+            canonical(point),
+            b',"principal":',
+            principal,
+            b',"request":{"chain":',
+            canonical(chain),
+        )
+    )
+    tail = b'},"version":"' + INPUT_VERSION.encode() + b'"}'
+    return EncodedInput(head + b',"id":' + canonical(request_id) + tail, head + tail)
+
+
 class PolicyEngine(Protocol):
-    def evaluate(self, point: Point, document: dict[str, Any]) -> PolicyResult: ...
+    def evaluate(
+        self, point: Point, document: dict[str, Any], encoded: EncodedInput | None = None
+    ) -> PolicyResult:
+        """The decision on ``document``; ``encoded``, if given, is its canonical JSON."""
+        ...
 
     def describe(self, point: Point) -> tuple[str, str]:
         """(policy, version) that decides ``point``, for the audit record."""
@@ -156,7 +207,7 @@ class RegoEngine:
     ) -> None:
         sources = "\n".join(m.source for m in modules)
         pure = not any(b in sources for b in _IMPURE)
-        self._memo: OrderedDict[str, PolicyResult] | None = OrderedDict() if memo and pure else None
+        self._memo: OrderedDict[bytes, PolicyResult] | None = OrderedDict() if memo and pure else None
         self._keep_request_id = "request.id" in sources
         self._by_package = {m.package: m for m in modules}
         self._rego = Interpreter()
@@ -187,12 +238,17 @@ class RegoEngine:
     def describe(self, point: Point) -> tuple[str, str]:
         return self._described.get(point, ("none", "-"))
 
-    def evaluate(self, point: Point, document: dict[str, Any]) -> PolicyResult:
+    def evaluate(
+        self, point: Point, document: dict[str, Any], encoded: EncodedInput | None = None
+    ) -> PolicyResult:
         if point not in self._points or self._bundle is None:
             raise PolicyFailure(f"no policy defines data.fleet.{point}.decision")
         if self._memo is None:
             return self._evaluate(point, document)
-        key = self._memo_key(document)
+        if encoded is None:
+            key = self._memo_key(document)
+        else:  # the caller encoded it already (for its digest): no second encoding
+            key = encoded.whole if self._keep_request_id else encoded.without_request_id
         with self._lock:
             hit = self._memo.get(key)
             if hit is not None:
@@ -205,11 +261,11 @@ class RegoEngine:
                 self._memo.popitem(last=False)
         return result
 
-    def _memo_key(self, document: dict[str, Any]) -> str:
+    def _memo_key(self, document: dict[str, Any]) -> bytes:
         request = document.get("request")
         if isinstance(request, dict) and not self._keep_request_id:
             document = {**document, "request": {k: v for k, v in request.items() if k != "id"}}
-        return json.dumps(document, sort_keys=True, separators=(",", ":"))
+        return canonical(document)
 
     def _evaluate(self, point: Point, document: dict[str, Any]) -> PolicyResult:
         with self._lock:
@@ -244,7 +300,9 @@ class OpaEngine:
     def describe(self, point: Point) -> tuple[str, str]:
         return (f"opa:fleet.{point}", self._versions.get(point, "server"))
 
-    def evaluate(self, point: Point, document: dict[str, Any]) -> PolicyResult:
+    def evaluate(
+        self, point: Point, document: dict[str, Any], encoded: EncodedInput | None = None
+    ) -> PolicyResult:
         try:
             response = self._client.post(
                 f"{self._url}/v1/data/fleet/{point}/decision", json={"input": document}

@@ -49,6 +49,9 @@ class AgentGuard:
         # Streamed text of an agent that may redact passes a StreamRedactor: a token
         # already sent cannot be taken back when the rest of a card number arrives.
         self.holds_output = m.policies.pii != "allow" or bool(m.policies.compliance)
+        # One AgentFacts per set of effective scopes (few: subsets of the manifest's), so
+        # the governor encodes each once.
+        self._facts: dict[tuple[str, ...] | None, AgentFacts] = {}
 
     def enter(self, ctx: Context) -> Context:
         """The context this agent acts in: its scopes narrowed by the caller's."""
@@ -58,6 +61,12 @@ class AgentGuard:
         return replace(ctx, scopes=scopes)
 
     def facts(self, ctx: Context) -> AgentFacts:
+        facts = self._facts.get(ctx.scopes)
+        if facts is None:
+            facts = self._facts[ctx.scopes] = self._build_facts(ctx)
+        return facts
+
+    def _build_facts(self, ctx: Context) -> AgentFacts:
         m = self._manifest
         return AgentFacts(
             name=m.name,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "INPUT_VERSION",
     "POINTS",
     "AgentFacts",
     "Outcome",
@@ -26,6 +27,7 @@ __all__ = [
 Point = Literal["ingress", "model_input", "model_output", "tool", "delegation", "data", "memory"]
 POINTS: tuple[Point, ...] = ("ingress", "model_input", "model_output", "tool", "delegation", "data", "memory")
 Outcome = Literal["allow", "deny", "redact", "escalate"]
+INPUT_VERSION: Literal["fleet.policy/v1"] = "fleet.policy/v1"
 
 
 class _Doc(BaseModel):
@@ -71,7 +73,7 @@ class PolicyInput(_Doc):
       "namespace": ns}`` (``namespace`` for facts; null for the request's shared context)
     """
 
-    version: Literal["fleet.policy/v1"] = "fleet.policy/v1"
+    version: Literal["fleet.policy/v1"] = INPUT_VERSION
     point: Point
     request: RequestFacts
     principal: Principal

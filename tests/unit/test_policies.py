@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from serve.audit import canonical
 from serve.errors import ConfigError
-from serve.governance import GovernanceConfig, build_engines
+from serve.governance import ANONYMOUS, GovernanceConfig, Governor, build_engines
+from serve.loop import Context
 from serve.policy.engine import PolicyFailure, PolicyModule, RegoEngine, load_modules
-from serve.policy.schema import POINTS, PolicyInput
+from serve.policy.schema import POINTS, AgentFacts, PolicyInput, PolicyResult, Principal, RequestFacts
+from serve.testing import MemorySink
 from tests.unit.conftest import ROOT
 
 CASES: list[dict[str, Any]] = yaml.safe_load((ROOT / "tests/policies/cases.yaml").read_text())
@@ -150,3 +154,78 @@ def test_values_the_engine_cannot_represent_fail_closed(value: Any) -> None:
     }
     with pytest.raises(PolicyFailure):
         engine.evaluate("tool", document(case))
+
+
+class Capturing:
+    """An engine that answers allow and keeps what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[dict[str, Any], Any]] = []
+
+    def evaluate(self, point: str, document: dict[str, Any], encoded: Any = None) -> PolicyResult:
+        self.asked.append((document, encoded))
+        return PolicyResult(outcome="allow")
+
+    def describe(self, point: str) -> tuple[str, str]:
+        return "capturing", "1"
+
+
+ACTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("ingress", {"agent": "orchestrator"}),
+    ("model_input", {"pii": ["email"], "turn": 2}),
+    ("tool", {"known": True, "tool": "t", "scope": None, "approval": False, "arguments": {"q": "Zoë ✓", "n": 1.5}}),
+    ("delegation", {"target": "hr-policy-advisor", "target_scopes": []}),
+    ("memory", {"operation": "read", "store": "facts", "namespace": None}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("point", "action"), ACTIONS)
+@pytest.mark.parametrize(
+    "principal", [None, Principal(tenant="acmé", roles=["r"], authenticated=True, scopes=["a"])]
+)
+def test_a_decision_asks_with_the_documented_input_and_its_canonical_encoding(
+    point: Any, action: dict[str, Any], principal: Principal | None
+) -> None:
+    """The governor builds the input as a dict and its canonical JSON from parts (once per
+    principal and agent): both must be what the schema's model and ``canonical`` give."""
+    engine, sink = Capturing(), MemorySink()
+    facts = AgentFacts.model_validate(BASE["agent"])
+    ctx = Context.new("req_ü1", principal).enter("orchestrator").enter("hr-policy-advisor")
+    governor = Governor(engine, None, sink)
+    for _ in range(2):  # the second decision reuses the encoded principal and agent
+        governor.decide(point, ctx, facts, action, "label")
+    expected = PolicyInput(
+        point=point,
+        request=RequestFacts(id=ctx.request_id, chain=list(ctx.chain)),
+        principal=principal or ANONYMOUS,
+        agent=facts,
+        action=action,
+    ).model_dump(mode="json")
+    without_id = {**expected, "request": {"chain": list(ctx.chain)}}
+    for document, encoded in engine.asked:
+        assert document == expected
+        assert encoded.whole == canonical(expected)
+        assert encoded.without_request_id == canonical(without_id)
+    assert [r["input_sha256"] for r in sink.records] == [hashlib.sha256(canonical(expected)).hexdigest()] * 2
+
+
+def test_the_memo_answers_a_repeated_input_of_another_request_and_keys_on_the_id_if_read() -> None:
+    modules = load_modules([ROOT / "configs/policies"])
+    memo = RegoEngine(modules)
+    sink = MemorySink()
+    governor = Governor(memo, None, sink)
+    facts = AgentFacts.model_validate(BASE["agent"])
+    action = {"target": "hr-policy-advisor", "target_scopes": []}
+    for request_id in ("req_1", "req_2"):
+        governor.decide("delegation", Context.new(request_id).enter("orchestrator"), facts, action, "d")
+    assert memo._memo is not None and len(memo._memo) == 1  # one entry serves both requests
+    reading = RegoEngine(
+        [*modules, PolicyModule("extra.rego", "package fleet.extra\nseen := input.request.id\n")]
+    )
+    governor = Governor(reading, None, sink)
+    for request_id in ("req_1", "req_2"):
+        governor.decide("delegation", Context.new(request_id).enter("orchestrator"), facts, action, "d")
+    assert reading._memo is not None and len(reading._memo) == 2  # a module reads the id: keyed on it
+    fresh = Governor(RegoEngine(modules, memo=False), None, MemorySink())
+    expected = fresh.decide("delegation", Context.new("req_3").enter("orchestrator"), facts, action, "d")
+    assert [(r["outcome"], r["reasons"]) for r in sink.records] == [(expected.outcome, expected.reasons)] * 4
