@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any
 
 import promql_parser
@@ -82,3 +84,35 @@ def test_a_model_call_without_usage_is_counted_and_handed_on() -> None:
     call = {"kind": "model_call", "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}
     sink.event(call)
     assert inner.events == [call]
+
+
+class RecordingCounter:
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, dict[str, str]]] = []
+        self.done = threading.Event()
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append((value, tags))
+        self.done.set()
+
+
+def test_the_tally_sums_increments_and_hands_them_on_by_itself() -> None:
+    from serve.metrics import Tally
+
+    counter = RecordingCounter()
+    tally = Tally(delay_s=0.05)
+    for _ in range(3):
+        tally.inc(counter, 1, {"agent": "a", "point": "tool"})  # type: ignore[arg-type]
+    tally.inc(counter, 5, {"agent": "b", "point": "tool"})  # type: ignore[arg-type]
+    tally.inc(counter, 0, {"agent": "c", "point": "tool"})  # type: ignore[arg-type]  # Ray refuses 0
+    assert counter.calls == []  # nothing reaches Ray per increment
+    assert counter.done.wait(10)  # the timer flushed without another increment
+    time.sleep(0.05)
+    assert sorted(counter.calls, key=lambda c: c[0]) == [
+        (3, {"agent": "a", "point": "tool"}),
+        (5, {"agent": "b", "point": "tool"}),
+    ]
+    counter.calls.clear()
+    tally.inc(counter, 2, {"agent": "a", "point": "tool"})  # type: ignore[arg-type]
+    tally.flush()
+    assert counter.calls == [(2, {"agent": "a", "point": "tool"})]  # a new second starts from zero
