@@ -4,12 +4,15 @@ Rungs (each over HTTP, measured one after the other on the same warm cluster):
 - L0 ``asgi-echo``: a bare ASGI echo under uvicorn (no Ray);
 - L1 ``serve-echo``: one Ray Serve deployment answering HTTP;
 - L2 ``serve-chain``: a Ray Serve ingress -> handle -> echo deployment;
+- L2g ``serve-chain-grpc``: the same chain, its handle on Serve's gRPC transport (as
+  Fleet's handles are by default: ``args.transport``);
 - L2f ``fastapi-chain``: the same chain behind a FastAPI ingress, as Fleet's is;
 - L3 ``fleet-agent``: a Fleet agent on the scripted backend, no tools (the model its own
   deployment, as configs deploy it; governance on, as always);
 - L3i ``fleet-agent-inline``: the same agent with the scripted backend inline;
 - L4 ``fleet-delegation``: an agent that delegates to L3's agent (one delegation hop);
 - L5 ``fleet-tool``: an agent with one tool call.
+- L3ia / L4ia: L3i and L4i with ``transport: actor`` (Serve's default handle transport).
 ``bench_llm.py`` adds L6 (vLLM engine alone) and L7 (a Fleet agent on it) to the same file.
 
 Then the autoscaling phase: a step load on an agent that takes two requests per replica
@@ -57,7 +60,7 @@ def serve_echo() -> Any:
     return HttpEcho.bind()
 
 
-def serve_chain() -> Any:
+def serve_chain(grpc: bool = False) -> Any:
     from ray import serve as rayserve
 
     @rayserve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
@@ -68,7 +71,7 @@ def serve_chain() -> Any:
     @rayserve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
     class BareIngress:
         def __init__(self, echo: Any) -> None:
-            self.echo = echo
+            self.echo = echo.options(_by_reference=False) if grpc else echo
 
         async def __call__(self, request: Request) -> dict[str, Any]:
             result: dict[str, Any] = await self.echo.remote(await request.json())
@@ -113,12 +116,17 @@ BENCH_SCRIPT = [
 ]  # fmt: skip
 
 
-def fleet_app(agents: list[str], inline: bool, audit: Path) -> Any:
+def fleet_app(agents: list[str], inline: bool, audit: Path, transport: str = "grpc") -> Any:
     from serve.app import build_app
 
     model = {"kind": "scripted", "inline": inline, "script": BENCH_SCRIPT}
     governance = {"audit": {"path": str(audit)}}
-    args = {"agents_dir": str(HERE / "agents"), "agents": agents, "models": {"default": model}}
+    args = {
+        "agents_dir": str(HERE / "agents"),
+        "agents": agents,
+        "models": {"default": model},
+        "transport": transport,
+    }
     return build_app({**args, "governance": governance})
 
 
@@ -126,6 +134,7 @@ def fleet_app(agents: list[str], inline: bool, audit: Path) -> Any:
 RUNGS: dict[str, tuple[Any, str, str, str]] = {
     "L1 serve-echo": (lambda _: serve_echo(), "/l1", "/l1", "echo"),
     "L2 serve-chain": (lambda _: serve_chain(), "/l2", "/l2", "echo"),
+    "L2g serve-chain-grpc": (lambda _: serve_chain(grpc=True), "/l2g", "/l2g", "echo"),
     "L2f fastapi-chain": (lambda _: fastapi_chain(), "/l2f", "/l2f/v1/chat/completions", "echo"),
     "L3 fleet-agent": (
         lambda a: fleet_app(["echo-agent", "relay-agent", "tool-agent"], False, a / "fleet.jsonl"),
@@ -143,8 +152,18 @@ RUNGS: dict[str, tuple[Any, str, str, str]] = {
     ),
     "L4i fleet-delegation-inline": (None, "/inline", "/inline/v1/chat/completions", "relay-agent"),
     "L5i fleet-tool-inline": (None, "/inline", "/inline/v1/chat/completions", "tool-agent"),
+    "L3ia fleet-agent-inline-actor": (
+        lambda a: fleet_app(["echo-agent", "relay-agent"], True, a / "actor.jsonl", "actor"),
+        "/actor",
+        "/actor/v1/chat/completions",
+        "echo-agent",
+    ),
+    "L4ia fleet-delegation-inline-actor": (None, "/actor", "/actor/v1/chat/completions", "relay-agent"),
 }
-FLEET_RUNGS = ["L2 serve-chain", *(name for name in RUNGS if name.startswith(("L3", "L4", "L5")))]
+FLEET_RUNGS = [
+    "L2 serve-chain",
+    *(name for name in RUNGS if name.startswith(("L3", "L4", "L5")) and not name.endswith("-actor")),
+]
 
 
 async def load(url: str, model: str, concurrency: int, seconds: float) -> list[tuple[float, float]]:
@@ -351,7 +370,12 @@ def ratios(rungs: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
     """The issue's goals: L3 >= 0.8x L2 throughput and p50 <= 1.25x; a delegation hop
     (L4 - L3) <= 1.2x a bare handle hop (L2 - L1). A Fleet delegation hop also makes two
     more model calls (the delegate's, and the caller's second): with the model as its own
-    deployment those are handle hops too, so the inline rungs isolate the agent hop."""
+    deployment those are handle hops too, so the inline rungs isolate the agent hop.
+
+    Fleet's handles take Serve's gRPC transport; the goal's bare hop is Serve's default
+    (actor calls). The hop is also given against the bare hop on gRPC (L2g - L1), and the
+    inline pair on actor calls (L4ia - L3ia) against the default bare hop, so neither
+    transport's gain is read as Fleet's."""
     out: dict[str, Any] = {}
     for c in (f"c{n}" for n in concurrency):
         p50 = {name: figures[c]["p50_ms"] for name, figures in rungs.items() if c in figures}
@@ -364,13 +388,25 @@ def ratios(rungs: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
             "L3i/L2 p50": round(p50["L3i fleet-agent-inline"] / p50["L2 serve-chain"], 3),
             "handle hop p50_ms (L2-L1)": round(handle_hop, 2),
         }
+        grpc_hop = (
+            p50["L2g serve-chain-grpc"] - p50["L1 serve-echo"] if "L2g serve-chain-grpc" in p50 else None
+        )
+        if grpc_hop is not None:
+            row["grpc handle hop p50_ms (L2g-L1)"] = round(grpc_hop, 2)
         for tag, l3, l4 in (
             ("", "L3 fleet-agent", "L4 fleet-delegation"),
             ("inline ", "L3i fleet-agent-inline", "L4i fleet-delegation-inline"),
+            ("inline actor ", "L3ia fleet-agent-inline-actor", "L4ia fleet-delegation-inline-actor"),
         ):
+            if l3 not in p50 or l4 not in p50:
+                continue
             hop = p50[l4] - p50[l3]
             row[f"{tag}delegation hop p50_ms (L4-L3)"] = round(hop, 2)
             row[f"{tag}delegation hop / handle hop"] = round(hop / handle_hop, 2) if handle_hop > 0 else None
+            if grpc_hop is not None and tag != "inline actor ":
+                row[f"{tag}delegation hop / grpc handle hop"] = (
+                    round(hop / grpc_hop, 2) if grpc_hop > 0 else None
+                )
         out[c] = row
     return out
 

@@ -22,6 +22,7 @@ from serve import telemetry
 from serve.audit_service import AuditClient
 from serve.errors import AgentError, MemoryUnavailable, ModelError, RequestError
 from serve.governance import GovernanceConfig, Governor, build_engines
+from serve.handles import Transport, over
 from serve.loop import AgentLoop, AgentResult, Context, DelegateTarget, Event, Finished, ModelCaller
 from serve.manifest import delegate_tool_name, load_agent
 from serve.memory_service import MEMORY_TOOLS, RequestMemory, bind, tenant_of, unbind
@@ -41,7 +42,9 @@ AgentOutcome = AgentResult | RequestError
 StreamItem = Event | RequestError
 
 
-def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
+def model_caller(
+    model: DeploymentHandle[Any] | dict[str, Any], transport: Transport = "actor"
+) -> ModelCaller:
     """Calls a model deployment through its handle, or an inline backend from its config."""
     if isinstance(model, dict):
         backend = make_backend(parse_backend_config(model))
@@ -51,6 +54,7 @@ def model_caller(model: DeploymentHandle[Any] | dict[str, Any]) -> ModelCaller:
 
         return inline
 
+    model = over(model, transport)
     streaming = model.options(stream=True)
 
     async def remote(request: ModelRequest) -> AsyncIterator[ModelChunk]:
@@ -116,13 +120,17 @@ class AgentDeployment:
         audit: DeploymentHandle[Any],
         memory: DeploymentHandle[Any],
         memory_timeout_s: float = 2.0,
+        transport: Transport = "actor",
     ) -> None:
         spec = load_agent(Path(agents_dir) / name)
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
         config = GovernanceConfig.model_validate(governance)
         engine, shadow = build_engines(config, Path(root), spec.manifest.policies.files)
         self._audit = AuditClient(audit, config.audit.commit_timeout_s)
-        targets = {n: delegate_target(*target, self._audit) for n, target in delegates.items()}
+        targets = {
+            n: delegate_target(over(handle, transport), description, scopes, data, self._audit)
+            for n, (handle, description, scopes, data) in delegates.items()
+        }
         telemetry.setup_tracing()
         builtin = MEMORY_TOOLS if spec.manifest.memory.tools else {}
         tool_names = [*tools, *builtin, *(delegate_tool_name(d) for d in delegates)]
@@ -133,7 +141,12 @@ class AgentDeployment:
         self._memory_timeout = memory_timeout_s
         self._sessions = spec.manifest.memory.session
         self._loop = AgentLoop(
-            spec, tools, _shipping_first(self._audit, model_caller(model)), targets, self._guard, builtin
+            spec,
+            tools,
+            _shipping_first(self._audit, model_caller(model, transport)),
+            targets,
+            self._guard,
+            builtin,
         )
 
     def _enter(self, ctx: Context) -> Context:

@@ -20,6 +20,7 @@ from serve.agent import AgentDeployment
 from serve.audit_service import AuditService
 from serve.errors import ConfigError, field_path
 from serve.governance import GovernanceConfig, build_engines
+from serve.handles import Transport
 from serve.ingress import Ingress, IngressOptions
 from serve.manifest import MANIFEST_FILE, AgentSpec, delegation_order, load_fleet
 from serve.memory import MemoryConfig
@@ -69,6 +70,11 @@ class FleetArgs(BaseModel):
     )
     memory: MemoryConfig = Field(
         default_factory=MemoryConfig, description="Sessions, shared context and long-term memory."
+    )
+    transport: Transport = Field(
+        default="grpc",
+        description="How the ingress, agents and models call each other: Ray Serve's gRPC "
+        "transport between replicas, or Ray actor calls ('actor', Serve's default).",
     )
 
 
@@ -238,6 +244,7 @@ def build_app(args: dict[str, Any]) -> Application:
                 audit,
                 memory,
                 fleet.memory.call_timeout_s,
+                fleet.transport,
             )
         )
     cards = {name: agent_card(spec) for name, spec in specs.items()}
@@ -248,5 +255,5 @@ def build_app(args: dict[str, Any]) -> Application:
             ray_actor_options=SERVICE_ACTOR_OPTIONS,
             max_ongoing_requests=fleet.ingress.max_ongoing_requests,
         )
-        .bind(cards, bound, fleet.ingress.model_dump(), governance, root, audit)
+        .bind(cards, bound, fleet.ingress.model_dump(), governance, root, audit, fleet.transport)
     )

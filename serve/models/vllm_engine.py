@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, cast
 from pydantic import Field, model_validator
 
 from serve.errors import ConfigError, InvalidRequest, ModelError, Overloaded, RequestError
+from serve.handles import grpc_limit_env
 from serve.models.base import BackendSettings, ModelChunk, ModelRequest
 from serve.protocol import FunctionCall, ToolCall, Usage
 
@@ -203,7 +204,7 @@ class VLLMConfig(BackendSettings):
 
 def engine_env(config: VLLMConfig) -> dict[str, str]:
     """Environment the engine needs; offline unless the model is a hub id to be fetched."""
-    env = dict(_QUIET_ENV)
+    env = {**_QUIET_ENV, **grpc_limit_env()}  # its runtime_env hides the application's (handles.py)
     if not config.on_gpu and config.cpu_threads_bind != "auto":
         env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
     if config.embedded or Path(config.model).expanduser().exists():

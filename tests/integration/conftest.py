@@ -75,10 +75,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     config["http_options"]["port"] = port
     # Tracing on, to a file, exported quickly: the observability tests read it.
     tracing = {"FLEET_TRACES_FILE": str(spans), "OTEL_BSP_SCHEDULE_DELAY": "200"}
-    config["applications"][0]["runtime_env"] = {"env_vars": tracing}
+    config["applications"][0]["runtime_env"]["env_vars"].update(tracing)  # beside the config's own
     test_app = yaml.safe_load((HERE / "fleet-test.yaml").read_text())
     test_app["args"]["models"]["upstream"]["base_url"] = f"http://127.0.0.1:{port}/test/v1"
-    test_app["runtime_env"] = {"env_vars": {"FLEET_TEST_UPSTREAM_KEY": QA_KEY, **tracing}}
+    test_app["runtime_env"]["env_vars"].update(FLEET_TEST_UPSTREAM_KEY=QA_KEY, **tracing)
     audit_log = work / "audit" / "fleet-test.jsonl"
     test_app["args"]["governance"]["audit"]["path"] = str(audit_log)
     test_app["args"]["memory"]["path"] = str(work / "memory" / "fleet-test.db")

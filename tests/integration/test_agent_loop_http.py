@@ -106,6 +106,15 @@ def test_delegation_through_handle(test_api: httpx.Client) -> None:
     assert fleet_ext(r)["delegations"] == ["helper"]
 
 
+def test_a_message_larger_than_grpcs_default_limit_crosses_every_hop(test_api: httpx.Client) -> None:
+    """Fleet's deployments call each other over gRPC, whose own cap is 4 MiB a message: a
+    5 MiB message goes to the agent, its model and its delegate, and comes back, whole."""
+    text = "#delegate " + "x" * (5 << 20)
+    r = ask(test_api, text)
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["choices"][0]["message"]["content"] == "helper said: helper handled: " + text
+
+
 def test_prompt_rendered_from_typed_variables(test_api: httpx.Client) -> None:
     default = ask(test_api, "#system").json()["choices"][0]["message"]["content"]
     assert default.strip() == "You serve Initech at priority 1."
@@ -203,7 +212,10 @@ def test_bad_requests_get_the_openai_envelope(
 
 
 def test_oversized_body_is_413(test_api: httpx.Client) -> None:
-    big = {"model": "tester", "messages": [{"role": "user", "content": "x" * (1 << 20)}]}
+    big = {
+        "model": "tester",
+        "messages": [{"role": "user", "content": "x" * (6 << 20)}],
+    }  # the test app's limit
     r = test_api.post("/v1/chat/completions", json=big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 

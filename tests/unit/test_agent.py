@@ -56,3 +56,27 @@ def test_a_streamed_answer_ships_its_decisions_while_the_model_works(tmp_path: P
     assert [e.text for e in events if isinstance(e, ContentDelta)] == ["stored"]
     assert isinstance(events[-1], Finished)
     assert [r["point"] for r in service.stored if "point" in r][:1] == ["model_input"]
+
+
+class OptionsHandle:
+    """A deployment handle that records the options it was given."""
+
+    def __init__(self) -> None:
+        self.options_seen: list[dict[str, Any]] = []
+
+    def options(self, **kwargs: Any) -> OptionsHandle:
+        self.options_seen.append(kwargs)
+        return self
+
+
+def test_the_agent_calls_its_model_and_delegates_over_the_configured_transport(tmp_path: Path) -> None:
+    write_agent(tmp_path, "caller")
+    for transport, by_reference in (("grpc", False), ("actor", True)):
+        model, delegate = OptionsHandle(), OptionsHandle()
+        AgentDeployment(
+            str(tmp_path), "caller", model, {"helper": (delegate, "helps", [], [])},  # type: ignore[arg-type, dict-item]
+            {"policies": ["configs/policies"]}, str(ROOT), FlakyService(), None,  # type: ignore[arg-type]
+            transport=transport,  # type: ignore[arg-type]
+        )  # fmt: skip
+        assert model.options_seen[0] == {"_by_reference": by_reference}, transport
+        assert delegate.options_seen == [{"_by_reference": by_reference}], transport

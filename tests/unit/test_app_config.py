@@ -126,6 +126,11 @@ BROKEN_ARGS: list[tuple[str, dict[str, Any], str]] = [
         "args.ingress.port: Extra inputs are not permitted",
     ),
     (
+        "unknown-transport",
+        {"agents": ["orchestrator"], "models": {"default": SCRIPTED}, "transport": "http"},
+        "args.transport: Input should be 'grpc' or 'actor'",
+    ),
+    (
         "bad-timeout",
         {"agents": ["orchestrator"], "models": {"default": SCRIPTED}, "ingress": {"request_timeout_s": 0}},
         "args.ingress.request_timeout_s: Input should be greater than 0",

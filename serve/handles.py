@@ -1,0 +1,41 @@
+"""How Fleet's replicas call one another: Ray Serve deployment handles, over gRPC or not.
+
+Ray Serve sends a handle call either as a Ray actor call (its default, "by reference")
+or over the gRPC server every replica runs (``_by_reference=False``). Fleet's calls
+between its own deployments (ingress -> agent, agent -> delegate, agent -> model) carry
+small pickled values and take the gRPC path by default: it skips the actor task and the
+object store, and measured a third cheaper per hop on a 2-core machine (docs/DECISIONS.md).
+Calls that pass Ray object references (the memory deployment's artifacts) and the audit
+deployment's stay actor calls: gRPC cannot carry object references.
+
+gRPC caps a message at 4 MiB unless the replicas on both ends are told otherwise, in
+``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``, read as a replica starts: Fleet's configs set
+it to Ray's own limit for a gRPC message in the application's ``runtime_env`` (the model
+engine's replica, which has a ``runtime_env`` of its own, gets it there), so a long
+conversation or a large delegate answer passes as it would by actor call. A deployment
+given a ``runtime_env`` in code does not get the application's variables (Ray Serve 2.60):
+that is why this is a config setting and not set on each deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from ray.serve.handle import DeploymentHandle
+
+__all__ = ["GRPC_LIMIT", "Transport", "grpc_limit_env", "over"]
+
+Transport = Literal["grpc", "actor"]
+H = TypeVar("H", bound=DeploymentHandle[Any])
+
+GRPC_LIMIT = 2**31 - 1  # Ray Serve's send limit (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE)
+
+
+def grpc_limit_env() -> dict[str, str]:
+    """The variable that lifts a replica's gRPC message cap to :data:`GRPC_LIMIT`."""
+    return {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_LIMIT)}
+
+
+def over(handle: H, transport: Transport) -> H:
+    """``handle``, calling over ``transport``."""
+    return handle.options(_by_reference=transport == "actor")  # type: ignore[return-value]

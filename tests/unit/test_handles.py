@@ -1,0 +1,56 @@
+"""serve.handles: the transport Fleet's deployments call each other over."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.app import FleetArgs, model_deployment_options
+from serve.handles import GRPC_LIMIT, grpc_limit_env
+from serve.models.vllm_engine import VLLMConfig
+from tests.unit.conftest import ROOT
+
+LIMIT = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+
+
+def test_grpc_is_the_default_transport() -> None:
+    scripted = {"kind": "scripted", "script": [{"replies": [{"content": "hi"}]}]}
+    assert FleetArgs.model_validate({"agents": ["a"], "models": {"default": scripted}}).transport == "grpc"
+
+
+@pytest.mark.parametrize(
+    "path", [*sorted((ROOT / "configs").glob("*.yaml")), ROOT / "tests/integration/fleet-test.yaml"], ids=str
+)
+def test_every_config_lifts_grpcs_message_cap_for_its_replicas(path: Path) -> None:
+    """gRPC's own cap (4 MiB) would fail a long conversation that an actor call carries."""
+    raw = yaml.safe_load(path.read_text())
+    for app in raw.get("applications", [raw]):
+        assert app["runtime_env"]["env_vars"][LIMIT] == str(GRPC_LIMIT), path
+
+
+def test_the_engine_replica_gets_the_limit_beside_its_own_environment() -> None:
+    """Its runtime_env, set in code, hides the application's: it carries the limit itself."""
+    engine = VLLMConfig.model_validate({"kind": "vllm", "model": "embedded:smollm2"})
+    env = model_deployment_options("default", engine)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env[LIMIT] == grpc_limit_env()[LIMIT] == str(GRPC_LIMIT)
+    assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_message_over_the_grpc_limit_is_named_in_the_error() -> None:
+    """Deployed without the configs' runtime_env, the cap shows as what it is, not a bare 500."""
+    import grpc
+
+    from serve.errors import AgentError
+    from serve.ingress import handle_error
+
+    exc = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="Received message larger than max (5243509 vs. 4194304)",
+    )
+    error = handle_error(exc, "tester")
+    assert isinstance(error, AgentError)
+    assert LIMIT in error.message and "'tester'" in error.message
