@@ -113,6 +113,24 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             rayserve.shutdown()
         finally:
             ray.shutdown()
+            _wait_closed(info.address_info["gcs_address"], timeout_s=60)
+
+
+def _wait_closed(address: str, timeout_s: float) -> None:
+    """Wait until the cluster's GCS stops listening: ray.shutdown returns while its processes
+    are still exiting, and the e2e package's `ray start --head` refuses a port still held
+    (a CI run failed so, "Ray is ... already running at ...:6379")."""
+    import time
+
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                pass
+        except OSError:
+            return
+        time.sleep(0.5)
 
 
 def _serve_deploy(config_path: Path, dashboard: str) -> None:
