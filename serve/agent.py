@@ -22,7 +22,7 @@ from serve import telemetry
 from serve.audit_service import AuditClient
 from serve.errors import AgentError, MemoryUnavailable, ModelError, RequestError
 from serve.governance import GovernanceConfig, Governor, build_engines
-from serve.handles import Transport, over
+from serve.handles import Transport, over, transport_failure
 from serve.loop import AgentLoop, AgentResult, Context, DelegateTarget, Event, Finished, ModelCaller
 from serve.manifest import delegate_tool_name, load_agent
 from serve.memory_service import MEMORY_TOOLS, RequestMemory, bind, tenant_of, unbind
@@ -98,7 +98,8 @@ def delegate_target(
             outcome: AgentOutcome = await handle.chat.remote(request, ctx)
         except Exception as exc:  # the delegate's replica died or is unavailable
             # A RequestError becomes a tool error the model is told about.
-            raise AgentError(f"agent {request.model!r} is unavailable: {type(exc).__name__}") from None
+            why = transport_failure(exc) or type(exc).__name__
+            raise AgentError(f"agent {request.model!r} is unavailable: {why}") from None
         if isinstance(outcome, RequestError):
             raise outcome
         audit.adopt(outcome.audit)  # the delegate's records, shipped with this request's
@@ -241,6 +242,9 @@ class AgentDeployment:
 
     def _internal(self, exc: Exception, ctx: Context) -> RequestError:
         log.error("agent %s failed on %s", self.name, ctx.request_id, exc_info=exc)
+        failure = transport_failure(exc)
+        if failure is not None:
+            return ModelError(f"a deployment behind agent {self.name!r} could not be reached: {failure}")
         if isinstance(exc, RayError):
             return ModelError(f"a deployment behind agent {self.name!r} is unavailable")
         return AgentError(f"agent {self.name!r} failed (request {ctx.request_id})")

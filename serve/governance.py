@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from serve.audit import canonical
 from serve.errors import ConfigError, Unauthorized
@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 REDACTING_POINTS = frozenset({"model_input", "model_output", "data"})
+_JSON_ACTION: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 ANONYMOUS = Principal(tenant="anonymous", roles=["anonymous"], authenticated=False)
 
 
@@ -226,6 +227,13 @@ class Governor:
         chain = list(ctx.chain)
         principal, principal_json = self._dump(ctx.principal or ANONYMOUS)
         facts, facts_json = self._dump(agent)
+        try:
+            encoded = encode_input(point, ctx.request_id, chain, principal_json, facts_json, action)
+        except ValueError:  # NaN or an infinity in the action: null, as the model dumps them
+            action = _JSON_ACTION.dump_python(action, mode="json")
+            encoded = encode_input(point, ctx.request_id, chain, principal_json, facts_json, action)
+        # Engines read the document and never change it: its principal and agent parts are
+        # shared by a replica's decisions.
         document = {
             "version": INPUT_VERSION,
             "point": point,
@@ -234,7 +242,6 @@ class Governor:
             "agent": facts,
             "action": action,
         }
-        encoded = encode_input(point, ctx.request_id, chain, principal_json, facts_json, action)
         input_sha = hashlib.sha256(encoded.whole).hexdigest()
         decision = self._evaluate(self._engine, point, document, encoded)
         self._audit(ctx, agent.name, label, decision, input_sha, enforced=True)

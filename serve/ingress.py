@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from opentelemetry import trace as otel
@@ -43,7 +42,7 @@ from serve.errors import (
 )
 from serve.explain import render_html
 from serve.governance import GovernanceConfig, Governor, authenticate, build_engines
-from serve.handles import Transport, over
+from serve.handles import Transport, over, transport_failure
 from serve.loop import AgentResult, ContentDelta, Context, Finished
 from serve.metrics import MetricsSink, RequestMetrics
 from serve.policy.schema import AgentFacts, Principal
@@ -188,11 +187,9 @@ def handle_error(exc: Exception, agent: str) -> RequestError:
     if isinstance(exc, DeploymentUnavailableError):
         return Overloaded(f"agent {agent!r} is not available yet; retry later")
     log.error("call to agent %s failed", agent, exc_info=exc)
-    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return AgentError(  # a cluster deployed without the configs' runtime_env (serve/handles.py)
-            f"a message to or from agent {agent!r} is larger than the replicas' gRPC limit "
-            "(set RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH in the application's runtime_env)"
-        )
+    failure = transport_failure(exc)
+    if failure is not None:  # e.g. a cluster deployed without the configs' runtime_env
+        return AgentError(f"agent {agent!r} could not be reached: {failure}")
     return AgentError(f"agent {agent!r} failed: {type(exc).__name__}")
 
 

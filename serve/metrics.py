@@ -10,6 +10,8 @@ prompt, a user, a request id or PII.
 
 from __future__ import annotations
 
+import atexit
+import logging
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 from ray.util.metrics import Counter, Histogram
 
 __all__ = ["EXPORTED", "MetricsSink", "RequestMetrics", "Tally", "outcome_of"]
+
+log = logging.getLogger("fleet.metrics")
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
@@ -90,7 +94,8 @@ class Tally:
     A Ray counter increment costs ~8 µs, ~25 µs in a busy replica, and a delegated
     request makes a dozen (a decision, a model call, a tool call each count). Ray's agent
     exports every few seconds and Prometheus scrapes every few more, so the second is not
-    seen; counts a replica holds when it is killed are lost with it (at most a second's).
+    seen. A process that exits normally hands on what it holds (``atexit``); one that is
+    killed loses at most its last second's counts.
     """
 
     def __init__(self, delay_s: float = 1.0) -> None:
@@ -98,6 +103,7 @@ class Tally:
         self._lock = threading.Lock()
         self._pending: dict[tuple[Counter, tuple[tuple[str, str], ...]], float] = {}
         self._timer: threading.Timer | None = None
+        atexit.register(self.flush)
 
     def inc(self, counter: Counter, value: float, tags: dict[str, str]) -> None:
         if value <= 0:  # nothing to count (Ray's counters refuse an increment of 0)
@@ -114,7 +120,10 @@ class Tally:
         with self._lock:
             pending, self._pending, self._timer = self._pending, {}, None
         for (counter, tags), value in pending.items():
-            counter.inc(value, dict(tags))
+            try:
+                counter.inc(value, dict(tags))
+            except Exception:  # one refused count (a bad tag) must not take the others with it
+                log.exception("a metric count was refused: %s %s", value, dict(tags))
 
 
 _instruments: _Instruments | None = None

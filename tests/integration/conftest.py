@@ -131,6 +131,7 @@ def _wait_closed(address: str, timeout_s: float) -> None:
         except OSError:
             return
         time.sleep(0.5)
+    raise RuntimeError(f"the test cluster's GCS still listens at {address} {timeout_s:g}s after ray.shutdown")
 
 
 def _serve_deploy(config_path: Path, dashboard: str) -> None:

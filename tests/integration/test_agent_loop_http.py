@@ -108,8 +108,8 @@ def test_delegation_through_handle(test_api: httpx.Client) -> None:
 
 def test_a_message_larger_than_grpcs_default_limit_crosses_every_hop(test_api: httpx.Client) -> None:
     """Fleet's deployments call each other over gRPC, whose own cap is 4 MiB a message: a
-    5 MiB message goes to the agent, its model and its delegate, and comes back, whole."""
-    text = "#delegate " + "x" * (5 << 20)
+    4.5 MiB message goes to the agent, its model and its delegate, and comes back, whole."""
+    text = "#delegate " + "x" * (9 << 19)
     r = ask(test_api, text)
     assert r.status_code == 200, r.text[:500]
     assert r.json()["choices"][0]["message"]["content"] == "helper said: helper handled: " + text

@@ -58,7 +58,7 @@ def test_integration_test_config_validates() -> None:
     assert agents_dir == ROOT / "tests" / "integration" / "agents"
     assert list(specs) == ["tester", "helper", "relay", "keeper", "reader"]
     assert specs["relay"].manifest.model.backend == "upstream"
-    assert fleet.ingress.request_timeout_s == 4
+    assert fleet.ingress.request_timeout_s == 8
     assert fleet.models["default"].words_per_chunk == 1
 
 

@@ -54,3 +54,13 @@ def test_a_message_over_the_grpc_limit_is_named_in_the_error() -> None:
     error = handle_error(exc, "tester")
     assert isinstance(error, AgentError)
     assert LIMIT in error.message and "'tester'" in error.message
+
+
+def test_other_grpc_failures_name_their_status_and_others_are_not_transport() -> None:
+    import grpc
+
+    from serve.handles import transport_failure
+
+    cancelled = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata())
+    assert transport_failure(cancelled) == "the call failed in transport (gRPC CANCELLED)"
+    assert transport_failure(ValueError("x")) is None

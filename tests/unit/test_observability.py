@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from typing import Any
 
 import promql_parser
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -74,7 +76,7 @@ def test_dashboard_queries_parse_and_use_exported_metrics() -> None:
     assert "ray_serve_deployment_replica_healthy" in used
 
 
-def test_a_model_call_without_usage_is_counted_and_handed_on() -> None:
+def test_a_model_call_without_usage_is_counted_and_handed_on(caplog: pytest.LogCaptureFixture) -> None:
     """A backend that reports no tokens (an upstream without streamed usage) fails nothing."""
     from serve.metrics import MetricsSink
     from tests.unit.conftest import MemorySink
@@ -84,6 +86,11 @@ def test_a_model_call_without_usage_is_counted_and_handed_on() -> None:
     call = {"kind": "model_call", "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}
     sink.event(call)
     assert inner.events == [call]
+    from serve.metrics import tally
+
+    with caplog.at_level(logging.ERROR, logger="fleet.metrics"):
+        tally().flush()  # what reaches Ray's counters now: a count Ray refused would be logged
+    assert not caplog.records
 
 
 class RecordingCounter:
@@ -116,3 +123,21 @@ def test_the_tally_sums_increments_and_hands_them_on_by_itself() -> None:
     tally.inc(counter, 2, {"agent": "a", "point": "tool"})  # type: ignore[arg-type]
     tally.flush()
     assert counter.calls == [(2, {"agent": "a", "point": "tool"})]  # a new second starts from zero
+
+
+class RefusingCounter(RecordingCounter):
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        raise ValueError("Missing value for tag key(s): version.")
+
+
+def test_a_count_ray_refuses_is_logged_and_the_others_still_land(caplog: pytest.LogCaptureFixture) -> None:
+    from serve.metrics import Tally
+
+    refusing, counter = RefusingCounter(), RecordingCounter()
+    tally = Tally(delay_s=3600)
+    tally.inc(refusing, 1, {"agent": "a"})  # type: ignore[arg-type]
+    tally.inc(counter, 1, {"agent": "b"})  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, logger="fleet.metrics"):
+        tally.flush()
+    assert counter.calls == [(1, {"agent": "b"})]
+    assert "refused" in caplog.text

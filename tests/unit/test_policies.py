@@ -176,6 +176,7 @@ ACTIONS: list[tuple[str, dict[str, Any]]] = [
     ("tool", {"known": True, "tool": "t", "scope": None, "approval": False, "arguments": {"q": "Zoë ✓", "n": 1.5}}),
     ("delegation", {"target": "hr-policy-advisor", "target_scopes": []}),
     ("memory", {"operation": "read", "store": "facts", "namespace": None}),
+    ("tool", {"known": True, "tool": "t", "scope": None, "approval": False, "arguments": {"n": float("nan"), "m": [float("-inf")]}}),
 ]  # fmt: skip
 
 
