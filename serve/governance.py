@@ -229,7 +229,7 @@ class Governor:
         facts, facts_json = self._dump(agent)
         try:
             encoded = encode_input(point, ctx.request_id, chain, principal_json, facts_json, action)
-        except ValueError:  # NaN or an infinity in the action: null, as the model dumps them
+        except (ValueError, TypeError):  # NaN or an infinity (null, as the model dumps them), a set
             action = _JSON_ACTION.dump_python(action, mode="json")
             encoded = encode_input(point, ctx.request_id, chain, principal_json, facts_json, action)
         # Engines read the document and never change it: its principal and agent parts are

@@ -177,6 +177,7 @@ ACTIONS: list[tuple[str, dict[str, Any]]] = [
     ("delegation", {"target": "hr-policy-advisor", "target_scopes": []}),
     ("memory", {"operation": "read", "store": "facts", "namespace": None}),
     ("tool", {"known": True, "tool": "t", "scope": None, "approval": False, "arguments": {"n": float("nan"), "m": [float("-inf")]}}),
+    ("data", {"tool": "t", "classes": {"internal"}, "pii": []}),  # a set: not JSON, dumped as a list
 ]  # fmt: skip
 
 
