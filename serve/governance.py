@@ -227,11 +227,10 @@ class Governor:
         chain = list(ctx.chain)
         principal, principal_json = self._dump(ctx.principal or ANONYMOUS)
         facts, facts_json = self._dump(agent)
-        try:
-            encoded = encode_input(point, ctx.request_id, chain, principal_json, facts_json, action)
-        except (ValueError, TypeError):  # NaN or an infinity (null, as the model dumps them), a set
-            action = _JSON_ACTION.dump_python(action, mode="json")
-            encoded = encode_input(point, ctx.request_id, chain, principal_json, facts_json, action)
+        # As the model dumps it (~1 µs): NaN and infinities (json.loads reads them in a model's
+        # tool arguments) become null, a set a list.
+        action = _JSON_ACTION.dump_python(action, mode="json")
+        encoded = encode_input(point, ctx.request_id, chain, principal_json, facts_json, action)
         # Engines read the document and never change it: its principal and agent parts are
         # shared by a replica's decisions.
         document = {

@@ -61,11 +61,6 @@ class PolicyModule:
         return hashlib.sha256(self.source.encode()).hexdigest()[:12]
 
 
-# canonical(), refusing NaN and infinities: the document's model dumps them as null, so an
-# action holding one (json.loads reads them in a model's tool arguments) is dumped first.
-_FINITE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
 @dataclass(frozen=True)
 class EncodedInput:
     """A policy input's canonical JSON (:func:`serve.audit.canonical`), whole and without
@@ -84,12 +79,12 @@ def encode_input(
     decision then encodes only its action, chain and id, where encoding the whole document
     twice (digest, memo key) was a third of its cost. Canonical JSON sorts keys, so the
     parts go in the order ``action, agent, point, principal, request{chain, id}, version``;
-    a test holds this to ``canonical`` of the document. Raises ValueError for an action
-    holding NaN or an infinity."""
+    a test holds this to ``canonical`` of the document. ``action`` is JSON already (as the
+    document's model dumps it)."""
     head = b"".join(
         (
             b'{"action":',
-            _FINITE.encode(action).encode(),
+            canonical(action),
             b',"agent":',
             agent,
             b',"point":',
