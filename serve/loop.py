@@ -224,10 +224,13 @@ class AgentLoop:
             ),
         )
         try:
-            async for event in self._events(request, ctx, span, history or []):
-                if isinstance(event, Finished):
-                    _finish_span(span, event.result)
-                yield event
+            # Closed here, not left to the garbage collector: asyncio would finalize it in
+            # a task of its own, woken from another thread's side of the loop.
+            async with contextlib.aclosing(self._events(request, ctx, span, history or [])) as steps:
+                async for event in steps:
+                    if isinstance(event, Finished):
+                        _finish_span(span, event.result)
+                    yield event
         except GeneratorExit:  # the consumer stopped reading after the result: not an error
             raise
         except BaseException as exc:
@@ -239,7 +242,7 @@ class AgentLoop:
 
     async def _events(
         self, request: ChatRequest, ctx: Context, span: otel.Span, history: list[dict[str, Any]]
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         client_tools = self._client_tools(request)
         asked = request.conversation()
         messages: list[dict[str, Any]] = [
@@ -322,7 +325,10 @@ class AgentLoop:
             if turn == self.manifest.max_turns:
                 break  # no turn left to read the results: do not run the tools
             messages.append(_assistant(said, calls))
-            results = await asyncio.gather(*(self._execute(c, ctx, stats, usage, span) for c in calls))
+            if len(calls) == 1:  # the common case: no task to run it in
+                results = [await self._execute(calls[0], ctx, stats, usage, span)]
+            else:
+                results = await asyncio.gather(*(self._execute(c, ctx, stats, usage, span) for c in calls))
             messages.extend(
                 {"role": "tool", "tool_call_id": c.id, "content": r}
                 for c, r in zip(calls, results, strict=True)
@@ -433,11 +439,12 @@ class AgentLoop:
         """(status, text): ok, invalid, error, denied or escalated."""
         known = name in self._tools or name in self._delegates
         checked: dict[str, Any] | None = None
+        task: DelegateArgs | None = None
         try:
             if name in self._tools:  # the policy judges the arguments the tool will get
                 checked = self._tools[name].validate(arguments).model_dump(mode="json")
             elif name in self._delegates:
-                DelegateArgs.model_validate_json(arguments or "{}")
+                task = DelegateArgs.model_validate_json(arguments or "{}")
         except (InvalidToolArguments, ValueError) as exc:
             stats.invalid_tool_calls += 1
             detail = exc if isinstance(exc, InvalidToolArguments) else f"invalid arguments for {name}: {exc}"
@@ -463,7 +470,9 @@ class AgentLoop:
                 return "ok", await self._tools[name].run(
                     checked, grant.timeout_s if grant else BUILTIN_TIMEOUT_S
                 )
-            return "ok", await self._delegate(name, arguments, ctx, stats, usage)
+            if task is not None:
+                return "ok", await self._delegate(name, task, ctx, stats, usage)
+            raise AssertionError(f"{name!r} is known but neither a tool nor a delegate")  # pragma: no cover
         except ToolDenied as exc:  # a tool's own policy decision (memory) refused what it asked
             stats.denials += 1
             return "denied", f"error: {exc}"
@@ -483,13 +492,9 @@ class AgentLoop:
         return self._guard.tool(ctx, name, arguments)
 
     async def _delegate(
-        self, tool_name: str, arguments: str, ctx: Context, stats: Stats, usage: Usage
+        self, tool_name: str, args: DelegateArgs, ctx: Context, stats: Stats, usage: Usage
     ) -> str:
         agent, delegate = self._delegates[tool_name]
-        try:
-            args = DelegateArgs.model_validate_json(arguments or "{}")
-        except ValueError as exc:
-            raise InvalidToolArguments(f"invalid arguments for {tool_name}: {exc}") from None
         stats.delegations.append(agent)
         self._guard.event(ctx, "delegation", target=agent)
         request = ChatRequest(model=agent, messages=[UserMessage(role="user", content=args.task)])

@@ -90,8 +90,13 @@ def _otlp_exporter() -> SpanExporter:
     return GrpcExporter()
 
 
+# Got once: asking the API for a tracer reads the environment each time. Before
+# ``setup_tracing`` installs a provider this is a proxy that follows it once it does.
+_TRACER = trace.get_tracer("fleet")
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("fleet")
+    return _TRACER
 
 
 def content_capture() -> bool:

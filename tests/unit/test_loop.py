@@ -505,3 +505,19 @@ def test_last_turn_does_not_run_tools_nobody_would_read(harness: Harness) -> Non
     # max_turns=3: the calls of turns 1 and 2 ran; those of turn 3 had no turn left.
     assert len(harness.requests) == 3
     assert sum(1 for m in harness.requests[-1].messages if m["role"] == "tool") == 2
+
+
+def test_the_loop_leaves_nothing_for_asyncio_to_finalize(harness: Harness) -> None:
+    """The answer's generators are closed as the answer is returned: none is left to the
+    garbage collector, whose finalizer would run it in a task of its own afterwards."""
+
+    async def ask() -> set[asyncio.Task[Any]]:
+        request = ChatRequest.model_validate(
+            {"model": "tester", "messages": [{"role": "user", "content": "#delegate check the stock"}]}
+        )
+        result = await harness.loop.run(request, Context(request_id="req_test"))
+        assert result.stats.delegations == ["helper"]
+        await asyncio.sleep(0)  # a finalizer's task would have been created by now
+        return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+
+    assert run(ask()) == set()
