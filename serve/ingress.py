@@ -393,7 +393,8 @@ class Ingress:
     async def _call(self, handle: DeploymentHandle[Any], chat: ChatRequest, ex: Exchange) -> AgentResult:
         response = handle.chat.remote(chat, ex.ctx)
         try:
-            outcome = await asyncio.wait_for(response, self._options.request_timeout_s)
+            async with asyncio.timeout(self._options.request_timeout_s):  # no task per request
+                outcome = await response
         except TimeoutError:
             response.cancel()  # type: ignore[no-untyped-call]  # else the agent, its delegates and its model keep working
             raise Timeout(f"the agent did not answer within {self._options.request_timeout_s:g}s") from None
