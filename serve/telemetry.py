@@ -90,13 +90,18 @@ def _otlp_exporter() -> SpanExporter:
     return GrpcExporter()
 
 
-# Got once: asking the API for a tracer reads the environment each time. Before
-# ``setup_tracing`` installs a provider this is a proxy that follows it once it does.
-_TRACER = trace.get_tracer("fleet")
+_tracer: trace.Tracer | None = None
 
 
 def tracer() -> trace.Tracer:
-    return _TRACER
+    """Fleet's tracer, got once: until a provider is installed, asking the API for one
+    reads the environment each time. Got at first use, after ``setup_tracing`` (a proxy
+    got earlier would follow a provider installed later, but getting it would install
+    one named by ``OTEL_PYTHON_TRACER_PROVIDER`` ahead of ``setup_tracing``'s)."""
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer("fleet")
+    return _tracer
 
 
 def content_capture() -> bool:
