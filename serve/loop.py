@@ -225,7 +225,7 @@ class AgentLoop:
         )
         try:
             # Closed here, not left to the garbage collector: asyncio would finalize it in
-            # a task of its own, woken from another thread's side of the loop.
+            # a task of its own, scheduled through the loop's self-pipe.
             async with contextlib.aclosing(self._events(request, ctx, span, history or [])) as steps:
                 async for event in steps:
                     if isinstance(event, Finished):
