@@ -15,6 +15,7 @@ recorded only with ``FLEET_TRACE_CONTENT=1`` (and then after PII redaction).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -90,18 +91,13 @@ def _otlp_exporter() -> SpanExporter:
     return GrpcExporter()
 
 
-_tracer: trace.Tracer | None = None
-
-
+@functools.cache
 def tracer() -> trace.Tracer:
     """Fleet's tracer, got once: until a provider is installed, asking the API for one
     reads the environment each time. Got at first use, after ``setup_tracing`` (a proxy
     got earlier would follow a provider installed later, but getting it would install
     one named by ``OTEL_PYTHON_TRACER_PROVIDER`` ahead of ``setup_tracing``'s)."""
-    global _tracer
-    if _tracer is None:
-        _tracer = trace.get_tracer("fleet")
-    return _tracer
+    return trace.get_tracer("fleet")
 
 
 def content_capture() -> bool:
