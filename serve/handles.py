@@ -4,8 +4,8 @@ Ray Serve sends a handle call either as a Ray actor call (its default, "by refer
 or over the gRPC server every replica runs (``_by_reference=False``). Fleet's calls
 between its own deployments (ingress -> agent, agent -> delegate, agent -> model) carry
 small pickled values and take the gRPC path by default: it skips the actor task and the
-object store: on a 2-core machine a bare hop took 1-23% less, and a Fleet delegation hop
-at 8 clients 27 ms instead of 41 (docs/DECISIONS.md).
+object store, and costs less per hop (measured in docs/DECISIONS.md and the ladder's
+results).
 Calls that pass Ray object references (the memory deployment's artifacts) and the audit
 deployment's stay actor calls: gRPC cannot carry object references.
 
