@@ -54,10 +54,11 @@ def stats(ms: list[float]) -> dict[str, float]:
 
 
 def decisions(n: int, memo: bool) -> dict[str, Any]:
-    from serve.governance import GovernanceConfig, Governor, build_engines
-    from serve.loop import Context
+    from serve.context import Context
+    from serve.governance.config import GovernanceConfig, build_engines
+    from serve.governance.governor import Governor
+    from serve.governance.guard import AgentGuard
     from serve.manifest import load_agent
-    from serve.policy.guard import AgentGuard
     from serve.testing import MemorySink
 
     engine, _ = build_engines(GovernanceConfig(), ROOT, memo=memo)
@@ -104,7 +105,7 @@ def pii_scan(n: int) -> dict[str, float]:
 
 
 def audit_append(batches: int) -> dict[str, Any]:
-    from serve.audit import AuditLog
+    from serve.audit.log import AuditLog
 
     record = {
         "time": 1.0,
@@ -166,12 +167,14 @@ SCRIPTS: dict[str, list[dict[str, Any]]] = {
 
 
 def request_cost(n: int, memo: bool, scenario: str) -> dict[str, Any]:
-    from serve.governance import GovernanceConfig, Governor, build_engines
-    from serve.loop import AgentLoop, Context
+    from serve.context import Context
+    from serve.governance.config import GovernanceConfig, build_engines
+    from serve.governance.governor import Governor
+    from serve.governance.guard import AgentGuard
+    from serve.loop.runner import AgentLoop
     from serve.manifest import load_agent
     from serve.models.base import ModelChunk, ModelRequest
     from serve.models.scripted import ScriptedBackend, ScriptedConfig
-    from serve.policy.guard import AgentGuard
     from serve.policy.schema import Principal
     from serve.protocol import ChatRequest
     from serve.testing import MemorySink

@@ -19,19 +19,23 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve import telemetry
-from serve.audit_service import AuditClient
+from serve.audit.client import AuditClient
+from serve.context import Context
 from serve.errors import AgentError, MemoryUnavailable, ModelError, RequestError
-from serve.governance import GovernanceConfig, Governor, build_engines
+from serve.governance.config import GovernanceConfig, build_engines
+from serve.governance.governor import Governor
+from serve.governance.guard import AgentGuard
 from serve.handles import Transport, over, transport_failure
-from serve.loop import AgentLoop, AgentResult, Context, DelegateTarget, Event, Finished, ModelCaller
+from serve.loop.results import AgentResult, DelegateTarget, Event, Finished, ModelCaller
+from serve.loop.runner import AgentLoop
 from serve.manifest import delegate_tool_name, load_agent
-from serve.memory_service import MEMORY_TOOLS, RequestMemory, bind, tenant_of, unbind
-from serve.metrics import MetricsSink
+from serve.memory.client import RequestMemory, bind, tenant_of, unbind
+from serve.memory.tools import MEMORY_TOOLS
 from serve.models import make_backend
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.deployment import parse_backend_config, raise_errors, stream_model
-from serve.policy.guard import AgentGuard
 from serve.protocol import ChatRequest
+from serve.telemetry.metrics import MetricsSink
 from serve.tools import load_tools
 
 __all__ = ["AgentDeployment"]

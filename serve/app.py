@@ -17,14 +17,14 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from serve.agent import AgentDeployment
-from serve.audit_service import AuditService
+from serve.audit.service import AuditService
 from serve.errors import ConfigError, field_path
-from serve.governance import GovernanceConfig, build_engines
+from serve.governance.config import GovernanceConfig, build_engines
 from serve.handles import Transport
 from serve.ingress import Ingress, IngressOptions
 from serve.manifest import MANIFEST_FILE, AgentSpec, delegation_order, load_fleet
-from serve.memory import MemoryConfig
-from serve.memory_service import MemoryService
+from serve.memory.service import MemoryService
+from serve.memory.store import MemoryConfig
 from serve.models import BACKEND_KINDS, BackendConfig, VLLMConfig
 from serve.models.deployment import ModelDeployment
 from serve.settings import settings

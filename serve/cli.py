@@ -20,13 +20,13 @@ import yaml
 from pydantic import ValidationError
 
 from serve.app import audit_path, validate_fleet
-from serve.audit import audit_key, verify
+from serve.audit.log import audit_key, verify
+from serve.auth import hash_key
 from serve.errors import ConfigError
-from serve.governance import hash_key
 from serve.manifest import load_agent, manifest_json_schema
-from serve.observability import alert_rules, dashboard
 from serve.policy.schema import policy_input_json_schema
 from serve.settings import settings
+from serve.telemetry.alerts import alert_rules, dashboard
 from serve.tools import load_tools
 
 __all__ = ["main", "serve_details", "validate_config", "wait_running"]

@@ -1,12 +1,14 @@
 """Fleet's one exception tree, and its conversion to the OpenAI error envelope.
 
-Three families, as in pydantic-ai:
+Three families, as in pydantic-ai, and the failures inside Fleet that never reach a client:
 - ``ConfigError``: a developer's mistake found before anything runs (manifest, config).
-- ``RequestError`` and its subclasses: a request that Fleet answers with a 4xx/5xx.
+- ``RequestError`` and its subclasses: a request that Fleet answers with a 4xx/5xx; each
+  class fixes its status and type, :func:`envelope` makes the body, in this one place.
+- ``Signal``: control flow, not failure: a step that cannot go on without something else
+  (a human's approval). The loop turns a signal into its own outcome, never into text.
 - ``ToolError``: a tool that failed; the agent loop reports it to the model, never to
-  the client.
-
-Every HTTP error body is produced by :func:`envelope`, in this one place.
+  the client. ``PolicyFailure`` and ``MemoryFull`` are internal: the governor turns the
+  first into a denial, the memory service the second into an answer.
 """
 
 from __future__ import annotations
@@ -15,17 +17,24 @@ from typing import Any
 
 __all__ = [
     "AgentError",
+    "ApprovalRequired",
+    "AuditUnavailable",
     "ConfigError",
     "FleetError",
     "InvalidRequest",
+    "InvalidToolArguments",
     "MaxTurnsExceeded",
+    "MemoryDenied",
+    "MemoryFull",
     "MemoryUnavailable",
     "ModelError",
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
     "PolicyDenied",
+    "PolicyFailure",
     "RequestError",
+    "Signal",
     "Timeout",
     "ToolDenied",
     "ToolError",
@@ -162,6 +171,12 @@ class MemoryUnavailable(Overloaded):
     code = "memory_unavailable"
 
 
+class AuditUnavailable(Overloaded):
+    """The audit log could not make a request's records durable in time (nothing leaves)."""
+
+    code = "audit_unavailable"
+
+
 class Timeout(RequestError):
     status = 504
     type = "server_error"
@@ -174,6 +189,42 @@ class ToolError(FleetError):
 
 class ToolDenied(ToolError):
     """A policy decision inside a tool (a memory read or write) refused it."""
+
+
+class InvalidToolArguments(ToolError):
+    """The model's arguments do not fit the tool's schema; told to the model, counted."""
+
+
+class MemoryDenied(ToolDenied):
+    """The policy refused a memory read or write."""
+
+
+class MemoryFull(FleetError, ValueError):
+    """One value is larger than its memory store may hold at all."""
+
+
+class PolicyFailure(FleetError):
+    """A policy could not be evaluated (no rule, undefined, malformed, engine down): deny."""
+
+
+class Signal(FleetError):
+    """Control flow: the step cannot go on now; the loop handles it, the client never sees it raw."""
+
+
+class ApprovalRequired(Signal):
+    """A tool call or delegation needs a human's approval before it may run."""
+
+    def __init__(self, message: str, *, decision_id: str, tool: str):
+        super().__init__(message)
+        self.decision_id = decision_id
+        self.tool = tool
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_approval, (str(self), self.decision_id, self.tool))
+
+
+def _rebuild_approval(message: str, decision_id: str, tool: str) -> ApprovalRequired:
+    return ApprovalRequired(message, decision_id=decision_id, tool=tool)
 
 
 def field_path(loc: tuple[int | str, ...], skip: frozenset[str] = frozenset()) -> str:

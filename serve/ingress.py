@@ -27,10 +27,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from serve import telemetry
-from serve.audit import Carried
-from serve.audit_service import AuditClient, AuditUnavailable
+from serve.audit.client import AuditClient, Carried
+from serve.auth import authenticate
+from serve.context import Context
 from serve.errors import (
     AgentError,
+    AuditUnavailable,
     InvalidRequest,
     NotFound,
     Overloaded,
@@ -41,12 +43,13 @@ from serve.errors import (
     envelope,
 )
 from serve.explain import render_html
-from serve.governance import GovernanceConfig, Governor, authenticate, build_engines
+from serve.governance.config import GovernanceConfig, build_engines
+from serve.governance.governor import Governor
 from serve.handles import Transport, over, transport_failure
-from serve.loop import AgentResult, ContentDelta, Context, Finished
-from serve.metrics import MetricsSink, RequestMetrics
+from serve.loop.results import AgentResult, ContentDelta, Finished
 from serve.policy.schema import AgentFacts, Principal
 from serve.protocol import ChatRequest, chunk, completion, parse_chat_request
+from serve.telemetry.metrics import MetricsSink, RequestMetrics
 
 __all__ = ["Ingress", "IngressOptions"]
 

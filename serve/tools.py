@@ -19,15 +19,11 @@ from typing import Any, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from serve.errors import ConfigError, ToolError
+from serve.errors import ConfigError, InvalidToolArguments, ToolError
 
-__all__ = ["InvalidToolArguments", "Tool", "as_tool", "load_tools", "tool"]
+__all__ = ["Tool", "as_tool", "load_tools", "tool"]
 
 TOOLS_FILE = "tools.py"
-
-
-class InvalidToolArguments(ToolError):
-    """The model's arguments do not match the tool's schema (or are not JSON)."""
 
 
 class Tool:

@@ -22,15 +22,14 @@ from pydantic import ValidationError
 from regopy import Input, Interpreter, LogLevel, RegoError
 from regopy.rego_shared import rego as _C
 
-from serve.audit import canonical
-from serve.errors import ConfigError
+from serve.canonical import canonical
+from serve.errors import ConfigError, PolicyFailure
 from serve.policy.schema import INPUT_VERSION, POINTS, Point, PolicyResult
 
 __all__ = [
     "EncodedInput",
     "OpaEngine",
     "PolicyEngine",
-    "PolicyFailure",
     "PolicyModule",
     "RegoEngine",
     "encode_input",
@@ -40,10 +39,6 @@ __all__ = [
 _PACKAGE = re.compile(r"^\s*package\s+([\w.]+)", re.MULTILINE)
 _ERROR_AT = re.compile(r"\(error \d+:([^|\s]+)\|(\d+)\|")
 _ERROR_MSG = re.compile(r"\(errormsg \d+:([^)]*)\)")
-
-
-class PolicyFailure(Exception):
-    """The engine could not give a decision (error, undefined result, bad shape, timeout)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ class PolicyModule:
 
 @dataclass(frozen=True)
 class EncodedInput:
-    """A policy input's canonical JSON (:func:`serve.audit.canonical`), whole and without
+    """A policy input's canonical JSON (:func:`serve.canonical.canonical`), whole and without
     the request id: the digest in its audit record and the key of an engine's memo."""
 
     whole: bytes

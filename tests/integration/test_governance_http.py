@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serve.audit import audit_key, verify
+from serve.audit.log import audit_key, verify
 from tests.integration.agents.tester.tools import PROFILE
 from tests.integration.conftest import ACME_KEY, LIMITED_KEY, QA_KEY, Fleet
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serve.metrics import EXPORTED
+from serve.telemetry.metrics import EXPORTED
 from tests.integration.conftest import QA_KEY, Fleet
 
 CANARY = "canary_prompt_" + secrets.token_hex(4)  # one \\w+ word: the scripted echo keeps it whole
@@ -136,7 +136,9 @@ def test_metrics_count_known_traffic_per_agent(fleet: Fleet) -> None:
         pytest.skip("needs the conftest's own cluster (Ray's metrics port)")
     before, deadline = scrape(fleet), time.monotonic() + 30
     while time.monotonic() < deadline:  # earlier tests' counts may still be on their way
-        time.sleep(3.5)  # counts reach Ray a second after the request (serve.metrics.Tally), then export
+        time.sleep(
+            3.5
+        )  # counts reach Ray a second after the request (serve.telemetry.metrics.Tally), then export
         now = scrape(fleet)
         if now == before:
             break

@@ -93,8 +93,9 @@ def governed(
     spec: Any, *, policies: list[str] | None = None, shadow: list[str] | None = None
 ) -> tuple[Any, MemorySink]:
     """A real AgentGuard over the real Rego policies (configs/policies), and its sink."""
-    from serve.governance import GovernanceConfig, Governor, build_engines
-    from serve.policy.guard import AgentGuard
+    from serve.governance.config import GovernanceConfig, build_engines
+    from serve.governance.governor import Governor
+    from serve.governance.guard import AgentGuard
 
     config = GovernanceConfig(policies=policies or ["configs/policies"], shadow=shadow or [])
     sink = MemorySink()

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from serve.agent import AgentDeployment
-from serve.loop import ContentDelta, Context, Finished
+from serve.context import Context
+from serve.loop.results import ContentDelta, Finished
 from serve.models.base import ModelChunk, ModelRequest
 from serve.protocol import ChatRequest
 from tests.unit.conftest import ROOT, run, write_agent

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.audit import AuditLog, audit_key, verify
+from serve.audit.log import AuditLog, audit_key, verify
 from serve.errors import ConfigError
 
 KEY = b"k" * 32

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from serve.audit_service import AuditClient, AuditUnavailable, serve_link
+from serve.audit.client import AuditClient
+from serve.audit.link import serve_link
+from serve.errors import AuditUnavailable
 from tests.unit.conftest import run
 
 
@@ -151,8 +153,8 @@ def _record(decision_id: str) -> dict[str, Any]:
 
 
 def test_the_service_writes_each_decision_once_even_after_a_restart(tmp_path: Path) -> None:
-    from serve.audit import audit_key, verify
-    from serve.audit_service import AuditWriter
+    from serve.audit.log import audit_key, verify
+    from serve.audit.service import AuditWriter
 
     log = tmp_path / "audit.jsonl"
 
@@ -171,7 +173,7 @@ def test_the_service_writes_each_decision_once_even_after_a_restart(tmp_path: Pa
 
 
 def test_a_failed_write_is_written_when_retried(tmp_path: Path) -> None:
-    from serve.audit_service import AuditWriter
+    from serve.audit.service import AuditWriter
 
     log = tmp_path / "audit.jsonl"
 
@@ -208,8 +210,9 @@ def test_a_restarted_writer_is_found_again() -> None:
 
 
 def test_the_writer_takes_batches_over_its_socket_only_with_its_token(tmp_path: Path) -> None:
-    from serve.audit import audit_key, verify
-    from serve.audit_service import AuditWriter, write_frame
+    from serve.audit.link import write_frame
+    from serve.audit.log import audit_key, verify
+    from serve.audit.service import AuditWriter
 
     log = tmp_path / "audit.jsonl"
 
@@ -267,8 +270,8 @@ def test_a_batch_written_as_the_loop_closes_is_still_sealed_and_unlocked(tmp_pat
     rewrites no checkpoint (before: it raced the next writer's, without the lock)."""
     import fcntl
 
-    from serve.audit import audit_key, verify
-    from serve.audit_service import AuditWriter
+    from serve.audit.log import audit_key, verify
+    from serve.audit.service import AuditWriter
 
     for attempt in range(30):
         log = tmp_path / f"audit-{attempt}.jsonl"

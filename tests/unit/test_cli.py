@@ -163,7 +163,7 @@ def test_readme_schema_file_is_current() -> None:
 
 
 def test_audit_verify_reports_ok_then_the_tampered_record(tmp_path: Path) -> None:
-    from serve.audit import AuditLog, audit_key
+    from serve.audit.log import AuditLog, audit_key
 
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, audit_key(path))
@@ -185,7 +185,8 @@ def test_audit_verify_finds_the_log_from_the_config(tmp_path: Path) -> None:
 
 
 def test_keys_new_prints_the_key_once_and_stores_only_its_hash() -> None:
-    from serve.governance import GovernanceConfig, authenticate
+    from serve.auth import authenticate
+    from serve.governance.config import GovernanceConfig
 
     result = CliRunner().invoke(main, ["keys", "new", "--tenant", "acme", "--role", "hr"])
     assert result.exit_code == 0

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from serve.errors import ToolError
-from serve.tools import InvalidToolArguments, Tool, load_tools
+from serve.errors import InvalidToolArguments, ToolError
+from serve.tools import Tool, load_tools
 from tests.unit.conftest import AGENTS, run
 
 HR = AGENTS / "hr-policy-advisor"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from serve.audit_service import explanation
+from serve.audit.service import explanation
+from serve.auth import ANONYMOUS, TenantKey, authenticate, hash_key
 from serve.errors import Unauthorized
 from serve.explain import render_html
-from serve.governance import ANONYMOUS, GovernanceConfig, TenantKey, authenticate, hash_key
+from serve.governance.config import GovernanceConfig
 
 TENANTS = [
     TenantKey(tenant="acme", key_sha256=hash_key("fk-acme"), roles=["hr"]),

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from serve.context import Context
 from serve.errors import InvalidRequest, MaxTurnsExceeded, ModelError
-from serve.loop import AgentLoop, AgentResult, ContentDelta, Context, DelegateTarget, Finished, Stats
+from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Finished, Stats
+from serve.loop.runner import AgentLoop
 from serve.manifest import AgentSpec, load_agent
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.scripted import ScriptedBackend, ScriptedConfig

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from serve.context import Context
 from serve.errors import PolicyDenied
-from serve.loop import AgentLoop, AgentResult, ContentDelta, Context, DelegateTarget, Stats
+from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Stats
+from serve.loop.runner import AgentLoop
 from serve.manifest import load_agent
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.scripted import ScriptedBackend, ScriptedConfig

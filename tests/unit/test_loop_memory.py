@@ -15,13 +15,16 @@ import pytest
 from pydantic import ValidationError
 from ray.serve.handle import DeploymentHandle
 
+from serve.context import Context
 from serve.errors import ConfigError, InvalidRequest
-from serve.loop import AgentLoop, AgentResult, Context
+from serve.governance.guard import AgentGuard
+from serve.loop.results import AgentResult
+from serve.loop.runner import AgentLoop
 from serve.manifest import AgentManifest, load_agent
-from serve.memory_service import MEMORY_TOOLS, RequestMemory, bind, memory, unbind
+from serve.memory.client import RequestMemory, bind, memory, unbind
+from serve.memory.tools import MEMORY_TOOLS
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.scripted import ScriptedBackend, ScriptedConfig
-from serve.policy.guard import AgentGuard
 from serve.policy.schema import Principal
 from serve.protocol import ChatRequest
 from serve.testing import MemorySink

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from serve.memory import MemoryConfig, MemoryFull, MemoryLimits, SqliteStore
+from serve.errors import MemoryFull
+from serve.memory.store import MemoryConfig, MemoryLimits, SqliteStore
 
 START = 1_700_000_000.0
 
@@ -416,7 +417,7 @@ def test_history_read_back_starts_at_a_question(open_store: StoreFactory) -> Non
 
 
 def test_artifacts_over_the_total_cap_release_the_oldest_request_trees() -> None:
-    from serve.memory_service import MemoryService
+    from serve.memory.service import MemoryService
     from tests.unit.conftest import run
 
     service = MemoryService.__new__(MemoryService)  # its artifact table only: no store, no Ray

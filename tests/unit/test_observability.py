@@ -14,8 +14,8 @@ import yaml
 from click.testing import CliRunner
 
 from serve.cli import main
-from serve.metrics import EXPORTED
-from serve.observability import RAY_SERVE_METRICS, alert_rules, dashboard, metric_names
+from serve.telemetry.alerts import RAY_SERVE_METRICS, alert_rules, dashboard, metric_names
+from serve.telemetry.metrics import EXPORTED
 from tests.unit.conftest import ROOT
 
 RULES = ROOT / "configs" / "fleet-alerts.rules.yml"
@@ -78,7 +78,7 @@ def test_dashboard_queries_parse_and_use_exported_metrics() -> None:
 
 def test_a_model_call_without_usage_is_counted_and_handed_on(caplog: pytest.LogCaptureFixture) -> None:
     """A backend that reports no tokens (an upstream without streamed usage) fails nothing."""
-    from serve.metrics import MetricsSink
+    from serve.telemetry.metrics import MetricsSink
     from tests.unit.conftest import MemorySink
 
     inner = MemorySink()
@@ -86,7 +86,7 @@ def test_a_model_call_without_usage_is_counted_and_handed_on(caplog: pytest.LogC
     call = {"kind": "model_call", "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}
     sink.event(call)
     assert inner.events == [call]
-    from serve.metrics import tally
+    from serve.telemetry.metrics import tally
 
     with caplog.at_level(logging.ERROR, logger="fleet.metrics"):
         tally().flush()  # what reaches Ray's counters now: a count Ray refused would be logged
@@ -104,7 +104,7 @@ class RecordingCounter:
 
 
 def test_the_tally_sums_increments_and_hands_them_on_by_itself() -> None:
-    from serve.metrics import Tally
+    from serve.telemetry.metrics import Tally
 
     counter = RecordingCounter()
     tally = Tally(delay_s=0.05)
@@ -131,7 +131,7 @@ class RefusingCounter(RecordingCounter):
 
 
 def test_a_count_ray_refuses_is_logged_and_the_others_still_land(caplog: pytest.LogCaptureFixture) -> None:
-    from serve.metrics import Tally
+    from serve.telemetry.metrics import Tally
 
     refusing, counter = RefusingCounter(), RecordingCounter()
     tally = Tally(delay_s=3600)

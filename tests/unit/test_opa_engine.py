@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from serve.governance import GovernanceConfig, build_engines
-from serve.policy.engine import OpaEngine, PolicyFailure
+from serve.errors import PolicyFailure
+from serve.governance.config import GovernanceConfig, build_engines
+from serve.policy.engine import OpaEngine
 from tests.unit.conftest import ROOT
 
 

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 import yaml
 
-from serve.audit import canonical
-from serve.errors import ConfigError
-from serve.governance import ANONYMOUS, GovernanceConfig, Governor, build_engines
-from serve.loop import Context
-from serve.policy.engine import PolicyFailure, PolicyModule, RegoEngine, load_modules
+from serve.auth import ANONYMOUS
+from serve.canonical import canonical
+from serve.context import Context
+from serve.errors import ConfigError, PolicyFailure
+from serve.governance.config import GovernanceConfig, build_engines
+from serve.governance.governor import Governor
+from serve.policy.engine import PolicyModule, RegoEngine, load_modules
 from serve.policy.schema import POINTS, AgentFacts, PolicyInput, PolicyResult, Principal, RequestFacts
 from serve.testing import MemorySink
 from tests.unit.conftest import ROOT

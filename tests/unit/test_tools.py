@@ -12,8 +12,8 @@ from langchain_core.tools import BaseTool, StructuredTool
 from langchain_core.tools import tool as lc_tool
 from pydantic import BaseModel, Field
 
-from serve.errors import ConfigError, ToolError
-from serve.tools import InvalidToolArguments, Tool, as_tool, load_tools, tool
+from serve.errors import ConfigError, InvalidToolArguments, ToolError
+from serve.tools import Tool, as_tool, load_tools, tool
 from tests.unit.conftest import run
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serve.memory_service import memory
+from serve.memory.client import memory
 from serve.tools import tool
 
 

@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from serve.memory_service import memory
+from serve.memory.client import memory
 from serve.tools import tool
 
 

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 from ray import serve as rayserve
 
-from serve.memory_service import memory
+from serve.memory.client import memory
 from serve.tools import tool
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from serve.memory_service import memory
+from serve.memory.client import memory
 from serve.tools import tool
 
 

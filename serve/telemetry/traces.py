@@ -9,7 +9,7 @@ Sampling follows ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``; the servic
 Spans follow the GenAI semantic conventions: ``invoke_agent <agent>``, ``chat <model>``,
 ``execute_tool <tool>`` (a delegation is a tool call whose child is the delegate's
 ``invoke_agent`` span, in another replica). The trace context crosses deployment handles
-inside :class:`serve.loop.Context` as W3C ``traceparent``. Prompt and completion text are
+inside :class:`serve.context.Context` as W3C ``traceparent``. Prompt and completion text are
 recorded only with ``FLEET_TRACE_CONTENT=1`` (and then after PII redaction).
 """
 

@@ -3,7 +3,7 @@
 ``fleet alerts`` turns each agent's ``sla`` into rules (p95 latency, availability) and adds
 the quality rules every agent gets (tool-failure rate, invalid-tool-call rate, latency
 spikes against the agent's own last hour). ``fleet dashboard`` writes the fleet view.
-Both use only metrics Fleet exports (:data:`serve.metrics.EXPORTED`) and Ray Serve's
+Both use only metrics Fleet exports (:data:`serve.telemetry.metrics.EXPORTED`) and Ray Serve's
 replica gauge.
 """
 

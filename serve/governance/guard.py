@@ -12,9 +12,10 @@ import json
 from dataclasses import replace
 from typing import Any
 
+from serve.context import Context
 from serve.errors import PolicyDenied
-from serve.governance import Decision, Governor
-from serve.loop import Context, Refusal
+from serve.governance.decisions import Decision, Refusal
+from serve.governance.governor import Governor
 from serve.manifest import AgentSpec
 from serve.policy.pii import redact, scan, scrub_name
 from serve.policy.schema import AgentFacts

@@ -21,36 +21,17 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serve.canonical import canonical
 from serve.errors import ConfigError
 
-__all__ = ["GENESIS", "AuditLog", "Carried", "Verification", "audit_key", "canonical", "digest", "verify"]
+__all__ = ["GENESIS", "AuditLog", "Verification", "audit_key", "digest", "verify"]
 
 GENESIS = "0" * 64
 CHAIN_FIELDS = ("seq", "prev", "hash")
-
-
-@dataclass
-class Carried:
-    """Audit records and steps handed from one replica to another, to ship with its own."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.records or self.events)
-
-
-# json.dumps with options builds an encoder per call: a third of a small value's cost.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def canonical(value: Any) -> bytes:
-    """Sorted keys, no spaces, ASCII only: the bytes records are chained and digested by."""
-    return _CANONICAL.encode(value).encode()
 
 
 def record_hash(key: bytes, record: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ Three stores, every key starting with the tenant (one tenant never reaches anoth
 - **sessions**: the turns of a conversation, per (tenant, agent, session id);
 - **request contexts**: small values the agents of one request tree share, per
   (tenant, request tree id); large artifacts travel as Ray object references beside them
-  (:mod:`serve.memory_service`), never through this store;
+  (:mod:`serve.memory.service`), never through this store;
 - **facts**: long-term memory per (tenant, namespace, key), found by key or by words.
 
 :class:`SqliteStore` is the embedded default: one SQLite file in WAL mode on the head
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from serve.errors import MemoryFull
 
 __all__ = ["MemoryConfig", "MemoryLimits", "MemoryStats", "MemoryStore", "SqliteStore"]
 
@@ -116,10 +118,6 @@ class MemoryStore(Protocol):
     def expire(self) -> None: ...
 
     def stats(self) -> MemoryStats: ...
-
-
-class MemoryFull(ValueError):
-    """One value is larger than its store may hold at all."""
 
 
 _SCHEMA = """

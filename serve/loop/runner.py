@@ -24,153 +24,35 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
 
 from opentelemetry import trace as otel
 
 from serve import telemetry
-from serve.audit import Carried
-from serve.errors import InvalidRequest, MaxTurnsExceeded, RequestError, ToolDenied, ToolError
+from serve.context import Context
+from serve.errors import (
+    InvalidRequest,
+    InvalidToolArguments,
+    MaxTurnsExceeded,
+    RequestError,
+    ToolDenied,
+    ToolError,
+)
+from serve.governance.decisions import Refusal
+from serve.loop.guard import Guard
+from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Event, Finished, ModelCaller, Stats
 from serve.manifest import AgentSpec, delegate_tool_name
-from serve.models.base import ModelChunk, ModelRequest
+from serve.models.base import ModelRequest
 from serve.policy.pii import StreamRedactor, scrub_name
-from serve.policy.schema import Principal
 from serve.prompt import PromptRenderer
 from serve.protocol import ChatRequest, NamedToolChoice, ToolCall, Usage, UserMessage
-from serve.tools import DelegateArgs, InvalidToolArguments, Tool
+from serve.tools import DelegateArgs, Tool
 
-__all__ = [
-    "AgentLoop",
-    "AgentResult",
-    "ContentDelta",
-    "Context",
-    "DelegateTarget",
-    "Finished",
-    "Guard",
-    "Refusal",
-]
+__all__ = ["AgentLoop"]
 
 
-@dataclass(frozen=True)
-class Context:
-    """What travels with a request across delegations."""
-
-    request_id: str
-    chain: tuple[str, ...] = ()
-    principal: Principal | None = None
-    # The most scopes the next agent may act with: its caller's (None: no limit yet).
-    scopes: tuple[str, ...] | None = None
-    # W3C trace context of the caller's span (``traceparent``), across handles.
-    trace: Mapping[str, str] = field(default_factory=dict)
-    # The conversation the client continues (sessions are kept by the top-level agent).
-    session: str | None = None
-    # The request tree's own id, made here: the key of its shared memory. Not the request
-    # id, which a client may choose (and so reuse to read another request's context).
-    tree: str = field(default_factory=lambda: "tree_" + uuid.uuid4().hex, compare=False)
-    # Audit records the caller made and hands over, to ship with this agent's own (the
-    # ingress's admission: one audit round trip per request instead of two).
-    audit: Carried | None = None
-
-    @staticmethod
-    def new(
-        request_id: str | None = None,
-        principal: Principal | None = None,
-        trace: Mapping[str, str] | None = None,
-        session: str | None = None,
-    ) -> Context:
-        return Context(
-            request_id=request_id or "req_" + uuid.uuid4().hex,
-            principal=principal,
-            scopes=tuple(principal.scopes) if principal and principal.scopes is not None else None,
-            trace=dict(trace or {}),
-            session=session,
-        )
-
-    def enter(self, agent: str) -> Context:
-        return replace(self, chain=(*self.chain, agent))
-
-    def traced(self, span: otel.Span) -> Context:
-        """This context, with ``span`` as the parent of what the next agent does."""
-        return replace(self, trace=telemetry.carrier(span))
-
-
-@dataclass
-class Stats:
-    turns: int = 0
-    tool_calls: int = 0
-    tool_failures: int = 0
-    invalid_tool_calls: int = 0
-    denials: int = 0
-    escalations: int = 0
-    delegations: list[str] = field(default_factory=list)
-
-
-@dataclass
-class AgentResult:
-    content: str | None
-    tool_calls: list[ToolCall]
-    finish_reason: str
-    usage: Usage
-    stats: Stats
-    # This exchange as a session keeps it: the request's messages (as the model saw
-    # them, after redaction) and the answer.
-    transcript: list[dict[str, Any]] = field(default_factory=list)
-    # A delegate's audit records and steps, for its caller to ship with its own.
-    audit: Carried | None = None
-
-
-@dataclass(frozen=True)
-class DelegateTarget:
-    """Another agent, as the loop sees it: a description for the model and a call."""
-
-    description: str
-    call: Callable[[ChatRequest, Context], Awaitable[AgentResult]]
-    scopes: tuple[str, ...] = ()
-    data: tuple[str, ...] = ()  # data classes its answers may hold (the caller must be granted them)
-
-
-@dataclass
-class ContentDelta:
-    text: str
-
-
-@dataclass
-class Finished:
-    result: AgentResult
-
-
-Event = ContentDelta | Finished
 BUILTIN_TIMEOUT_S = 10.0
-ModelCaller = Callable[[ModelRequest], AsyncIterator[ModelChunk]]
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A call governance did not let run, and what the model is told."""
-
-    outcome: str  # "deny" or "escalate"
-    message: str
-
-
-class Guard(Protocol):
-    """Governance as the loop sees it (:class:`serve.policy.guard.AgentGuard`)."""
-
-    holds_output: bool
-
-    def model_input(self, ctx: Context, messages: list[dict[str, Any]], turn: int) -> None: ...
-
-    def model_output(self, ctx: Context, text: str, turn: int) -> str: ...
-
-    def tool(self, ctx: Context, name: str, arguments: str) -> Refusal | None: ...
-
-    def delegation(self, ctx: Context, target: str, target_scopes: list[str]) -> Refusal | None: ...
-
-    def result(self, ctx: Context, name: str, text: str, classes: list[str]) -> str: ...
-
-    def event(self, ctx: Context, kind: str, **fields: Any) -> None: ...
 
 
 class AgentLoop:

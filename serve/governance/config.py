@@ -1,0 +1,105 @@
+"""The ``governance`` section of a deploy config, and the policy engines it builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve.audit.config import AuditConfig
+from serve.auth import TenantKey
+from serve.errors import ConfigError
+from serve.policy.engine import OpaEngine, PolicyEngine, RegoEngine, load_modules
+from serve.policy.schema import POINTS, Point
+
+__all__ = ["GovernanceConfig", "Shadow", "build_engines", "load_data"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
+    kind: Literal["rego", "opa"] = Field(default="rego", description="regopy in-process, or an OPA server.")
+    url: str | None = Field(default=None, description="OPA server (kind opa), e.g. http://127.0.0.1:8181.")
+    timeout_s: float = Field(default=0.5, gt=0, le=30, description="OPA request timeout (then deny).")
+
+    @model_validator(mode="after")
+    def _url(self) -> EngineConfig:
+        if self.kind == "opa" and not self.url:
+            raise ValueError("url: an OPA engine needs the server's url")
+        return self
+
+
+class GovernanceConfig(_Strict):
+    policies: list[str] = Field(
+        default_factory=lambda: ["configs/policies"],
+        description="Rego modules and policy data (*.rego, *.yaml): files or folders.",
+    )
+    shadow: list[str] = Field(
+        default_factory=list,
+        description="Rego modules evaluated and audited beside the enforced ones, never enforced.",
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Where policies are evaluated.")
+    tenants: list[TenantKey] = Field(
+        default_factory=list,
+        description="API keys (hashed). None listed: auth is off, callers are 'anonymous'.",
+    )
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log.")
+
+
+def _resolve(root: Path, items: list[str]) -> list[Path]:
+    paths = [Path(p) if Path(p).is_absolute() else root / p for p in items]
+    for path in paths:
+        if not path.exists():
+            raise ConfigError("no such policy file or folder", file=str(path), field="governance.policies")
+    return paths
+
+
+def load_data(paths: list[Path]) -> dict[str, Any]:
+    """Policy data (``*.yaml`` beside the modules), merged, as ``data.config``."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        for file in (
+            sorted(path.glob("*.yaml")) if path.is_dir() else [path] if path.suffix == ".yaml" else []
+        ):
+            try:
+                merged.update(yaml.safe_load(file.read_text()) or {})
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"invalid policy data: {exc}", file=str(file)) from None
+    return {"config": merged}
+
+
+Shadow = tuple[PolicyEngine, frozenset[Point]]
+
+
+def build_engines(
+    config: GovernanceConfig,
+    root: Path,
+    extra: list[str] = (),  # type: ignore[assignment]
+    *,
+    memo: bool = True,
+) -> tuple[PolicyEngine, Shadow | None]:
+    """The enforced engine, and the shadow one with the points its modules change."""
+    for item in extra:  # an agent adds rules, never data that would override the platform's
+        if not item.endswith(".rego"):
+            raise ConfigError("an agent's policies.files may only name .rego modules", file=item)
+    paths = _resolve(root, [*config.policies, *extra])
+    modules = [m for m in load_modules(paths) if m.path.endswith(".rego")]
+    data = load_data(paths)
+    local = RegoEngine(modules, data, memo=memo)  # compiled even for OPA: a bad file fails the deploy
+    engine: PolicyEngine = local
+    if config.engine.kind == "opa":
+        assert config.engine.url is not None
+        engine = OpaEngine(config.engine.url, config.engine.timeout_s)
+    if not config.shadow:
+        return engine, None
+    shadow_modules = load_modules(_resolve(root, config.shadow))
+    replaced = {m.package for m in shadow_modules}
+    kept = [m for m in modules if m.package not in replaced]
+    points = {p for p in POINTS if f"fleet.{p}" in replaced}
+    if replaced - {f"fleet.{p}" for p in POINTS}:  # a shared module changed: every point may
+        points = set(POINTS)
+    return engine, (RegoEngine([*kept, *shadow_modules], data, memo=memo), frozenset(points))

@@ -1,0 +1,159 @@
+"""The ``memory`` deployment: one replica owning the store, reached by every agent's handle.
+
+Any replica of any agent sees the same sessions, request contexts and facts. Large
+artifacts do not go through it as bytes: the producing agent puts the object in Ray's
+object store and the service keeps only the reference, which the reading agent resolves
+(zero-copy for arrays on the same node).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.metrics import Gauge
+
+from serve.errors import MemoryFull
+from serve.memory.store import MemoryLimits, SqliteStore
+from serve.telemetry.metrics import EXPORTED
+
+__all__ = ["MemoryService"]
+
+log = logging.getLogger("fleet.memory")
+
+STATS_EVERY_S = 5.0
+
+
+@dataclass
+class _Artifacts:
+    refs: dict[str, tuple[list[ray.ObjectRef[Any]], int]] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size in self.refs.values())
+
+
+class _Instruments:
+    def __init__(self) -> None:
+        self.items = Gauge("fleet_memory_items", EXPORTED["ray_fleet_memory_items"], ("store",))
+        self.bytes = Gauge("fleet_memory_bytes", EXPORTED["ray_fleet_memory_bytes"], ("store",))
+        # A cumulative count, set as a gauge: Ray exports a counter only once it has moved,
+        # and "no eviction yet" is worth seeing as 0.
+        self.evictions = Gauge(
+            "fleet_memory_evictions_total", EXPORTED["ray_fleet_memory_evictions_total"], ("store",)
+        )
+
+
+class MemoryService:
+    """The memory deployment: one writer of the store, holder of artifact references."""
+
+    def __init__(self, path: str, limits: dict[str, Any]) -> None:
+        self._limits = MemoryLimits.model_validate(limits)
+        self._store = SqliteStore(Path(path), self._limits)
+        self._artifacts: dict[tuple[str, str], _Artifacts] = {}
+        self._metrics = _Instruments()
+        self._next_report = 0.0
+        self._store.expire()
+        self._report()
+
+    async def session(self, tenant: str, agent: str, session: str) -> list[dict[str, Any]]:
+        return self._store.session(tenant, agent, session)
+
+    async def append_session(
+        self, tenant: str, agent: str, session: str, messages: list[dict[str, Any]]
+    ) -> None:
+        self._store.append_session(tenant, agent, session, messages)
+        self._report()
+
+    async def put_context(self, tenant: str, request: str, key: str, value: Any) -> str | None:
+        """None when stored; else why not (the value is too large)."""
+        return self._stored(self._store.put_context, tenant, request, key, value)
+
+    def _stored(self, put: Callable[..., None], *args: Any) -> str | None:
+        try:
+            put(*args)
+        except MemoryFull as exc:
+            return str(exc)
+        self._report()
+        return None
+
+    async def context(self, tenant: str, request: str) -> dict[str, Any]:
+        return self._store.context(tenant, request)
+
+    async def put_artifact(
+        self, tenant: str, request: str, name: str, ref: list[ray.ObjectRef[Any]], size: int
+    ) -> str | None:
+        """Keep a reference (wrapped in a list, so Ray does not resolve it on the way)."""
+        held = self._artifacts.setdefault((tenant, request), _Artifacts())
+        old = held.refs.get(name, ([], 0))[1]
+        if held.size - old + size > self._limits.artifact_max_bytes:
+            return f"the request's artifacts would exceed {self._limits.artifact_max_bytes} bytes"
+        held.refs[name] = (ref, size)
+        self._release_oldest(keep=(tenant, request))
+        return None
+
+    def _release_oldest(self, keep: tuple[str, str]) -> None:
+        """Within the cap on all artifacts: the oldest request trees' references go."""
+        total = sum(held.size for held in self._artifacts.values())
+        for key in sorted(self._artifacts, key=lambda k: self._artifacts[k].at):
+            if total <= self._limits.artifacts_total_max_bytes:
+                return
+            if key != keep:
+                total -= self._artifacts.pop(key).size
+
+    async def artifact(self, tenant: str, request: str, name: str) -> list[ray.ObjectRef[Any]] | None:
+        held = self._artifacts.get((tenant, request))
+        found = held.refs.get(name) if held else None
+        return found[0] if found else None
+
+    async def artifacts(self, tenant: str, request: str) -> dict[str, int]:
+        held = self._artifacts.get((tenant, request))
+        return {name: size for name, (_, size) in held.refs.items()} if held else {}
+
+    async def put_fact(self, tenant: str, namespace: str, key: str, text: str) -> str | None:
+        return self._stored(self._store.put_fact, tenant, namespace, key, text)
+
+    async def fact(self, tenant: str, namespace: str, key: str) -> str | None:
+        return self._store.fact(tenant, namespace, key)
+
+    async def search_facts(
+        self, tenant: str, namespace: str, query: str, limit: int
+    ) -> list[tuple[str, str]]:
+        return self._store.search_facts(tenant, namespace, query, limit)
+
+    async def stats(self) -> dict[str, Any]:
+        self._report(force=True)
+        stats = self._store.stats()
+        return {"items": stats.items, "bytes": stats.bytes, "evicted": stats.evicted}
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe: the store answers; sizes are exported and old items expire.
+
+        Async, so that it runs on the replica's loop like every other call: the store's
+        connection and the artifact table are not shared with a thread."""
+        self._report()
+
+    def _report(self, force: bool = False) -> None:
+        """Expire what is old and export the store's size; at most every few seconds."""
+        now = time.monotonic()
+        if not force and now < self._next_report:
+            return
+        self._next_report = now + STATS_EVERY_S
+        self._store.expire()
+        cutoff = time.time() - self._limits.artifact_ttl_s
+        for key in [k for k, held in self._artifacts.items() if held.at < cutoff]:
+            del self._artifacts[key]
+        stats = self._store.stats()
+        stats.items["artifacts"] = sum(len(held.refs) for held in self._artifacts.values())
+        stats.bytes["artifacts"] = sum(held.size for held in self._artifacts.values())
+        for store, count in stats.items.items():
+            self._metrics.items.set(count, {"store": store})
+            self._metrics.bytes.set(stats.bytes[store], {"store": store})
+        for store, count in stats.evicted.items():
+            self._metrics.evictions.set(count, {"store": store})
