@@ -13,7 +13,7 @@ from serve.loop.results import ContentDelta, Finished
 from serve.models.base import ModelChunk, ModelRequest
 from serve.protocol import ChatRequest
 from tests.unit.conftest import ROOT, run, write_agent
-from tests.unit.test_audit_client import FlakyService
+from tests.unit.audit.test_client import FlakyService
 
 
 class WaitingModel:

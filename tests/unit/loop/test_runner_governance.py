@@ -237,7 +237,7 @@ def test_a_policy_that_fails_denies(tmp_path: Path) -> None:
     )
     policies = tmp_path / "policies"
     policies.mkdir()
-    for f in (Path(__file__).resolve().parents[2] / "configs" / "policies").iterdir():
+    for f in (Path(__file__).resolve().parents[3] / "configs" / "policies").iterdir():
         if f.name != "tool.rego":
             (policies / f.name).write_text(f.read_text())
     loop, sink, _, _ = make_loop(tmp_path / "a", policies=[str(policies), str(broken)])
