@@ -207,12 +207,24 @@ def _ensure_cluster() -> None:
         click.echo(f"Ray: using the cluster whose dashboard is {settings().dashboard_address}")
         return
     click.echo("Ray: starting a local cluster (ray start --head) ...")
+    _ensure_auth_token()
     metrics = f"--metrics-export-port={settings().metrics_port}"  # Prometheus scrapes /metrics here
     done = _run(
         [str(BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1", "--disable-usage-stats", metrics]
     )
     if done.returncode != 0:
         raise click.ClickException(f"ray start failed:\n{done.stderr[-2000:]}")
+
+
+def _ensure_auth_token() -> None:
+    """Make Ray's token (``~/.ray/auth_token``) if this machine has none.
+
+    Ray 2.60 turns token auth on for new local clusters, and ``ray start --head`` refuses
+    to start without a token; only ``ray.init`` makes one by itself. The command prints
+    the token: it is read here and dropped, never echoed."""
+    done = _run([str(BIN / "ray"), "get-auth-token", "--generate"])
+    if done.returncode != 0:
+        raise click.ClickException(f"could not make Ray's auth token:\n{done.stderr[-2000:]}")
 
 
 def serve_details(dashboard: str | None = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ build) and the embedded SmolLM2-135M-Instruct. This is the test run's one engine
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -25,19 +26,31 @@ def readme_block(lang: str, after: str) -> str:
     return match.group(1)
 
 
+def fresh_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a user who never ran Ray: an empty HOME (no ``~/.ray/auth_token``).
+
+    The integration package's ``ray.init`` makes a token in the real HOME; run there,
+    ``make up`` would pass on a machine where it fails for a new user. The model cache
+    stays the real one (converting the model again is ``ensure_model``'s own test)."""
+    home = tmp_path_factory.mktemp("home")
+    cache = os.environ.get("FLEET_MODEL_CACHE") or str(Path.home() / ".cache" / "fleet" / "models")
+    return {**os.environ, "HOME": str(home), "FLEET_MODEL_CACHE": cache}
+
+
 @pytest.fixture(scope="package")
 def fleet_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("e2e") / "make-up.log"
+    env = fresh_home(tmp_path_factory)
     commands = readme_block("bash", "## Two commands on a fresh machine")
     up = next(line.split("#")[0].strip() for line in commands.splitlines() if line.startswith("make up"))
     try:
         with log.open("w") as out:
             done = subprocess.run(
-                up, shell=True, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=1800
+                up, shell=True, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1800
             )
         text = log.read_text()
         assert done.returncode == 0, text[-3000:]
         assert f"Fleet is up: {BASE_URL}/v1" in text
         yield text
     finally:
-        subprocess.run("make down", shell=True, cwd=ROOT, capture_output=True, timeout=300)
+        subprocess.run("make down", shell=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
