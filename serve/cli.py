@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import click
 import yaml
 from pydantic import ValidationError
 
-from serve.app import audit_path, validate_fleet
+from serve.app import audit_path, project_root, validate_fleet
 from serve.audit.log import audit_key, verify
 from serve.auth import hash_key
 from serve.errors import ConfigError
@@ -198,14 +199,18 @@ def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, text=True, capture_output=True, check=False, **kwargs)
 
 
-def _ensure_cluster() -> None:
+def _ensure_cluster(http_port: int) -> bool:
+    """Use the cluster whose dashboard answers, else start one; True if this started it."""
     try:
         serve_details()
     except Exception:  # no dashboard answers there: start a cluster
         pass
     else:
         click.echo(f"Ray: using the cluster whose dashboard is {settings().dashboard_address}")
-        return
+        return False
+    _check_ports(
+        {6379: "Ray's GCS", 8265: "Ray's dashboard", settings().metrics_port: "metrics", http_port: "HTTP"}
+    )
     click.echo("Ray: starting a local cluster (ray start --head) ...")
     _ensure_auth_token()
     metrics = f"--metrics-export-port={settings().metrics_port}"  # Prometheus scrapes /metrics here
@@ -214,17 +219,39 @@ def _ensure_cluster() -> None:
     )
     if done.returncode != 0:
         raise click.ClickException(f"ray start failed:\n{done.stderr[-2000:]}")
+    return True
+
+
+def _check_ports(ports: dict[int, str]) -> None:
+    """Fail in one line, naming the port, if another program holds one the cluster needs."""
+    for port, what in ports.items():
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise click.ClickException(
+                    f"port {port} ({what}) is in use by another program and no Ray dashboard answers at "
+                    f"{settings().dashboard_address}: stop that program, or set FLEET_DASHBOARD_ADDRESS "
+                    "to the cluster it belongs to"
+                )
 
 
 def _ensure_auth_token() -> None:
-    """Make Ray's token (``~/.ray/auth_token``) if this machine has none.
+    """Make Ray's token (``~/.ray/auth_token``, owner-only) if this machine has none.
 
     Ray 2.60 turns token auth on for new local clusters, and ``ray start --head`` refuses
     to start without a token; only ``ray.init`` makes one by itself. The command prints
     the token: it is read here and dropped, never echoed."""
+    token = Path.home() / ".ray" / "auth_token"
+    existed = token.exists()
     done = _run([str(BIN / "ray"), "get-auth-token", "--generate"])
     if done.returncode != 0:
         raise click.ClickException(f"could not make Ray's auth token:\n{done.stderr[-2000:]}")
+    if not existed and token.exists():  # Ray writes it world-readable
+        token.chmod(0o600)
+
+
+def _up_state() -> Path:
+    """What ``fleet up`` started, so that ``fleet down`` stops that and nothing else."""
+    return project_root() / "var" / "fleet-up.json"
 
 
 def serve_details(dashboard: str | None = None) -> dict[str, Any]:
@@ -283,24 +310,39 @@ def up(config_path: Path, timeout_s: float) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     _prepare_models(config_path)
-    _ensure_cluster()
+    raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    http = raw.get("http_options", {})
+    state = _up_state()
+    before = json.loads(state.read_text()) if state.exists() else {}
+    started = _ensure_cluster(int(http.get("port", 8000)))
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(
+        json.dumps({"started_cluster": started or bool(before.get("started_cluster")), "apps": apps})
+    )
     click.echo(f"Deploying {config_path} (serve deploy) ...")
     deploy = _run([str(BIN / "serve"), "deploy", str(config_path), "-a", settings().dashboard_address])
     if deploy.returncode != 0:
         raise click.ClickException(f"serve deploy failed:\n{deploy.stderr[-2000:]}")
     wait_running(apps, timeout_s)
-    raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    http = raw.get("http_options", {})
     base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     click.echo(f"Fleet is up: {base}/v1  (agents: GET {base}/v1/models; stop: make down)")
 
 
 @main.command()
 def down() -> None:
-    """Remove the deployed fleet and stop the local Ray cluster."""
+    """Stop what `fleet up` started: its applications, and the local Ray cluster if it made it."""
+    state = _up_state()
+    if not state.exists():
+        click.echo("fleet up started nothing here (no var/fleet-up.json): nothing stopped")
+        return
+    started = bool(json.loads(state.read_text()).get("started_cluster"))
     _run([str(BIN / "serve"), "shutdown", "-y", "-a", settings().dashboard_address])
-    done = _run([str(BIN / "ray"), "stop"])
-    click.echo("Ray stopped" if done.returncode == 0 else done.stderr[-500:])
+    if started:
+        done = _run([str(BIN / "ray"), "stop"])
+        click.echo("Ray stopped" if done.returncode == 0 else done.stderr[-500:])
+    else:
+        click.echo("Fleet's applications removed; the Ray cluster was not started by fleet up and runs on")
+    state.unlink()
 
 
 if __name__ == "__main__":

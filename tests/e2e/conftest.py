@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +38,23 @@ def fresh_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {**os.environ, "HOME": str(home), "FLEET_MODEL_CACHE": cache}
 
 
+def refuse_if_taken(ports: dict[int, str]) -> None:
+    """The README's fleet needs its ports: a fleet already running here is not the tests' to stop."""
+    for port, what in ports.items():
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(
+                    f"port {port} ({what}) is in use: the e2e tests run the README's `make up` there and "
+                    "will not redeploy or stop a fleet they did not start; stop it (`make down`) first",
+                    pytrace=False,
+                )
+
+
 @pytest.fixture(scope="package")
 def fleet_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("e2e") / "make-up.log"
     env = fresh_home(tmp_path_factory)
+    refuse_if_taken({8000: "the fleet's HTTP", 8265: "Ray's dashboard", 6379: "Ray's GCS"})
     commands = readme_block("bash", "## Two commands on a fresh machine")
     up = next(line.split("#")[0].strip() for line in commands.splitlines() if line.startswith("make up"))
     try:
