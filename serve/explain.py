@@ -14,7 +14,7 @@ _PAGE = """<!doctype html>
 td,th{border:1px solid #ccc;padding:.3rem .5rem;text-align:left;vertical-align:top}th{background:#f4f4f4}
 .deny{color:#a00}.escalate{color:#a60}.redact{color:#06a}</style></head><body>
 <h1>Why: request {{ r.request_id }}</h1>
-<p>Tenant <b>{{ r.tenant }}</b>; agents: {{ r.agents | join(" &rarr; ") }}.
+<p>Tenant <b>{{ r.tenant }}</b>; agents: {{ r.agents | join(" → ") }}.
 {% if r.outcome %}Outcome: <b>HTTP {{ r.outcome.status }}</b>{% if r.outcome.code %} ({{ r.outcome.code }}){% endif %}{% if r.outcome.finish_reason %}, finish reason {{ r.outcome.finish_reason }}{% endif %}.{% endif %}
 Tokens: {{ r.usage.prompt_tokens }} in, {{ r.usage.completion_tokens }} out.</p>
 <h2>Policy decisions</h2>
