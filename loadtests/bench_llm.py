@@ -123,7 +123,7 @@ class ServeEngine:
     """L6s: the engine in a bare Ray Serve deployment, streamed as server-sent events."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from serve.models.vllm_engine import VLLMBackend
+        from serve.models.vllm import VLLMBackend
 
         self._backend = VLLMBackend(VLLMConfig.model_validate(config))
         self._system = system_prompt()
@@ -246,7 +246,7 @@ def undeploy(address: str | None) -> None:
 async def measure(
     args: argparse.Namespace, base: str, model: dict[str, Any]
 ) -> dict[str, dict[str, dict[str, float]]]:
-    from serve.models.vllm_engine import VLLMBackend
+    from serve.models.vllm import VLLMBackend
 
     print("[engine] loading the engine in this process ...", flush=True)
     backend = VLLMBackend(VLLMConfig.model_validate(model))

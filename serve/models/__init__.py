@@ -9,7 +9,7 @@ from pydantic import Field
 from serve.models.base import ModelBackend, ModelChunk, ModelReply, ModelRequest, collect
 from serve.models.scripted import ScriptedBackend, ScriptedConfig
 from serve.models.upstream import OpenAIBackend, OpenAIConfig
-from serve.models.vllm_engine import VLLMConfig
+from serve.models.vllm import VLLMBackend, VLLMConfig
 
 __all__ = [
     "BACKEND_KINDS",
@@ -32,7 +32,5 @@ def make_backend(config: ScriptedConfig | OpenAIConfig | VLLMConfig) -> ModelBac
     if isinstance(config, ScriptedConfig):
         return ScriptedBackend(config)
     if isinstance(config, VLLMConfig):
-        from serve.models.vllm_engine import VLLMBackend  # imports vLLM: only where it runs
-
-        return VLLMBackend(config)
+        return VLLMBackend(config)  # imports vLLM: only the model deployment's replica makes one
     return OpenAIBackend(config)

@@ -9,7 +9,7 @@ import yaml
 
 from serve.app import FleetArgs, model_deployment_options
 from serve.handles import GRPC_LIMIT, grpc_limit_env
-from serve.models.vllm_engine import VLLMConfig
+from serve.models.vllm import VLLMConfig
 from tests.unit.conftest import ROOT
 
 LIMIT = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"

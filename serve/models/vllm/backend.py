@@ -1,0 +1,240 @@
+"""The ``vllm`` backend: vLLM's async engine inside the model deployment's replica, on CPU or GPU.
+
+vLLM is imported only here, and only when a backend is made or used, never when the
+module is imported: agent replicas and the ingress import ``serve.models``.
+
+In ``structured`` mode the conversation is flattened and the reply constrained by the
+tools' schema (:mod:`serve.models.vllm.prompting`). In ``parser`` mode (GPU models
+trained for tools, e.g. Qwen2.5 with ``hermes``) the model's own template renders tools
+and history, and vLLM's tool parser finds the calls in the text for ``"auto"``; named and
+``"required"`` choices still use the schema, as vLLM's own server does, because a parser
+cannot force a call.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
+
+from serve.errors import ConfigError, InvalidRequest, ModelError, Overloaded, RequestError
+from serve.models.base import ModelChunk, ModelRequest
+from serve.models.vllm.config import VLLMConfig, engine_args, engine_env, resolve_model
+from serve.models.vllm.decoding import AutoDecoder, CallDecoder, Decoder, ParserDecoder, TextDecoder
+from serve.models.vllm.prompting import (
+    flatten_messages,
+    tool_call_schema,
+    tool_instructions,
+    tool_rounds,
+    with_system_addendum,
+)
+from serve.protocol import Usage
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+__all__ = ["DEFAULT_MAX_TOKENS", "VLLMBackend"]
+
+# vLLM's own default is 16 tokens, far too few for an answer; the prompt's room bounds it too.
+DEFAULT_MAX_TOKENS = 512
+# vLLM's finish reasons that end a reply normally; "repetition" (a loop vLLM detected)
+# cuts the reply short, as a length limit does.
+_FINISH: dict[str, Literal["stop", "length"]] = {"stop": "stop", "length": "length", "repetition": "length"}
+# vLLM length errors name one of these parameters; they are about the conversation.
+_LENGTH_PARAMS = frozenset({"input_tokens", "input_text", "max_model_len", "max_total_tokens"})
+
+
+def _translate(exc: BaseException) -> RequestError | None:
+    """Fleet's error for a vLLM exception, or ``None`` if it is not one of vLLM's."""
+    from vllm.exceptions import (
+        GracefulHTTPError,
+        RetryableRequestError,
+        VLLMClientError,
+        VLLMServerError,
+        VLLMValidationError,
+    )
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(exc, VLLMValidationError):
+        message = str(exc).split(" (parameter=")[0]
+        is_length = exc.parameter in _LENGTH_PARAMS or "maximum" in message
+        return InvalidRequest(message, param="messages" if is_length else None)
+    if isinstance(exc, VLLMClientError):
+        return InvalidRequest(f"the model rejected the request: {exc}")
+    if isinstance(exc, GracefulHTTPError | RetryableRequestError):
+        return Overloaded(f"the model is busy: {exc}")
+    if isinstance(exc, EngineDeadError):
+        return ModelError("the vLLM engine has died; the replica restarts")
+    if isinstance(exc, VLLMServerError):  # EngineGenerateError and the like: this request only
+        return ModelError(f"the vLLM engine failed this request: {type(exc).__name__}")
+    return None
+
+
+def _reraise(exc: Exception) -> NoReturn:
+    translated = _translate(exc)
+    if translated is None:
+        raise exc
+    raise translated from None
+
+
+class VLLMBackend:
+    """One in-process ``AsyncLLM`` (its engine core and worker run in spawned processes)."""
+
+    def __init__(self, config: VLLMConfig) -> None:
+        self.config = config
+        for key, value in engine_env(config).items():
+            os.environ.setdefault(key, value)
+        model_path = resolve_model(config)
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._engine: AsyncLLM = AsyncLLM.from_engine_args(engine_args(config, model_path))
+        self._max_model_len: int = self._engine.model_config.max_model_len
+        self._parser_cls = (
+            self._load_parser(config.tool_parser) if config.tool_call_mode == "parser" else None
+        )
+
+    @staticmethod
+    def _load_parser(name: str | None) -> Any:
+        from vllm.tool_parsers import ToolParserManager
+
+        try:
+            return ToolParserManager.get_tool_parser(name or "")
+        except KeyError:
+            known = ", ".join(sorted(ToolParserManager.list_registered()))
+            raise ConfigError(
+                f"unknown vLLM tool parser {name!r}; known: {known}", field="tool_parser"
+            ) from None
+
+    async def check_health(self) -> None:
+        try:
+            await self._engine.check_health()
+        except Exception as exc:
+            raise ModelError("the vLLM engine has died") from exc
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+    def _uses_tools(self, request: ModelRequest) -> bool:
+        return bool(request.tools) and request.tool_choice != "none"
+
+    def _messages(self, request: ModelRequest) -> list[dict[str, Any]]:
+        if self.config.tool_call_mode == "structured":
+            addendum = (
+                tool_instructions(request.tools, request.tool_choice) if self._uses_tools(request) else ""
+            )
+            return flatten_messages(request.messages, addendum)
+        # vLLM's renderer edits the messages it is given (it parses tool-call arguments
+        # in place): give it copies, not the caller's conversation.
+        native = copy.deepcopy(request.messages)
+        if not self._uses_tools(request) or request.tool_choice == "auto":
+            return native
+        # The template lists the tools; a forced choice still needs saying.
+        return with_system_addendum(
+            native, tool_instructions(request.tools, request.tool_choice, list_tools=False)
+        )
+
+    async def _render(self, request: ModelRequest) -> tuple[Any, int]:
+        """The engine input for the conversation, and its length in tokens."""
+        from vllm.renderers import ChatParams, TokenizeParams
+
+        native_tools = self.config.tool_call_mode == "parser" and self._uses_tools(request)
+        chat_params = ChatParams(
+            chat_template_kwargs={
+                "add_generation_prompt": True,
+                "tools": request.tools if native_tools else None,
+            }
+        )
+        tok_params = TokenizeParams(
+            max_total_tokens=self._max_model_len,
+            max_output_tokens=1,  # room for at least one generated token
+            add_special_tokens=False,  # the chat template writes them
+            max_total_tokens_param="max_model_len",
+        )
+        _, (engine_input,) = await self._engine.renderer.render_chat_async(
+            [cast("list[Any]", self._messages(request))], chat_params, tok_params
+        )
+        prompt_len = len(engine_input["prompt_token_ids"])
+        if prompt_len >= self._max_model_len:
+            raise InvalidRequest(
+                f"the conversation is {prompt_len} tokens; this model's context is {self._max_model_len}",
+                param="messages",
+            )
+        return engine_input, prompt_len
+
+    def _decoder(self, request: ModelRequest) -> tuple[Decoder, dict[str, Any] | None, bool]:
+        """How to read the reply, the schema constraining it, and skip_special_tokens."""
+        if not self._uses_tools(request):
+            return TextDecoder(), None, True
+        if self._parser_cls is not None and request.tool_choice == "auto":
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+            api_request = ChatCompletionRequest(
+                model="fleet", messages=request.messages, tools=request.tools, tool_choice="auto"
+            )
+            parser = self._parser_cls(self._engine.get_tokenizer(), api_request.tools)
+            api_request = parser.adjust_request(api_request)
+            return ParserDecoder(parser, api_request), None, bool(api_request.skip_special_tokens)
+        schema = tool_call_schema(request.tools, request.tool_choice)
+        decoder: Decoder = AutoDecoder() if request.tool_choice == "auto" else CallDecoder()
+        return decoder, schema, True
+
+    def _sampling(
+        self, request: ModelRequest, prompt_len: int, schema: dict[str, Any] | None, skip_special: bool
+    ) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        options: dict[str, Any] = {
+            key: value
+            for key in ("temperature", "top_p", "seed")
+            if (value := getattr(request, key)) is not None
+        }
+        if schema is not None:
+            # Compact JSON: a small model left free to add whitespace may never stop.
+            options["structured_outputs"] = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        elif request.stop:  # free text only: a stop string inside the JSON would cut it
+            options["stop"] = list(request.stop)
+        return SamplingParams(
+            max_tokens=min(request.max_tokens or DEFAULT_MAX_TOKENS, self._max_model_len - prompt_len),
+            output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=skip_special,
+            **options,
+        )
+
+    def _effective(self, request: ModelRequest) -> ModelRequest:
+        limit = self.config.max_tool_rounds
+        if request.tool_choice == "auto" and limit is not None and tool_rounds(request.messages) >= limit:
+            return request.model_copy(update={"tool_choice": "none"})
+        return request
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        request = self._effective(request)
+        decoder, schema, skip_special = self._decoder(request)
+        try:
+            engine_input, prompt_len = await self._render(request)
+        except Exception as exc:
+            _reraise(exc)
+        params = self._sampling(request, prompt_len, schema, skip_special)
+        usage = Usage(prompt_tokens=prompt_len)
+        finish = "stop"
+        generator = self._engine.generate(engine_input, params, f"fleet-{uuid.uuid4().hex}")
+        try:
+            # aclosing: a consumer that stops early (client gone, task cancelled) closes
+            # vLLM's generator at once, which aborts the request in the engine.
+            async with aclosing(generator) as outputs:
+                async for output in outputs:
+                    usage.prompt_tokens = len(output.prompt_token_ids or ()) or prompt_len
+                    piece = output.outputs[0]
+                    usage.completion_tokens += len(piece.token_ids)
+                    finish = piece.finish_reason or finish
+                    if content := decoder.feed(piece.text, piece.token_ids):
+                        yield ModelChunk(content=content)
+        except Exception as exc:
+            _reraise(exc)
+        if finish not in _FINISH:  # "abort" or "error"
+            raise ModelError(f"the vLLM engine ended the request: {finish}")
+        calls = decoder.finish(truncated=_FINISH[finish] == "length")
+        reason = "tool_calls" if calls else _FINISH[finish]
+        yield ModelChunk(tool_calls=calls, finish_reason=reason, usage=usage)
