@@ -15,25 +15,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
-from ray.exceptions import RayError
+from pydantic import BaseModel
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve import telemetry
 from serve.audit.client import AuditClient
 from serve.context import Context
-from serve.errors import AgentError, MemoryUnavailable, ModelError, RequestError
+from serve.errors import MemoryUnavailable, RequestError
 from serve.governance.config import GovernanceConfig, build_engines
 from serve.governance.governor import Governor
 from serve.governance.guard import AgentGuard
-from serve.handles import Transport, over, transport_failure
+from serve.handles import Transport, handle_error, over
 from serve.loop.results import AgentResult, DelegateTarget, Event, Finished, ModelCaller
 from serve.loop.runner import AgentLoop
 from serve.manifest import delegate_tool_name, load_agent
 from serve.memory.client import RequestMemory, bind, tenant_of, unbind
 from serve.memory.tools import MEMORY_TOOLS
-from serve.models import make_backend
+from serve.models import BackendConfig, make_backend
 from serve.models.base import ModelChunk, ModelRequest
-from serve.models.deployment import parse_backend_config, raise_errors, stream_model
+from serve.models.deployment import raise_errors, stream_model
 from serve.protocol import ChatRequest
 from serve.telemetry.metrics import MetricsSink
 from serve.tools import load_tools
@@ -46,12 +46,10 @@ AgentOutcome = AgentResult | RequestError
 StreamItem = Event | RequestError
 
 
-def model_caller(
-    model: DeploymentHandle[Any] | dict[str, Any], transport: Transport = "actor"
-) -> ModelCaller:
+def model_caller(model: DeploymentHandle[Any] | BackendConfig, transport: Transport = "actor") -> ModelCaller:
     """Calls a model deployment through its handle, or an inline backend from its config."""
-    if isinstance(model, dict):
-        backend = make_backend(parse_backend_config(model))
+    if isinstance(model, BaseModel):  # a backend config: the backend runs in this replica
+        backend = make_backend(model)
 
         def inline(request: ModelRequest) -> AsyncIterator[ModelChunk]:
             return raise_errors(stream_model(backend, request))
@@ -102,8 +100,7 @@ def delegate_target(
             outcome: AgentOutcome = await handle.chat.remote(request, ctx)
         except Exception as exc:  # the delegate's replica died or is unavailable
             # A RequestError becomes a tool error the model is told about.
-            why = transport_failure(exc) or type(exc).__name__
-            raise AgentError(f"agent {request.model!r} is unavailable: {why}") from None
+            raise handle_error(exc, request.model, "delegate") from None
         if isinstance(outcome, RequestError):
             raise outcome
         audit.adopt(outcome.audit)  # the delegate's records, shipped with this request's
@@ -118,9 +115,9 @@ class AgentDeployment:
         self,
         agents_dir: str,
         name: str,
-        model: DeploymentHandle[Any] | dict[str, Any],
+        model: DeploymentHandle[Any] | BackendConfig,
         delegates: dict[str, tuple[DeploymentHandle[Any], str, list[str], list[str]]],
-        governance: dict[str, Any],
+        config: GovernanceConfig,
         root: str,
         audit: DeploymentHandle[Any],
         memory: DeploymentHandle[Any],
@@ -129,7 +126,6 @@ class AgentDeployment:
     ) -> None:
         spec = load_agent(Path(agents_dir) / name)
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
-        config = GovernanceConfig.model_validate(governance)
         engine, shadow = build_engines(config, Path(root), spec.manifest.policies.files)
         self._audit = AuditClient(audit, config.audit.commit_timeout_s)
         targets = {
@@ -245,10 +241,4 @@ class AgentDeployment:
             raise MemoryUnavailable("the session memory is unavailable; retry later") from None
 
     def _internal(self, exc: Exception, ctx: Context) -> RequestError:
-        log.error("agent %s failed on %s", self.name, ctx.request_id, exc_info=exc)
-        failure = transport_failure(exc)
-        if failure is not None:
-            return ModelError(f"a deployment behind agent {self.name!r} could not be reached: {failure}")
-        if isinstance(exc, RayError):
-            return ModelError(f"a deployment behind agent {self.name!r} is unavailable")
-        return AgentError(f"agent {self.name!r} failed (request {ctx.request_id})")
+        return handle_error(exc, self.name, "behind", ctx.request_id)

@@ -18,6 +18,7 @@ from ray.serve.deployment import Deployment
 
 from serve.agent import AgentDeployment
 from serve.audit.service import AuditService
+from serve.cards import AgentCard
 from serve.errors import ConfigError, field_path
 from serve.governance.config import GovernanceConfig, build_engines
 from serve.handles import Transport
@@ -25,32 +26,21 @@ from serve.ingress import Ingress, IngressOptions
 from serve.manifest import MANIFEST_FILE, AgentSpec, delegation_order, load_fleet
 from serve.memory.service import MemoryService
 from serve.memory.store import MemoryConfig
-from serve.models import BACKEND_KINDS, BackendConfig, VLLMConfig
+from serve.models import BACKEND_KINDS, BackendConfig
 from serve.models.deployment import ModelDeployment
-from serve.settings import settings
+from serve.placement import (
+    agent_options,
+    audit_options,
+    audit_path,
+    ingress_options,
+    memory_options,
+    memory_path,
+    model_deployment_options,
+    project_root,
+)
 from serve.tools import load_tools
 
-__all__ = [
-    "FleetArgs",
-    "agent_card",
-    "audit_path",
-    "build_app",
-    "memory_path",
-    "project_root",
-    "validate_fleet",
-]
-
-# Fleet's replicas wait on I/O (models, tools, handles); a whole CPU each would not let
-# a laptop hold a fleet. The deploy config's ``deployments:`` section overrides these.
-AGENT_ACTOR_OPTIONS = {"num_cpus": 0.1}
-SERVICE_ACTOR_OPTIONS = {"num_cpus": 0.1}
-# Ray's default (5 requests in flight per replica) queues in the caller's router beyond
-# that: the deployments that only wait on others (a scripted or upstream model) take many.
-PROXY_MAX_ONGOING_REQUESTS = 512
-# The audit log and the memory store are files: their one writer lives on the head node,
-# whose disk outlives workers.
-AUDIT_ACTOR_OPTIONS = {"num_cpus": 0.1, "resources": {"node:__internal_head__": 0.001}}
-MEMORY_ACTOR_OPTIONS = AUDIT_ACTOR_OPTIONS
+__all__ = ["FleetArgs", "agent_card", "build_app", "validate_fleet"]
 
 
 class FleetArgs(BaseModel):
@@ -76,11 +66,6 @@ class FleetArgs(BaseModel):
         description="How the ingress, agents and models call each other: Ray Serve's gRPC "
         "transport between replicas, or Ray actor calls ('actor', Serve's default).",
     )
-
-
-def project_root() -> Path:
-    """Where relative paths in configs start: $FLEET_HOME, else this checkout."""
-    return settings().home or Path(__file__).resolve().parent.parent
 
 
 def _parse_args(args: dict[str, Any]) -> FleetArgs:
@@ -114,66 +99,10 @@ def validate_fleet(args: dict[str, Any]) -> tuple[FleetArgs, Path, dict[str, Age
     return fleet, agents_dir, specs
 
 
-def audit_path(fleet: FleetArgs) -> Path:
-    path = Path(fleet.governance.audit.path)
-    return path if path.is_absolute() else project_root() / path
-
-
-def memory_path(fleet: FleetArgs) -> Path:
-    path = Path(fleet.memory.path)
-    return path if path.is_absolute() else project_root() / path
-
-
-def agent_card(spec: AgentSpec) -> dict[str, Any]:
-    """The public description of an agent (``GET /v1/agents/{name}``)."""
-    m = spec.manifest
-    tools = load_tools(spec.folder, [t.name for t in m.tools])
-    return {
-        "object": "agent",
-        "name": m.name,
-        "version": m.version,
-        "role": m.role,
-        "description": m.description,
-        "owner": m.owner.model_dump(),
-        "model": m.model.backend,
-        "tools": [{**g.model_dump(), "description": tools[g.name].description} for g in m.tools],
-        "delegates": list(m.delegates),
-        "scopes": list(m.scopes),
-        "data": list(m.data),
-        "policies": m.policies.model_dump(mode="json"),
-        "sla": m.sla.model_dump(),
-        "kpis": [k.model_dump() for k in m.kpis],
-        "autoscaling": m.autoscaling.model_dump(),
-        "max_turns": m.max_turns,
-        "memory": m.memory.model_dump(),
-    }
-
-
-def model_deployment_options(name: str, config: Any) -> dict[str, Any]:
-    """Options of a model backend's deployment; an engine gets LLM-shaped ones."""
-    if not isinstance(config, VLLMConfig):  # a script, or a client of an upstream API: async, light
-        return {
-            "name": f"model-{name}",
-            "ray_actor_options": SERVICE_ACTOR_OPTIONS,
-            "max_ongoing_requests": PROXY_MAX_ONGOING_REQUESTS,
-        }
-    return {
-        "name": f"model-{name}",
-        "ray_actor_options": config.ray_actor_options(),
-        # Scale on queue depth: a replica is "full" when its engine batch is; requests
-        # beyond twice that wait in the handle's queue instead of the engine's.
-        "autoscaling_config": {
-            "min_replicas": 1,
-            "max_replicas": 1,
-            "target_ongoing_requests": config.max_num_seqs,
-            "upscale_delay_s": 15,
-            "downscale_delay_s": 600,
-        },
-        "max_ongoing_requests": 2 * config.max_num_seqs,
-        "health_check_period_s": 10,
-        "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": 30,
-    }
+def agent_card(spec: AgentSpec) -> AgentCard:
+    """The public description of an agent (``GET /v1/agents/{name}``), its tools described."""
+    tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
+    return AgentCard.of(spec, {name: t.description for name, t in tools.items()})
 
 
 def _delegate(handle: Any, spec: AgentSpec) -> tuple[Any, str, list[str], list[str]]:
@@ -200,46 +129,30 @@ def build_app(args: dict[str, Any]) -> Application:
     models: dict[str, Any] = {}
     for name in sorted(used):
         config = fleet.models[name]
-        if config.inline:
-            models[name] = config.model_dump(mode="json")
+        if config.inline:  # the backend runs in the replica of each agent that names it
+            models[name] = config
         else:
-            models[name] = (
-                _deployment(ModelDeployment)
-                .options(**model_deployment_options(name, config))
-                .bind(name, config.model_dump(mode="json"))
-            )
-    governance, root = fleet.governance.model_dump(mode="json"), str(project_root())
-    audit = (
-        _deployment(AuditService)
-        .options(
-            name="audit", num_replicas=1, ray_actor_options=AUDIT_ACTOR_OPTIONS, max_ongoing_requests=1000
-        )
-        .bind(str(audit_path(fleet)))
-    )
+            options = model_deployment_options(name, config)
+            models[name] = _deployment(ModelDeployment).options(**options).bind(name, config)
+    root = str(project_root())
+    audit = _deployment(AuditService).options(**audit_options()).bind(str(audit_path(fleet.governance.audit)))
     memory = (
         _deployment(MemoryService)
-        .options(
-            name="memory", num_replicas=1, ray_actor_options=MEMORY_ACTOR_OPTIONS, max_ongoing_requests=1000
-        )
-        .bind(str(memory_path(fleet)), fleet.memory.limits.model_dump())
+        .options(**memory_options())
+        .bind(str(memory_path(fleet.memory)), fleet.memory.limits)
     )
     bound: dict[str, Any] = {}
     for name in delegation_order(specs):
         m = specs[name].manifest
         bound[name] = (
             _deployment(AgentDeployment)
-            .options(
-                name=name,
-                autoscaling_config=m.autoscaling.ray_config(),
-                max_ongoing_requests=m.autoscaling.max_ongoing_requests,
-                ray_actor_options=AGENT_ACTOR_OPTIONS,
-            )
+            .options(**agent_options(m))
             .bind(
                 str(agents_dir),
                 name,
                 models[m.model.backend],
                 {d: _delegate(bound[d], specs[d]) for d in m.delegates},
-                governance,
+                fleet.governance,
                 root,
                 audit,
                 memory,
@@ -250,10 +163,6 @@ def build_app(args: dict[str, Any]) -> Application:
     cards = {name: agent_card(spec) for name, spec in specs.items()}
     return (
         _deployment(Ingress)
-        .options(
-            name="ingress",
-            ray_actor_options=SERVICE_ACTOR_OPTIONS,
-            max_ongoing_requests=fleet.ingress.max_ongoing_requests,
-        )
-        .bind(cards, bound, fleet.ingress.model_dump(), governance, root, audit, fleet.transport)
+        .options(**ingress_options(fleet.ingress.max_ongoing_requests))
+        .bind(cards, bound, fleet.ingress, fleet.governance, root, audit, fleet.transport)
     )

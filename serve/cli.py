@@ -20,11 +20,12 @@ import click
 import yaml
 from pydantic import ValidationError
 
-from serve.app import audit_path, project_root, validate_fleet
+from serve.app import validate_fleet
 from serve.audit.log import audit_key, verify
 from serve.auth import hash_key
 from serve.errors import ConfigError
 from serve.manifest import load_agent, manifest_json_schema
+from serve.placement import audit_path, project_root
 from serve.policy.schema import policy_input_json_schema
 from serve.settings import settings
 from serve.telemetry.alerts import alert_rules, dashboard
@@ -175,7 +176,7 @@ def _audit_log_of(config: Path) -> Path:
     for app in raw.get("applications", []):
         if app.get("import_path") == BUILDER:
             fleet, *_ = validate_fleet(app.get("args") or {})
-            return audit_path(fleet)
+            return audit_path(fleet.governance.audit)
     raise ConfigError("no Fleet application in this config", file=str(config))
 
 

@@ -16,18 +16,31 @@ engine's replica, which has a ``runtime_env`` of its own, gets it there), so a l
 conversation or a large delegate answer passes as it would by actor call. A deployment
 given a ``runtime_env`` in code does not get the application's variables (Ray Serve 2.60):
 that is why this is a config setting and not set on each deployment.
+
+A handle call that fails (a replica at capacity, gone, or out of reach) becomes the
+client's error in :func:`handle_error`, and nowhere else.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal, TypeVar
 
 import grpc
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-__all__ = ["GRPC_LIMIT", "Transport", "grpc_limit_env", "over", "transport_failure"]
+from serve.errors import AgentError, ModelError, Overloaded, RequestError
+
+__all__ = ["GRPC_LIMIT", "Hop", "Transport", "grpc_limit_env", "handle_error", "over", "transport_failure"]
+
+log = logging.getLogger("fleet.handles")
 
 Transport = Literal["grpc", "actor"]
+# Whose call failed: the ingress's to an agent, an agent's to its delegate, or one made
+# inside an agent's replica (its model's handle) that its loop did not answer for.
+Hop = Literal["agent", "delegate", "behind"]
 H = TypeVar("H", bound=DeploymentHandle[Any])
 
 GRPC_LIMIT = 2**31 - 1  # Ray Serve's send limit (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE)
@@ -56,3 +69,26 @@ def transport_failure(exc: BaseException) -> str | None:
             "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH in the application's runtime_env)"
         )
     return f"the call failed in transport (gRPC {exc.code().name})"
+
+
+def handle_error(exc: BaseException, agent: str, hop: Hop = "agent", request_id: str = "") -> RequestError:
+    """What a failed call on ``hop`` means for the client; ``agent`` is the one called
+    (``"behind"``: the agent whose replica made the call)."""
+    failure = transport_failure(exc)
+    if hop == "delegate":  # a tool error its caller's model is told of
+        return AgentError(f"agent {agent!r} is unavailable: {failure or type(exc).__name__}")
+    if hop == "behind":
+        log.error("agent %s failed on %s", agent, request_id, exc_info=exc)
+        if failure is not None:
+            return ModelError(f"a deployment behind agent {agent!r} could not be reached: {failure}")
+        if isinstance(exc, RayError):
+            return ModelError(f"a deployment behind agent {agent!r} is unavailable")
+        return AgentError(f"agent {agent!r} failed (request {request_id})")
+    if isinstance(exc, BackPressureError):
+        return Overloaded(f"agent {agent!r} is at capacity; retry later")
+    if isinstance(exc, DeploymentUnavailableError):
+        return Overloaded(f"agent {agent!r} is not available yet; retry later")
+    log.error("call to agent %s failed", agent, exc_info=exc)
+    if failure is not None:  # e.g. a cluster deployed without the configs' runtime_env
+        return AgentError(f"agent {agent!r} could not be reached: {failure}")
+    return AgentError(f"agent {agent!r} failed: {type(exc).__name__}")

@@ -2,13 +2,12 @@
 
 ``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``, agent cards under
 ``/v1/agents``, ``GET /v1/health``. Every error leaves as the OpenAI envelope, built by
-:func:`serve.errors.envelope`; no stack trace ever reaches a client.
+:func:`serve.protocol.error_response`; no stack trace ever reaches a client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -22,33 +21,41 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from opentelemetry import trace as otel
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve as rayserve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from serve import telemetry
 from serve.audit.client import AuditClient, Carried
 from serve.auth import authenticate
+from serve.cards import AgentCard
 from serve.context import Context
 from serve.errors import (
     AgentError,
     AuditUnavailable,
     InvalidRequest,
     NotFound,
-    Overloaded,
     PayloadTooLarge,
     PolicyDenied,
     RequestError,
     Timeout,
-    envelope,
 )
 from serve.explain import render_html
 from serve.governance.config import GovernanceConfig, build_engines
 from serve.governance.governor import Governor
-from serve.handles import Transport, over, transport_failure
+from serve.handles import Transport, handle_error, over
 from serve.loop.results import AgentResult, ContentDelta, Finished
-from serve.policy.schema import AgentFacts, Principal
-from serve.protocol import ChatRequest, chunk, completion, parse_chat_request
+from serve.policy.schema import Principal
+from serve.protocol import (
+    DONE,
+    ChatRequest,
+    ChunkStream,
+    completion,
+    completion_id,
+    error_response,
+    extension,
+    parse_chat_request,
+)
+from serve.steps import OutcomeStep
 from serve.telemetry.metrics import MetricsSink, RequestMetrics
 
 __all__ = ["Ingress", "IngressOptions"]
@@ -91,34 +98,16 @@ class Exchange:
         tid = self.trace_id
         return {"x-fleet-trace-id": tid} if tid else {}
 
-
-def error_response(
-    exc: RequestError, retry_after: int = 1, extra: dict[str, str] | None = None
-) -> JSONResponse:
-    headers = dict(extra or {})
-    if exc.status in (429, 503):
-        headers["retry-after"] = str(retry_after)
-    if isinstance(exc, PolicyDenied):
-        headers["x-fleet-decision-id"] = exc.decision_id
-    if exc.status == 401:
-        headers["www-authenticate"] = "Bearer"
-    return JSONResponse(envelope(exc), status_code=exc.status, headers=headers)
-
-
-def card_facts(card: dict[str, Any], scopes: list[str] | None) -> AgentFacts:
-    """An agent, as policies see it, from its card (the ingress has no manifests)."""
-    own = list(card["scopes"])
-    return AgentFacts(
-        name=card["name"],
-        version=card["version"],
-        role=card["role"],
-        scopes=own if scopes is None else [s for s in own if s in scopes],
-        declared_scopes=own,
-        data=list(card["data"]),
-        pii=card["policies"]["pii"],
-        compliance=list(card["policies"]["compliance"]),
-        delegates=list(card["delegates"]),
-    )
+    def extension(self, card: AgentCard, result: AgentResult) -> dict[str, Any]:
+        assert self.ctx is not None
+        return extension(
+            request_id=self.ctx.request_id,
+            trace_id=self.trace_id,
+            session_id=self.ctx.session,
+            agent=card.name,
+            agent_version=card.version,
+            stats=result.stats,
+        )
 
 
 SESSION_HEADER = "x-fleet-session-id"
@@ -183,53 +172,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def handle_error(exc: Exception, agent: str) -> RequestError:
-    """What a failed call to an agent's handle means for the client."""
-    if isinstance(exc, BackPressureError):
-        return Overloaded(f"agent {agent!r} is at capacity; retry later")
-    if isinstance(exc, DeploymentUnavailableError):
-        return Overloaded(f"agent {agent!r} is not available yet; retry later")
-    log.error("call to agent %s failed", agent, exc_info=exc)
-    failure = transport_failure(exc)
-    if failure is not None:  # e.g. a cluster deployed without the configs' runtime_env
-        return AgentError(f"agent {agent!r} could not be reached: {failure}")
-    return AgentError(f"agent {agent!r} failed: {type(exc).__name__}")
-
-
-def _sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 def _final_chunks(
-    chat: ChatRequest, card: dict[str, Any], ex: Exchange, result: AgentResult, piece: Any
+    out: ChunkStream, chat: ChatRequest, card: AgentCard, ex: Exchange, result: AgentResult
 ) -> list[str]:
-    out = []
-    if result.tool_calls:
-        calls = [{"index": i, **c.model_dump()} for i, c in enumerate(result.tool_calls)]
-        out.append(piece(delta={"tool_calls": calls}))
-    out.append(piece(delta={}, finish_reason=result.finish_reason, extension=_extension(ex, card, result)))
-    if chat.stream_options and chat.stream_options.include_usage:
-        out.append(piece(usage=result.usage))
-    return out
-
-
-def _extension(ex: Exchange, card: dict[str, Any], result: AgentResult) -> dict[str, Any]:
-    stats = result.stats
-    assert ex.ctx is not None
-    return {
-        "request_id": ex.ctx.request_id,
-        "trace_id": ex.trace_id,
-        "session_id": ex.ctx.session,
-        "agent": card["name"],
-        "agent_version": card["version"],
-        "turns": stats.turns,
-        "tool_calls": stats.tool_calls,
-        "tool_failures": stats.tool_failures,
-        "invalid_tool_calls": stats.invalid_tool_calls,
-        "policy_denials": stats.denials,
-        "escalations": stats.escalations,
-        "delegations": stats.delegations,
-    }
+    return out.final(
+        tool_calls=result.tool_calls,
+        finish_reason=result.finish_reason,
+        usage=result.usage,
+        extension=ex.extension(card, result),
+        include_usage=bool(chat.stream_options and chat.stream_options.include_usage),
+    )
 
 
 # Everything the class uses must be defined above it: the ingress decorator freezes
@@ -238,26 +190,25 @@ def _extension(ex: Exchange, card: dict[str, Any], result: AgentResult) -> dict[
 class Ingress:
     def __init__(
         self,
-        cards: dict[str, dict[str, Any]],
+        cards: dict[str, AgentCard],
         agents: dict[str, DeploymentHandle[Any]],
-        options: dict[str, Any],
-        governance: dict[str, Any],
+        options: IngressOptions,
+        config: GovernanceConfig,
         root: str,
         audit: DeploymentHandle[Any],
         transport: Transport = "actor",
     ) -> None:
         self._cards = cards
+        self._wire = {name: card.wire() for name, card in cards.items()}
         self._agents = {name: over(handle, transport) for name, handle in agents.items()}
-        self._options = IngressOptions.model_validate(options)
+        self._options = options
         self._created = int(time.time())
-        config = GovernanceConfig.model_validate(governance)
         self._tenants = config.tenants
         self._audit = AuditClient(audit, config.audit.commit_timeout_s)
         self._audit_handle = audit
         telemetry.setup_tracing()
-        self._metrics = RequestMetrics({name: card["version"] for name, card in cards.items()})
+        self._metrics = RequestMetrics({name: card.version for name, card in cards.items()})
         self._gov = Governor(*build_engines(config, Path(root)), MetricsSink(self._audit, None, "", ()))
-        self._agent_facts: dict[tuple[str, tuple[str, ...] | None], AgentFacts] = {}
 
     @app.get("/v1/health")
     async def health(self) -> dict[str, Any]:
@@ -266,20 +217,21 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         data = [
-            {"id": name, "object": "model", "created": self._created, "owned_by": card["owner"]["team"]}
+            {"id": name, "object": "model", "created": self._created, "owned_by": card.owner.team}
             for name, card in sorted(self._cards.items())
         ]
         return {"object": "list", "data": data}
 
     @app.get("/v1/agents")
     async def agents(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self._cards[n] for n in sorted(self._cards)]}
+        return {"object": "list", "data": [self._wire[n] for n in sorted(self._wire)]}
 
     @app.get("/v1/agents/{name}")
     async def agent(self, name: str) -> dict[str, Any]:
-        return self._card(name)
+        self._card(name)  # an unknown name is a 404
+        return self._wire[name]
 
-    def _card(self, name: str) -> dict[str, Any]:
+    def _card(self, name: str) -> AgentCard:
         card = self._cards.get(name)
         if card is None:
             raise NotFound(f"The model {name!r} does not exist", param="model", code="model_not_found")
@@ -296,37 +248,27 @@ class Ingress:
             raise NotFound(f"no explanation for request {request_id!r}", param="request_id")
         return HTMLResponse(render_html(report)) if wants_html(request) else JSONResponse(report)
 
-    def _admit(self, ctx: Context, card: dict[str, Any]) -> Carried:
+    async def _admit(self, ctx: Context, card: AgentCard) -> Carried:
         """The ingress decision: may this principal call this agent? Returns its records."""
         principal = ctx.principal or Principal(tenant="anonymous", authenticated=False)
-        facts = self._facts(card, principal.scopes)
+        facts = card.facts(principal.scopes)
         with self._audit.carrying() as carried:
-            decision = self._gov.decide(
-                "ingress", ctx, facts, {"agent": card["name"]}, f"call:{card['name']}"
+            decision = await self._gov.decide(
+                "ingress", ctx, facts, {"agent": card.name}, f"call:{card.name}"
             )
         if decision.allowed:
             return carried
         self._audit.adopt(carried)  # a refusal's record is this replica's to commit
         reasons = "; ".join(decision.reasons)
         raise PolicyDenied(
-            f"not allowed to call {card['name']!r}: {reasons}", decision_id=decision.id, param="model"
+            f"not allowed to call {card.name!r}: {reasons}", decision_id=decision.id, param="model"
         )
-
-    def _facts(self, card: dict[str, Any], scopes: list[str] | None) -> AgentFacts:
-        """``card_facts``, one per agent and key scopes (so the governor encodes each once)."""
-        key = (card["name"], None if scopes is None else tuple(scopes))
-        facts = self._agent_facts.get(key)
-        if facts is None:
-            if len(self._agent_facts) >= 1024:  # keys with many scope sets: keep it bounded
-                self._agent_facts.clear()
-            facts = self._agent_facts[key] = card_facts(card, scopes)
-        return facts
 
     def _finish(self, ex: Exchange, status: int, **fields: Any) -> None:
         """The one place a chat completion ends: outcome step, metrics, span."""
         ex.done = True
         if ex.ctx is not None:  # a step, not a decision: it ships with the next batch
-            self._gov.event(ex.ctx, "outcome", agent=None, status=status, **fields)
+            self._gov.step(ex.ctx, OutcomeStep(status, **fields))
         self._metrics.request(ex.agent, status, time.monotonic() - ex.started)
         ex.span.set_attribute("http.response.status_code", status)
         if status >= 500:
@@ -358,7 +300,7 @@ class Ingress:
             card = self._card(chat.model)
             ex.agent = chat.model
             ex.span.set_attribute("gen_ai.agent.name", chat.model)
-            ex.carried = self._admit(ctx, card)
+            ex.carried = await self._admit(ctx, card)
             # The agent ships the admission record with its own and commits them before it
             # answers: the request's one audit round trip.
             ex.ctx = ctx = replace(ctx, audit=ex.carried)
@@ -383,13 +325,13 @@ class Ingress:
                 self._finish(ex, 500, code="internal_error")
             raise
         body = completion(
-            completion_id="chatcmpl-" + ctx.request_id.removeprefix("req_"),
+            completion_id=completion_id(ctx.request_id),
             model=chat.model,
             content=result.content,
             tool_calls=result.tool_calls,
             finish_reason=result.finish_reason,
             usage=result.usage,
-            extension=_extension(ex, card, result),
+            extension=ex.extension(card, result),
         )
         return JSONResponse(body, headers=ex.headers())
 
@@ -410,7 +352,7 @@ class Ingress:
         return result
 
     async def _stream(
-        self, chat: ChatRequest, card: dict[str, Any], handle: DeploymentHandle[Any], ex: Exchange
+        self, chat: ChatRequest, card: AgentCard, handle: DeploymentHandle[Any], ex: Exchange
     ) -> Response:
         assert ex.ctx is not None
         deadline = time.monotonic() + self._options.request_timeout_s
@@ -422,7 +364,7 @@ class Ingress:
             raise first
         ex.carried = Carried()  # the agent commits what it was handed before its first event
         return StreamingResponse(
-            self._sse(chat, card, ex, first, events, deadline),
+            self._events(chat, card, ex, first, events, deadline),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", **ex.headers()},
         )
@@ -439,34 +381,30 @@ class Ingress:
         except Exception as exc:  # a replica died mid-stream: end it with an envelope
             return handle_error(exc, agent)
 
-    async def _sse(
-        self, chat: ChatRequest, card: dict[str, Any], ex: Exchange, first: Any, events: Any, deadline: float
+    async def _events(
+        self, chat: ChatRequest, card: AgentCard, ex: Exchange, first: Any, events: Any, deadline: float
     ) -> AsyncIterator[str]:
         assert ex.ctx is not None
-        cid, created = "chatcmpl-" + ex.ctx.request_id.removeprefix("req_"), int(time.time())
-
-        def piece(**kwargs: Any) -> str:
-            return _sse(chunk(completion_id=cid, model=chat.model, created=created, **kwargs))
-
+        out = ChunkStream(completion_id(ex.ctx.request_id), chat.model)
         done = False
         try:
-            yield piece(delta={"role": "assistant", "content": ""})
+            yield out.opening()
             event = first
             while True:
                 if isinstance(event, RequestError):
                     done = True
                     self._finish(ex, event.status, code=event.code)
-                    yield _sse(envelope(event))
+                    yield out.error(event)
                     break
                 if isinstance(event, ContentDelta):
                     if not ex.first_token:
                         ex.first_token = True
                         self._metrics.first_token(chat.model, time.monotonic() - ex.started)
-                    yield piece(delta={"content": event.text})
+                    yield out.content(event.text)
                 elif isinstance(event, Finished):
                     done = True
                     self._finish(ex, 200, finish_reason=event.result.finish_reason)
-                    for text in _final_chunks(chat, card, ex, event.result, piece):
+                    for text in _final_chunks(out, chat, card, ex, event.result):
                         yield text
                     break
                 event = await self._next(events, deadline, chat.model)
@@ -474,4 +412,4 @@ class Ingress:
             if not done:  # the client went away mid-stream
                 events.cancel()
                 self._finish(ex, 499, code="client_closed_request")
-        yield _sse("[DONE]")
+        yield DONE

@@ -1,28 +1,40 @@
-"""The OpenAI chat-completions wire format, as far as Fleet speaks it.
+"""The OpenAI chat-completions wire format, in both directions, as far as Fleet speaks it.
 
 Requests are validated strictly (unknown arguments are rejected with the argument
 named, as the OpenAI API does); responses are built as plain dicts in the shape the
-``openai`` client parses, with Fleet's own fields under the ``fleet`` key.
+``openai`` client parses, with Fleet's own fields under the ``fleet`` key; streams are
+server-sent events ending in ``[DONE]``; every error leaves as the OpenAI envelope with
+its status and headers, built by :func:`error_response`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import JSONResponse
 
-from serve.errors import InvalidRequest, field_path
+from serve.errors import InvalidRequest, PolicyDenied, RequestError, envelope, field_path
 
 __all__ = [
+    "DONE",
     "ChatRequest",
+    "ChunkStream",
     "FunctionCall",
+    "RunStats",
     "ToolCall",
     "Usage",
     "chunk",
     "completion",
+    "completion_id",
+    "error_response",
+    "extension",
     "parse_chat_request",
+    "sse",
 ]
 
 EXTENSION_KEY = "fleet"
@@ -259,3 +271,119 @@ def chunk(
     if extension is not None:
         out[EXTENSION_KEY] = extension
     return out
+
+
+def completion_id(request_id: str) -> str:
+    """A completion's id: its request's."""
+    return "chatcmpl-" + request_id.removeprefix("req_")
+
+
+class RunStats(Protocol):
+    """What an agent's run did, as the ``fleet`` extension reports it."""
+
+    @property
+    def turns(self) -> int: ...
+    @property
+    def tool_calls(self) -> int: ...
+    @property
+    def tool_failures(self) -> int: ...
+    @property
+    def invalid_tool_calls(self) -> int: ...
+    @property
+    def denials(self) -> int: ...
+    @property
+    def escalations(self) -> int: ...
+    @property
+    def delegations(self) -> Sequence[str]: ...
+
+
+def extension(
+    *,
+    request_id: str,
+    trace_id: str | None,
+    session_id: str | None,
+    agent: str,
+    agent_version: str,
+    stats: RunStats,
+) -> dict[str, Any]:
+    """Fleet's own fields of a completion (the ``fleet`` key): its ids and what the run did."""
+    return {
+        "request_id": request_id,
+        "trace_id": trace_id,
+        "session_id": session_id,
+        "agent": agent,
+        "agent_version": agent_version,
+        "turns": stats.turns,
+        "tool_calls": stats.tool_calls,
+        "tool_failures": stats.tool_failures,
+        "invalid_tool_calls": stats.invalid_tool_calls,
+        "policy_denials": stats.denials,
+        "escalations": stats.escalations,
+        "delegations": stats.delegations,
+    }
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event: the frame of every chunk, error and the closing ``[DONE]``."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+DONE = sse("[DONE]")
+
+
+@dataclass(frozen=True)
+class ChunkStream:
+    """The events of one streamed completion, each a ``chat.completion.chunk`` (or an
+    error envelope) framed as SSE."""
+
+    completion_id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def piece(self, **fields: Any) -> str:
+        return sse(chunk(completion_id=self.completion_id, model=self.model, created=self.created, **fields))
+
+    def opening(self) -> str:
+        return self.piece(delta={"role": "assistant", "content": ""})
+
+    def content(self, text: str) -> str:
+        return self.piece(delta={"content": text})
+
+    @staticmethod
+    def error(exc: RequestError) -> str:
+        """A failure after the 200 went out: the envelope, as one event."""
+        return sse(envelope(exc))
+
+    def final(
+        self,
+        *,
+        tool_calls: list[ToolCall],
+        finish_reason: str,
+        usage: Usage,
+        extension: dict[str, Any],
+        include_usage: bool,
+    ) -> list[str]:
+        """The last chunks: the tool calls, the finish reason with the ``fleet`` extension,
+        and the usage-only chunk when the client asked for it."""
+        out = []
+        if tool_calls:
+            calls = [{"index": i, **c.model_dump()} for i, c in enumerate(tool_calls)]
+            out.append(self.piece(delta={"tool_calls": calls}))
+        out.append(self.piece(delta={}, finish_reason=finish_reason, extension=extension))
+        if include_usage:
+            out.append(self.piece(usage=usage))
+        return out
+
+
+def error_response(
+    exc: RequestError, retry_after: int = 1, extra: dict[str, str] | None = None
+) -> JSONResponse:
+    """The OpenAI error envelope of ``exc``, with its status and the headers it calls for."""
+    headers = dict(extra or {})
+    if exc.status in (429, 503):
+        headers["retry-after"] = str(retry_after)
+    if isinstance(exc, PolicyDenied):
+        headers["x-fleet-decision-id"] = exc.decision_id
+    if exc.status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return JSONResponse(envelope(exc), status_code=exc.status, headers=headers)

@@ -150,14 +150,35 @@ def as_tool(obj: Any) -> Tool | None:
     return _from_langchain(obj) if isinstance(obj, BaseTool) else None
 
 
+# Each folder's tool module, imported once per process (validating the fleet, building
+# its cards and starting a replica all ask for it): every tool it defines, by name.
+_loaded: dict[Path, dict[str, Tool]] = {}
+
+
 def load_tools(folder: Path, names: list[str]) -> dict[str, Tool]:
-    """Import ``folder/tools.py`` by path and return the tools the manifest names."""
+    """The tools the manifest names, from ``folder/tools.py`` (imported by path, once)."""
     if not names:
         return {}
+    key = folder.resolve()
+    found = _loaded.get(key)
+    if found is None:
+        found = _loaded[key] = _import_tools(folder)
+    path, manifest = folder / TOOLS_FILE, str(folder / "agent.yaml")
+    missing = [(i, n) for i, n in enumerate(names) if n not in found]
+    if missing:
+        i, n = missing[0]
+        raise ConfigError(
+            f"tool {n!r} is not defined in {str(path)!r}", file=manifest, field=f"tools[{i}].name"
+        )
+    return {n: found[n] for n in names}
+
+
+def _import_tools(folder: Path) -> dict[str, Tool]:
     path = folder / TOOLS_FILE
-    manifest = str(folder / "agent.yaml")
     if not path.is_file():
-        raise ConfigError(f"the manifest names tools but {str(path)!r} does not exist", file=manifest)
+        raise ConfigError(
+            f"the manifest names tools but {str(path)!r} does not exist", file=str(folder / "agent.yaml")
+        )
     module_name = f"fleet_agent_tools_{folder.name.replace('-', '_')}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
@@ -173,13 +194,7 @@ def load_tools(folder: Path, names: list[str]) -> dict[str, Tool]:
         t = as_tool(value)
         if t is not None:
             found[t.name] = t
-    missing = [(i, n) for i, n in enumerate(names) if n not in found]
-    if missing:
-        i, n = missing[0]
-        raise ConfigError(
-            f"tool {n!r} is not defined in {str(path)!r}", file=manifest, field=f"tools[{i}].name"
-        )
-    return {n: found[n] for n in names}
+    return found
 
 
 class DelegateArgs(BaseModel):

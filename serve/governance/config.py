@@ -74,6 +74,11 @@ def load_data(paths: list[Path]) -> dict[str, Any]:
 
 Shadow = tuple[PolicyEngine, frozenset[Point]]
 
+# Rego compiled once per process for the same modules: validating a fleet compiles the
+# fleet's (and each agent's beside them), as starting each replica would again.
+_Key = tuple[tuple[str, ...], tuple[str, ...], str, tuple[str, ...], bool]
+_compiled: dict[_Key, tuple[RegoEngine, Shadow | None]] = {}
+
 
 def build_engines(
     config: GovernanceConfig,
@@ -86,20 +91,30 @@ def build_engines(
     for item in extra:  # an agent adds rules, never data that would override the platform's
         if not item.endswith(".rego"):
             raise ConfigError("an agent's policies.files may only name .rego modules", file=item)
+    key = (tuple(config.policies), tuple(config.shadow), str(root), tuple(extra), memo)
+    compiled = _compiled.get(key)
+    if compiled is None:
+        compiled = _compiled[key] = _compile(config, root, list(extra), memo)
+    local, shadow = compiled
+    if config.engine.kind == "opa":  # its client binds to the loop that first uses it: one per call
+        assert config.engine.url is not None
+        return OpaEngine(config.engine.url, config.engine.timeout_s), shadow
+    return local, shadow
+
+
+def _compile(
+    config: GovernanceConfig, root: Path, extra: list[str], memo: bool
+) -> tuple[RegoEngine, Shadow | None]:
     paths = _resolve(root, [*config.policies, *extra])
     modules = [m for m in load_modules(paths) if m.path.endswith(".rego")]
     data = load_data(paths)
     local = RegoEngine(modules, data, memo=memo)  # compiled even for OPA: a bad file fails the deploy
-    engine: PolicyEngine = local
-    if config.engine.kind == "opa":
-        assert config.engine.url is not None
-        engine = OpaEngine(config.engine.url, config.engine.timeout_s)
     if not config.shadow:
-        return engine, None
+        return local, None
     shadow_modules = load_modules(_resolve(root, config.shadow))
     replaced = {m.package for m in shadow_modules}
     kept = [m for m in modules if m.package not in replaced]
     points = {p for p in POINTS if f"fleet.{p}" in replaced}
     if replaced - {f"fleet.{p}" for p in POINTS}:  # a shared module changed: every point may
         points = set(POINTS)
-    return engine, (RegoEngine([*kept, *shadow_modules], data, memo=memo), frozenset(points))
+    return local, (RegoEngine([*kept, *shadow_modules], data, memo=memo), frozenset(points))

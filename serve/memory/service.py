@@ -53,8 +53,8 @@ class _Instruments:
 class MemoryService:
     """The memory deployment: one writer of the store, holder of artifact references."""
 
-    def __init__(self, path: str, limits: dict[str, Any]) -> None:
-        self._limits = MemoryLimits.model_validate(limits)
+    def __init__(self, path: str, limits: MemoryLimits) -> None:
+        self._limits = limits
         self._store = SqliteStore(Path(path), self._limits)
         self._artifacts: dict[tuple[str, str], _Artifacts] = {}
         self._metrics = _Instruments()

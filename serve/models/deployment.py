@@ -23,6 +23,7 @@ _CONFIG: TypeAdapter[Any] = TypeAdapter(BackendConfig)
 
 
 def parse_backend_config(raw: dict[str, Any]) -> Any:
+    """A backend config from its YAML mapping (the deployments are handed it parsed)."""
     return _CONFIG.validate_python(raw)
 
 
@@ -56,9 +57,9 @@ async def raise_errors(items: AsyncIterator[ModelChunk | RequestError]) -> Async
 class ModelDeployment:
     """Wraps one backend; deployed as ``model-<name>``."""
 
-    def __init__(self, name: str, config: dict[str, Any]) -> None:
+    def __init__(self, name: str, config: BackendConfig) -> None:
         self.name = name
-        self._backend = make_backend(parse_backend_config(config))
+        self._backend = make_backend(config)
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk | RequestError]:
         async for item in stream_model(self._backend, request):

@@ -7,13 +7,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from serve.agent import AgentDeployment
+from serve.agent import AgentDeployment, model_caller
 from serve.context import Context
+from serve.governance.config import GovernanceConfig
 from serve.loop.results import ContentDelta, Finished
 from serve.models.base import ModelChunk, ModelRequest
+from serve.models.scripted import ScriptedConfig
 from serve.protocol import ChatRequest
-from tests.unit.conftest import ROOT, run, write_agent
 from tests.unit.audit.test_client import FlakyService
+from tests.unit.conftest import ROOT, run, write_agent
 
 
 class WaitingModel:
@@ -29,7 +31,7 @@ class WaitingModel:
 
     async def remote(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
         try:
-            await asyncio.wait_for(self.service.landed.wait(), 5)
+            await asyncio.wait_for(self.service.entered.wait(), 5)  # a batch reached the service
             reply = "stored"
         except TimeoutError:
             reply = "not shipped"
@@ -45,7 +47,7 @@ def test_a_streamed_answer_ships_its_decisions_while_the_model_works(tmp_path: P
     async def scenario() -> list[Any]:
         agent = AgentDeployment(
             str(tmp_path), "streamer", WaitingModel(service), {},  # type: ignore[arg-type]
-            {"policies": ["configs/policies"]}, str(ROOT), service, None,  # type: ignore[arg-type]
+            GovernanceConfig(), str(ROOT), service, None,  # type: ignore[arg-type]
         )  # fmt: skip
         agent._audit._linger = 3600  # only the model call may ship them, not the straggler timer
         request = ChatRequest.model_validate(
@@ -76,8 +78,21 @@ def test_the_agent_calls_its_model_and_delegates_over_the_configured_transport(t
         model, delegate = OptionsHandle(), OptionsHandle()
         AgentDeployment(
             str(tmp_path), "caller", model, {"helper": (delegate, "helps", [], [])},  # type: ignore[arg-type, dict-item]
-            {"policies": ["configs/policies"]}, str(ROOT), FlakyService(), None,  # type: ignore[arg-type]
+            GovernanceConfig(), str(ROOT), FlakyService(), None,  # type: ignore[arg-type]
             transport=transport,  # type: ignore[arg-type]
         )  # fmt: skip
         assert model.options_seen[0] == {"_by_reference": by_reference}, transport
         assert delegate.options_seen == [{"_by_reference": by_reference}], transport
+
+
+def test_an_inline_backend_is_handed_its_config_typed_and_runs_in_the_agent() -> None:
+    config = ScriptedConfig.model_validate({"kind": "scripted", "script": [{"replies": [{"content": "hi"}]}]})
+    call = model_caller(config)
+
+    async def scenario() -> list[ModelChunk]:
+        request = ModelRequest(agent="caller", messages=[{"role": "user", "content": "hello"}])
+        return [chunk async for chunk in call(request)]
+
+    chunks = run(scenario())
+    assert "".join(c.content or "" for c in chunks) == "hi"
+    assert chunks[-1].finish_reason == "stop"

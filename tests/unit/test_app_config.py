@@ -1,8 +1,9 @@
-"""serve.app without Ray running: FleetArgs, validate_fleet and agent cards."""
+"""serve.app without Ray running: FleetArgs, validate_fleet, agent cards and what build_app binds."""
 
 from __future__ import annotations
 
 import copy
+import pickle
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +12,15 @@ from typing import Any
 import pytest
 import yaml
 
-from serve.app import FleetArgs, agent_card, project_root, validate_fleet
+from serve.app import FleetArgs, agent_card, build_app, validate_fleet
+from serve.cards import AgentCard
 from serve.errors import ConfigError
+from serve.governance.config import EngineConfig, GovernanceConfig, build_engines
+from serve.ingress import IngressOptions
 from serve.manifest import load_agent
+from serve.memory.store import MemoryLimits
 from serve.models.scripted import ScriptedConfig
+from serve.placement import project_root
 from serve.settings import settings
 from tests.unit.conftest import AGENTS, EXAMPLE_AGENTS, LOCAL_CONFIG, ROOT, TEST_APP_CONFIG, write_agent
 
@@ -191,7 +197,7 @@ def test_tool_modules_are_checked(tmp_path: Path) -> None:
 
 
 def test_agent_card() -> None:
-    card = agent_card(load_agent(AGENTS / "hr-policy-advisor"))
+    card = agent_card(load_agent(AGENTS / "hr-policy-advisor")).wire()
     assert card == {
         "object": "agent",
         "name": "hr-policy-advisor",
@@ -247,7 +253,55 @@ def test_agent_card() -> None:
 
 
 def test_orchestrator_card_lists_delegates_and_no_tools() -> None:
-    card = agent_card(load_agent(AGENTS / "orchestrator"))
+    card = agent_card(load_agent(AGENTS / "orchestrator")).wire()
     assert card["tools"] == []
     assert card["delegates"] == ["hr-policy-advisor", "supply-chain-optimizer", "fleet-monitor"]
     assert card["role"] == "orchestration"
+
+
+def test_build_app_hands_every_replica_its_configs_typed() -> None:
+    """Replicas are bound the validated objects (pydantic models pickle), not dicts to
+    validate again."""
+    args = yaml.safe_load(TEST_APP_CONFIG.read_text(encoding="utf-8"))["args"]
+    fleet, _, specs = validate_fleet(args)
+    ingress = build_app(args)._bound_deployment
+    cards, agents, options, governance, *_ = ingress.init_args
+    assert cards == {name: agent_card(spec) for name, spec in specs.items()}
+    assert all(isinstance(card, AgentCard) for card in cards.values())
+    assert isinstance(options, IngressOptions) and options == fleet.ingress
+    assert isinstance(governance, GovernanceConfig) and governance == fleet.governance
+    tester = agents["tester"]._bound_deployment
+    assert tester.init_args[4] == fleet.governance
+    model = tester.init_args[2]._bound_deployment
+    assert model.init_args == ("default", fleet.models["default"])
+    memory = tester.init_args[7]._bound_deployment
+    assert memory.init_args[1] == fleet.memory.limits and isinstance(memory.init_args[1], MemoryLimits)
+    for value in (cards, options, governance, fleet.models["default"], fleet.memory.limits):
+        assert pickle.loads(pickle.dumps(value)) == value
+
+
+def test_policies_are_compiled_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``validate_fleet`` compiles the fleet's Rego; the builder's replicas, in the same
+    process, reuse it (an OPA engine is new each time: its client binds to a loop)."""
+    import serve.governance.config as governance
+
+    compiled: list[int] = []
+    real = governance.RegoEngine
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        compiled.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(governance, "_compiled", {})
+    monkeypatch.setattr(governance, "RegoEngine", counted)
+    args = local_args()
+    validate_fleet(args)
+    once = len(compiled)
+    validate_fleet(args)
+    fleet, *_ = validate_fleet(args)
+    enforced, _ = build_engines(fleet.governance, project_root())
+    assert build_engines(fleet.governance, project_root())[0] is enforced
+    assert len(compiled) == once >= 1
+    opa = fleet.governance.model_copy(update={"engine": EngineConfig(kind="opa", url="http://127.0.0.1:9")})
+    first, second = build_engines(opa, project_root())[0], build_engines(opa, project_root())[0]
+    assert first is not second and len(compiled) == once

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from serve.app import model_deployment_options
 from serve.cli import validate_config
 from serve.models import VLLMConfig
+from serve.placement import model_deployment_options
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from serve.app import FleetArgs, model_deployment_options
+from serve.app import FleetArgs
 from serve.handles import GRPC_LIMIT, grpc_limit_env
 from serve.models.vllm import VLLMConfig
+from serve.placement import model_deployment_options
 from tests.unit.conftest import ROOT
 
 LIMIT = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
@@ -43,7 +46,7 @@ def test_a_message_over_the_grpc_limit_is_named_in_the_error() -> None:
     import grpc
 
     from serve.errors import AgentError
-    from serve.ingress import handle_error
+    from serve.handles import handle_error
 
     exc = grpc.aio.AioRpcError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -64,3 +67,71 @@ def test_other_grpc_failures_name_their_status_and_others_are_not_transport() ->
     cancelled = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata())
     assert transport_failure(cancelled) == "the call failed in transport (gRPC CANCELLED)"
     assert transport_failure(ValueError("x")) is None
+
+
+def _rpc_error(code: str, details: str | None = None) -> Exception:
+    import grpc
+
+    status = getattr(grpc.StatusCode, code)
+    return grpc.aio.AioRpcError(status, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+def _unavailable() -> Exception:
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return DeploymentUnavailableError(DeploymentID(name="tester", app_name="fleet"))
+
+
+def _full() -> Exception:
+    from ray.serve.exceptions import BackPressureError
+
+    return BackPressureError(num_queued_requests=3, max_queued_requests=2)
+
+
+def _died() -> Exception:
+    from ray.exceptions import ActorDiedError
+
+    return ActorDiedError()
+
+
+# (hop, failure, status, message): one mapper, whoever made the call.
+MAPPED = [
+    ("agent", _full, 503, "agent 'tester' is at capacity; retry later"),
+    ("agent", _unavailable, 503, "agent 'tester' is not available yet; retry later"),
+    (
+        "agent",
+        lambda: _rpc_error("CANCELLED"),
+        500,
+        "agent 'tester' could not be reached: the call failed in transport (gRPC CANCELLED)",
+    ),
+    ("agent", lambda: ValueError("x"), 500, "agent 'tester' failed: ValueError"),
+    ("delegate", _full, 500, "agent 'tester' is unavailable: BackPressureError"),
+    (
+        "delegate",
+        lambda: _rpc_error("UNAVAILABLE"),
+        500,
+        "agent 'tester' is unavailable: the call failed in transport (gRPC UNAVAILABLE)",
+    ),
+    (
+        "behind",
+        lambda: _rpc_error("UNAVAILABLE"),
+        502,
+        "a deployment behind agent 'tester' could not be reached: the call failed in transport "
+        "(gRPC UNAVAILABLE)",
+    ),
+    ("behind", _died, 502, "a deployment behind agent 'tester' is unavailable"),
+    ("behind", lambda: KeyError("k"), 500, "agent 'tester' failed (request req_1)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("hop", "failure", "status", "message"), MAPPED, ids=[f"{m[0]}-{i}" for i, m in enumerate(MAPPED)]
+)
+def test_a_failed_handle_call_maps_to_one_client_error(
+    hop: Any, failure: Callable[[], Exception], status: int, message: str
+) -> None:
+    from serve.handles import handle_error
+
+    error = handle_error(failure(), "tester", hop, "req_1")
+    assert (error.status, error.message) == (status, message)

@@ -1,21 +1,29 @@
-"""serve.protocol: request validation with OpenAI-style params, conversations, response shapes."""
+"""serve.protocol: request validation with OpenAI-style params, conversations, response shapes,
+SSE frames and error responses."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from serve.errors import InvalidRequest
+from serve.errors import InvalidRequest, Overloaded, PolicyDenied, RequestError, Timeout, Unauthorized
 from serve.protocol import (
+    DONE,
     ChatRequest,
+    ChunkStream,
     FunctionCall,
     ToolCall,
     Usage,
     chunk,
     completion,
+    completion_id,
+    error_response,
+    extension,
     parse_chat_request,
+    sse,
 )
 
 USER = [{"role": "user", "content": "hi"}]
@@ -287,3 +295,110 @@ def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
 )
 def test_values_the_engine_cannot_honour_are_refused(fields: dict[str, Any], param: str) -> None:
     assert error_for(body(**fields)).param == param
+
+
+# --- the wire out: SSE frames, the fleet extension, errors --------------------------
+
+
+def test_an_event_is_one_compact_json_data_line_and_done_closes_the_stream() -> None:
+    assert sse({"a": [1, 2], "b": "é"}) == 'data: {"a":[1,2],"b":"\\u00e9"}\n\n'
+    assert DONE == "data: [DONE]\n\n"
+
+
+def events(frames: list[str]) -> list[dict[str, Any]]:
+    assert all(f.startswith("data: ") and f.endswith("\n\n") for f in frames)
+    parsed: list[dict[str, Any]] = [json.loads(f.removeprefix("data: ")) for f in frames]
+    return parsed
+
+
+def test_a_stream_opens_with_the_role_and_carries_each_delta() -> None:
+    out = ChunkStream(completion_id("req_abc"), "orchestrator", created=7)
+    first, text = events([out.opening(), out.content("hi")])
+    assert first == {
+        "id": "chatcmpl-abc",
+        "object": "chat.completion.chunk",
+        "created": 7,
+        "model": "orchestrator",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+    }
+    assert text["choices"][0]["delta"] == {"content": "hi"}
+
+
+def test_the_final_chunks_carry_tool_calls_the_finish_reason_the_extension_and_asked_for_usage() -> None:
+    out = ChunkStream("chatcmpl-1", "m", created=7)
+    call = ToolCall(id="c1", function=FunctionCall(name="f", arguments="{}"))
+    usage = Usage(prompt_tokens=3, completion_tokens=2)
+    calls, finish, tally = events(
+        out.final(
+            tool_calls=[call], finish_reason="tool_calls", usage=usage, extension={"x": 1}, include_usage=True
+        )
+    )
+    assert calls["choices"][0]["delta"] == {"tool_calls": [{"index": 0, **call.model_dump()}]}
+    assert finish["choices"] == [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]
+    assert finish["fleet"] == {"x": 1} and "usage" not in finish
+    assert tally["choices"] == [] and tally["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+    }
+    (only,) = out.final(tool_calls=[], finish_reason="stop", usage=usage, extension={}, include_usage=False)
+    assert events([only])[0]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_an_error_after_the_200_is_the_envelope_as_an_event() -> None:
+    (frame,) = events([ChunkStream.error(Timeout("too slow"))])
+    assert frame == {"error": Timeout("too slow").to_dict()}
+
+
+@dataclass
+class Ran:
+    turns: int = 2
+    tool_calls: int = 1
+    tool_failures: int = 0
+    invalid_tool_calls: int = 0
+    denials: int = 1
+    escalations: int = 0
+    delegations: list[str] = field(default_factory=lambda: ["hr"])
+
+
+def test_the_extension_names_the_request_the_agent_and_what_the_run_did() -> None:
+    ext = extension(
+        request_id="req_1", trace_id=None, session_id="s", agent="a", agent_version="1.0.0", stats=Ran()
+    )
+    assert ext == {
+        "request_id": "req_1",
+        "trace_id": None,
+        "session_id": "s",
+        "agent": "a",
+        "agent_version": "1.0.0",
+        "turns": 2,
+        "tool_calls": 1,
+        "tool_failures": 0,
+        "invalid_tool_calls": 0,
+        "policy_denials": 1,
+        "escalations": 0,
+        "delegations": ["hr"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("error", "headers"),
+    [
+        (InvalidRequest("bad", param="seed"), {}),
+        (Unauthorized("no key"), {"www-authenticate": "Bearer"}),
+        (PolicyDenied("no", decision_id="dec_1"), {"x-fleet-decision-id": "dec_1"}),
+        (Overloaded("full"), {"retry-after": "4"}),
+    ],
+    ids=["400", "401", "403", "503"],
+)
+def test_an_error_response_is_the_envelope_with_its_status_and_headers(
+    error: RequestError, headers: dict[str, str]
+) -> None:
+    response = error_response(error, retry_after=4, extra={"x-fleet-trace-id": "t"})
+    assert response.status_code == error.status
+    assert json.loads(response.body) == {"error": error.to_dict()}
+    assert response.body == json.dumps({"error": error.to_dict()}, separators=(",", ":")).encode()
+    assert {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")} == {
+        "x-fleet-trace-id": "t",
+        **headers,
+    }

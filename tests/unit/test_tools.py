@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,7 @@ from langchain_core.tools import tool as lc_tool
 from pydantic import BaseModel, Field
 
 from serve.errors import ConfigError, InvalidToolArguments, ToolError
+from serve.testing import boom, slow
 from serve.tools import Tool, as_tool, load_tools, tool
 from tests.unit.conftest import run
 
@@ -33,19 +33,6 @@ def lookup(
 @tool(name="sum_numbers", description="Add two numbers.")
 async def add(a: int, b: float) -> float:
     return a + b
-
-
-@tool
-def boom() -> str:
-    """Always fails."""
-    raise RuntimeError("disk on fire")
-
-
-@tool
-async def slow() -> str:
-    """Takes too long."""
-    await asyncio.sleep(5)
-    return "too late"
 
 
 @tool
@@ -382,3 +369,34 @@ def test_load_tools_bad_tool_definition_is_an_import_error(tmp_path: Path) -> No
     folder = _folder(tmp_path, "unit-tools-nodoc", source)
     with pytest.raises(ConfigError, match="importing failed: ConfigError: tool nodoc: give it a docstring"):
         load_tools(folder, ["nodoc"])
+
+
+COUNTING = (
+    TOOLS_PY
+    + """
+from pathlib import Path
+
+with Path(__file__).with_name("imports.log").open("a") as log:
+    log.write("imported\\n")
+"""
+)
+
+
+def test_a_tool_module_is_imported_once_per_process_whatever_names_are_asked(tmp_path: Path) -> None:
+    """Validating the fleet, building its cards and starting a replica all load the tools."""
+    folder = _folder(tmp_path, "unit-tools-once", COUNTING)
+    first = load_tools(folder, ["echo"])
+    assert list(load_tools(folder, ["shout", "echo"])) == ["shout", "echo"]
+    assert load_tools(folder / ".." / folder.name, ["echo"])["echo"] is first["echo"]
+    with pytest.raises(ConfigError) as info:
+        load_tools(folder, ["echo", "nope"])  # the same module; still checked against the names
+    assert info.value.field == "tools[1].name"
+    assert (folder / "imports.log").read_text().splitlines() == ["imported"]
+
+
+def test_a_module_that_failed_to_import_is_imported_again(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "unit-tools-fixed", "raise ValueError('no database')\n")
+    with pytest.raises(ConfigError, match="importing failed"):
+        load_tools(folder, ["echo"])
+    (folder / "tools.py").write_text(TOOLS_PY, encoding="utf-8")
+    assert list(load_tools(folder, ["echo"])) == ["echo"]

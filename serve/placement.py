@@ -1,0 +1,129 @@
+"""Where Fleet's deployments run, and where the state they keep lives.
+
+The options each deployment is bound with (its CPU share, the head-node resource of the
+services that own files, replica counts and queue limits) and the paths of those files.
+:func:`serve.app.build_app` reads them here; a deploy config's ``deployments:`` section
+overrides any of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from serve.audit.config import AuditConfig
+from serve.manifest import AgentManifest
+from serve.memory.store import MemoryConfig
+from serve.models import BackendConfig, VLLMConfig
+from serve.settings import settings
+
+__all__ = [
+    "AGENT_ACTOR_OPTIONS",
+    "AUDIT_ACTOR_OPTIONS",
+    "MEMORY_ACTOR_OPTIONS",
+    "SERVICE_ACTOR_OPTIONS",
+    "agent_options",
+    "audit_options",
+    "audit_path",
+    "ingress_options",
+    "memory_options",
+    "memory_path",
+    "model_deployment_options",
+    "project_root",
+]
+
+# Fleet's replicas wait on I/O (models, tools, handles); a whole CPU each would not let
+# a laptop hold a fleet.
+AGENT_ACTOR_OPTIONS = {"num_cpus": 0.1}
+SERVICE_ACTOR_OPTIONS = {"num_cpus": 0.1}
+# Ray's default (5 requests in flight per replica) queues in the caller's router beyond
+# that: the deployments that only wait on others (a scripted or upstream model) take many.
+PROXY_MAX_ONGOING_REQUESTS = 512
+# The audit log and the memory store are files: their one writer lives on the head node,
+# whose disk outlives workers.
+AUDIT_ACTOR_OPTIONS = {"num_cpus": 0.1, "resources": {"node:__internal_head__": 0.001}}
+MEMORY_ACTOR_OPTIONS = AUDIT_ACTOR_OPTIONS
+# Every request of the fleet passes through the one replica of each.
+SERVICE_MAX_ONGOING_REQUESTS = 1000
+
+
+def project_root() -> Path:
+    """Where relative paths in configs start: $FLEET_HOME, else this checkout."""
+    return settings().home or Path(__file__).resolve().parent.parent
+
+
+def _state(path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else project_root() / path
+
+
+def audit_path(config: AuditConfig) -> Path:
+    """The audit log's file."""
+    return _state(config.path)
+
+
+def memory_path(config: MemoryConfig) -> Path:
+    """The memory store's file."""
+    return _state(config.path)
+
+
+def model_deployment_options(name: str, config: BackendConfig) -> dict[str, Any]:
+    """Options of a model backend's deployment; an engine gets LLM-shaped ones."""
+    if not isinstance(config, VLLMConfig):  # a script, or a client of an upstream API: async, light
+        return {
+            "name": f"model-{name}",
+            "ray_actor_options": SERVICE_ACTOR_OPTIONS,
+            "max_ongoing_requests": PROXY_MAX_ONGOING_REQUESTS,
+        }
+    return {
+        "name": f"model-{name}",
+        "ray_actor_options": config.ray_actor_options(),
+        # Scale on queue depth: a replica is "full" when its engine batch is; requests
+        # beyond twice that wait in the handle's queue instead of the engine's.
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": 1,
+            "target_ongoing_requests": config.max_num_seqs,
+            "upscale_delay_s": 15,
+            "downscale_delay_s": 600,
+        },
+        "max_ongoing_requests": 2 * config.max_num_seqs,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 30,
+    }
+
+
+def audit_options() -> dict[str, Any]:
+    return {
+        "name": "audit",
+        "num_replicas": 1,
+        "ray_actor_options": AUDIT_ACTOR_OPTIONS,
+        "max_ongoing_requests": SERVICE_MAX_ONGOING_REQUESTS,
+    }
+
+
+def memory_options() -> dict[str, Any]:
+    return {
+        "name": "memory",
+        "num_replicas": 1,
+        "ray_actor_options": MEMORY_ACTOR_OPTIONS,
+        "max_ongoing_requests": SERVICE_MAX_ONGOING_REQUESTS,
+    }
+
+
+def agent_options(manifest: AgentManifest) -> dict[str, Any]:
+    """An agent's deployment: autoscaled as its manifest says."""
+    return {
+        "name": manifest.name,
+        "autoscaling_config": manifest.autoscaling.ray_config(),
+        "max_ongoing_requests": manifest.autoscaling.max_ongoing_requests,
+        "ray_actor_options": AGENT_ACTOR_OPTIONS,
+    }
+
+
+def ingress_options(max_ongoing_requests: int) -> dict[str, Any]:
+    return {
+        "name": "ingress",
+        "ray_actor_options": SERVICE_ACTOR_OPTIONS,
+        "max_ongoing_requests": max_ongoing_requests,
+    }

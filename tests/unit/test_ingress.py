@@ -1,0 +1,371 @@
+"""serve.ingress without Ray: the FastAPI app, driven over ASGI, in front of fake agents.
+
+``@rayserve.ingress`` wraps ``Ingress`` in a class whose ``__init__`` is async and starts
+the ASGI app the way a replica does; the class beneath it is Fleet's own, constructed
+here with in-process fakes for the agents' handles and a real audit link server. The
+routes get their ``self`` from Ray's replica context, stubbed to answer this instance.
+(The ``x-request-id`` response header is added by Ray's proxy, not the ingress: here
+the header the client sends is the request's id.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from ray import serve as rayserve
+from ray.serve.exceptions import BackPressureError
+
+from serve.app import agent_card
+from serve.auth import TenantKey, hash_key
+from serve.cards import AgentCard
+from serve.context import Context
+from serve.errors import RequestError
+from serve.governance.config import GovernanceConfig
+from serve.ingress import Ingress, IngressOptions, app
+from serve.loop.results import AgentResult, ContentDelta, Finished, Stats
+from serve.manifest import load_agent
+from serve.protocol import ChatRequest, FunctionCall, ToolCall, Usage
+from tests.unit.audit.test_client import FlakyService
+from tests.unit.conftest import AGENTS, ROOT, run
+
+AGENT = "hr-policy-advisor"
+CARD = agent_card(load_agent(AGENTS / AGENT))
+USER = [{"role": "user", "content": "How many days of leave do I have?"}]
+RESULT = AgentResult(
+    "You have 12 days.",
+    [],
+    "stop",
+    Usage(prompt_tokens=9, completion_tokens=4),
+    Stats(turns=2, tool_calls=1, delegations=[]),
+)
+
+
+class Events:
+    """A handle's stream in flight: the events it yields, then its end (or a failure)."""
+
+    def __init__(self, items: list[Any], failure: BaseException | None) -> None:
+        self._items, self._failure = iter(items), failure
+        self.cancelled = False
+
+    async def __anext__(self) -> Any:
+        if self._failure is not None:
+            raise self._failure
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeAgent:
+    """An agent deployment's handle, in process: ``.chat.remote`` answers ``outcome`` (or
+    raises ``failure``); ``.options(stream=True).stream.remote`` yields ``events``."""
+
+    def __init__(
+        self,
+        outcome: AgentResult | RequestError = RESULT,
+        events: list[Any] | None = None,
+        failure: BaseException | None = None,
+        hang: bool = False,
+    ) -> None:
+        self.outcome, self.events, self.failure, self.hang = outcome, events or [], failure, hang
+        self.asked: list[tuple[ChatRequest, Context]] = []
+        self.replies: list[asyncio.Task[Any]] = []
+        self.streams: list[Events] = []
+        self.chat = SimpleNamespace(remote=self._chat)
+        self.stream = SimpleNamespace(remote=self._stream)
+
+    def options(self, **_: Any) -> FakeAgent:  # the transport, stream=True
+        return self
+
+    def _chat(self, request: ChatRequest, ctx: Context) -> asyncio.Task[Any]:
+        self.asked.append((request, ctx))
+        reply = asyncio.ensure_future(self._answer())  # awaitable and cancellable, as Ray's is
+        self.replies.append(reply)
+        return reply
+
+    async def _answer(self) -> AgentResult | RequestError:
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.failure is not None:
+            raise self.failure
+        return self.outcome
+
+    def _stream(self, request: ChatRequest, ctx: Context) -> Events:
+        self.asked.append((request, ctx))
+        self.streams.append(Events(self.events, self.failure))
+        return self.streams[-1]
+
+
+class Fleet:
+    """An ``Ingress`` over fake agents, and an HTTP client of its app."""
+
+    def __init__(
+        self,
+        agent: FakeAgent,
+        options: IngressOptions,
+        config: GovernanceConfig,
+        cards: dict[str, AgentCard],
+    ) -> None:
+        self.audit = FlakyService()
+        fleets_own = Ingress.__bases__[0]  # beneath Ray's wrapper (its __init__ and __del__ are async)
+        self.ingress: Any = fleets_own(cards, {AGENT: agent}, options, config, str(ROOT), self.audit, "actor")
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fleet")
+
+    async def chat(self, headers: dict[str, str] | None = None, **fields: Any) -> httpx.Response:
+        body = {"model": AGENT, "messages": USER, **fields}
+        return await self.http.post("/v1/chat/completions", json=body, headers=headers)
+
+    async def settle(self) -> None:
+        """Everything this ingress recorded is stored (its outcome steps included)."""
+        await self.ingress._audit.commit()
+        self.ingress._audit._drop_link()  # closed before the loop ends, not in its teardown
+        if self.audit._server is not None:
+            self.audit.restart()
+        await self.http.aclose()
+
+
+@pytest.fixture
+def serve_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``serve_with(agent, ...)``: a Fleet whose routes resolve to its ingress."""
+
+    def make(
+        agent: FakeAgent,
+        options: IngressOptions | None = None,
+        config: GovernanceConfig | None = None,
+    ) -> Fleet:
+        fleet = Fleet(agent, options or IngressOptions(), config or GovernanceConfig(), {AGENT: CARD})
+        monkeypatch.setattr(
+            rayserve, "get_replica_context", lambda: SimpleNamespace(servable_object=fleet.ingress)
+        )
+        return fleet
+
+    yield make
+
+
+def test_a_completion_is_the_openai_object_with_the_fleet_extension(serve_with: Any) -> None:
+    agent = FakeAgent()
+
+    async def scenario() -> None:
+        fleet = serve_with(agent)
+        response = await fleet.chat({"x-request-id": "req_unit1"})
+        await fleet.settle()
+        assert response.status_code == 200
+        body = response.json()
+        assert body["id"] == "chatcmpl-unit1" and body["object"] == "chat.completion"
+        assert body["model"] == AGENT
+        assert body["choices"] == [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "You have 12 days."},
+                "finish_reason": "stop",
+            }
+        ]
+        assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+        assert body["fleet"] == {
+            "request_id": "req_unit1",
+            "trace_id": None,
+            "session_id": None,
+            "agent": AGENT,
+            "agent_version": "1.0.0",
+            "turns": 2,
+            "tool_calls": 1,
+            "tool_failures": 0,
+            "invalid_tool_calls": 0,
+            "policy_denials": 0,
+            "escalations": 0,
+            "delegations": [],
+        }
+        ((request, ctx),) = agent.asked
+        assert request.model == AGENT and ctx.request_id == "req_unit1"
+        assert ctx.audit is not None and [r["point"] for r in ctx.audit.records] == ["ingress"]
+
+    run(scenario())
+
+
+def frames(response: httpx.Response) -> list[str]:
+    text = response.text
+    assert text.endswith("\n\n") and all(f.startswith("data: ") for f in text.split("\n\n")[:-1])
+    return [f.removeprefix("data: ") for f in text.split("\n\n")[:-1]]
+
+
+def test_a_stream_is_sse_chunks_then_usage_then_done(serve_with: Any) -> None:
+    call = ToolCall(id="call_1", function=FunctionCall(name="leave_balance", arguments="{}"))
+    result = AgentResult("Hello", [call], "tool_calls", Usage(prompt_tokens=3, completion_tokens=2), Stats())
+    agent = FakeAgent(events=[ContentDelta("Hel"), ContentDelta("lo"), Finished(result)])
+
+    async def scenario() -> None:
+        fleet = serve_with(agent)
+        response = await fleet.chat(
+            {"x-request-id": "req_s1"}, stream=True, stream_options={"include_usage": True}
+        )
+        await fleet.settle()
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        *chunks, done = frames(response)
+        assert done == "[DONE]"
+        parsed = [json.loads(c) for c in chunks]
+        assert {c["id"] for c in parsed} == {"chatcmpl-s1"} and len({c["created"] for c in parsed}) == 1
+        assert [c["choices"][0]["delta"] if c["choices"] else None for c in parsed] == [
+            {"role": "assistant", "content": ""},
+            {"content": "Hel"},
+            {"content": "lo"},
+            {"tool_calls": [{"index": 0, **call.model_dump()}]},
+            {},
+            None,
+        ]
+        assert parsed[4]["choices"][0]["finish_reason"] == "tool_calls"
+        assert parsed[4]["fleet"]["request_id"] == "req_s1" and parsed[4]["fleet"]["agent"] == AGENT
+        assert parsed[5]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        assert all("usage" not in c for c in parsed[:5])
+
+    run(scenario())
+
+
+def test_an_error_before_the_first_event_is_a_status_not_a_stream(serve_with: Any) -> None:
+    agent = FakeAgent(failure=BackPressureError(num_queued_requests=9, max_queued_requests=8))
+
+    async def scenario() -> None:
+        fleet = serve_with(agent, IngressOptions(retry_after_s=7))
+        response = await fleet.chat(stream=True)
+        await fleet.settle()
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "7"
+        assert response.json()["error"]["message"] == f"agent {AGENT!r} is at capacity; retry later"
+
+    run(scenario())
+
+
+def test_an_unknown_parameter_is_a_400_naming_it(serve_with: Any) -> None:
+    async def scenario() -> None:
+        fleet = serve_with(FakeAgent())
+        response = await fleet.chat(presence_penalty=0.5)
+        await fleet.settle()
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == "presence_penalty"
+        assert error["message"] == "Unrecognized request argument supplied: presence_penalty"
+        assert error["type"] == "invalid_request_error"
+
+    run(scenario())
+
+
+def test_an_unknown_model_is_a_404(serve_with: Any) -> None:
+    agent = FakeAgent()
+
+    async def scenario() -> None:
+        fleet = serve_with(agent)
+        response = await fleet.http.post("/v1/chat/completions", json={"model": "ghost", "messages": USER})
+        await fleet.settle()
+        assert response.status_code == 404
+        error = response.json()["error"]
+        assert (error["code"], error["param"]) == ("model_not_found", "model")
+        assert agent.asked == []
+
+    run(scenario())
+
+
+def test_with_tenants_a_missing_key_is_a_401_asking_for_a_bearer_key(serve_with: Any) -> None:
+    tenants = [
+        TenantKey(tenant="acme", key_sha256=hash_key("fk-acme"), roles=["employee"]),
+        TenantKey(tenant="ops", key_sha256=hash_key("fk-ops"), roles=["sre"]),  # not this agent's callers
+    ]
+    agent = FakeAgent()
+
+    async def scenario() -> None:
+        fleet = serve_with(agent, config=GovernanceConfig(tenants=tenants))
+        missing = await fleet.chat()
+        wrong = await fleet.chat({"authorization": "Bearer fk-other"})
+        refused = await fleet.chat({"authorization": "Bearer fk-ops"})
+        right = await fleet.chat({"authorization": "Bearer fk-acme"})
+        await fleet.settle()
+        for response in (missing, wrong):
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json()["error"]["type"] == "authentication_error"
+        assert refused.status_code == 403
+        denied = refused.json()["error"]
+        assert (denied["code"], denied["param"]) == ("policy_denied", "model")
+        assert refused.headers["x-fleet-decision-id"] == denied["decision_id"]
+        assert [r["decision_id"] for r in fleet.audit.stored if r.get("outcome") == "deny"] == [
+            denied["decision_id"]
+        ]
+        assert right.status_code == 200
+        ((_, ctx),) = agent.asked
+        assert ctx.principal is not None and ctx.principal.tenant == "acme"
+
+    run(scenario())
+
+
+def test_a_body_over_the_limit_is_a_413(serve_with: Any) -> None:
+    agent = FakeAgent()
+
+    async def scenario() -> None:
+        fleet = serve_with(agent, IngressOptions(max_body_bytes=64))
+        response = await fleet.chat(user="x" * 100)
+        await fleet.settle()
+        assert response.status_code == 413
+        assert response.json()["error"]["message"] == "request body exceeds 64 bytes"
+        assert agent.asked == []
+
+    run(scenario())
+
+
+def test_an_agent_at_capacity_is_a_503_with_retry_after_and_its_admission_is_audited(serve_with: Any) -> None:
+    agent = FakeAgent(failure=BackPressureError(num_queued_requests=9, max_queued_requests=8))
+
+    async def scenario() -> None:
+        fleet = serve_with(agent, IngressOptions(retry_after_s=3))
+        response = await fleet.chat({"x-request-id": "req_full"})
+        await fleet.settle()
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "3"
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "overloaded")
+        assert error["message"] == f"agent {AGENT!r} is at capacity; retry later"
+        # The agent never had the admission record: the ingress committed it.
+        admitted = [r for r in fleet.audit.stored if r.get("point") == "ingress"]
+        assert [r["request_id"] for r in admitted] == ["req_full"]
+
+    run(scenario())
+
+
+def test_an_agent_that_does_not_answer_in_time_is_a_504_and_its_call_is_cancelled(serve_with: Any) -> None:
+    agent = FakeAgent(hang=True)
+
+    async def scenario() -> None:
+        fleet = serve_with(agent, IngressOptions(request_timeout_s=0.05))
+        response = await fleet.chat()
+        await fleet.settle()
+        assert response.status_code == 504
+        assert response.json()["error"]["message"] == "the agent did not answer within 0.05s"
+        (reply,) = agent.replies
+        assert reply.cancelled()
+
+    run(scenario())
+
+
+def test_the_agents_are_listed_and_each_card_answers_as_built(serve_with: Any) -> None:
+    async def scenario() -> None:
+        fleet = serve_with(FakeAgent())
+        models = (await fleet.http.get("/v1/models")).json()
+        listed = (await fleet.http.get("/v1/agents")).json()
+        card = await fleet.http.get(f"/v1/agents/{AGENT}")
+        ghost = await fleet.http.get("/v1/agents/ghost")
+        await fleet.settle()
+        assert [(m["id"], m["owned_by"]) for m in models["data"]] == [(AGENT, "People Operations")]
+        assert listed == {"object": "list", "data": [CARD.wire()]}
+        assert card.json() == CARD.wire()
+        assert card.content == json.dumps(CARD.wire(), separators=(",", ":")).encode()
+        assert ghost.status_code == 404
+
+    run(scenario())
