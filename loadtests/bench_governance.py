@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,17 @@ def timed(fn: Callable[[], Any], n: int) -> list[float]:
         fn()
         out.append((time.perf_counter() - start) * 1000)
     return out
+
+
+def now(coro: Coroutine[Any, Any, Any]) -> Any:
+    """A coroutine that never waits (an in-process decision) run to its end without an event
+    loop: the decision's own cost, not a loop's scheduling."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("the coroutine waited: not an in-process decision")
 
 
 def stats(ms: list[float]) -> dict[str, float]:
@@ -85,10 +96,12 @@ def decisions(n: int, memo: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for point, action in actions.items():
         doc = {**base, "point": point, "action": action}
-        out[point] = stats(timed(lambda doc=doc, point=point: engine.evaluate(point, doc), n))
+        out[point] = stats(timed(lambda doc=doc, point=point: now(engine.evaluate(point, doc)), n))
     gov = Governor(engine, None, MemorySink())
     tool = actions["tool"]
-    out["governor_tool_decision"] = stats(timed(lambda: gov.decide("tool", ctx, facts, tool, "tool:x"), n))
+    out["governor_tool_decision"] = stats(
+        timed(lambda: now(gov.decide("tool", ctx, facts, tool, "tool:x")), n)
+    )
     return out
 
 
@@ -136,22 +149,22 @@ class OpenGuard:
 
     holds_output = False
 
-    def model_input(self, *args: Any) -> None:
+    async def model_input(self, *args: Any) -> None:
         return None
 
-    def model_output(self, ctx: Any, text: str, turn: int) -> str:
+    async def model_output(self, ctx: Any, text: str, turn: int) -> str:
         return text
 
-    def tool(self, *args: Any) -> None:
+    async def tool(self, *args: Any) -> None:
         return None
 
-    def delegation(self, *args: Any) -> None:
+    async def delegation(self, *args: Any) -> None:
         return None
 
-    def result(self, ctx: Any, name: str, text: str, classes: list[str]) -> str:
+    async def result(self, ctx: Any, name: str, text: str, classes: list[str]) -> str:
         return text
 
-    def event(self, *args: Any, **kwargs: Any) -> None:
+    def step(self, *args: Any) -> None:
         return None
 
 
@@ -209,7 +222,9 @@ def request_cost(n: int, memo: bool, scenario: str) -> dict[str, Any]:
             start = time.perf_counter()
             ctx = Context.new(f"req_{i}", principal)
             if admit:  # the ingress's decision (made in the ingress replica)
-                governor.decide("ingress", ctx, guard.facts(ctx), {"agent": "hr-policy-advisor"}, "call")
+                await governor.decide(
+                    "ingress", ctx, guard.facts(ctx), {"agent": "hr-policy-advisor"}, "call"
+                )
             await loop.run(chat, ctx.enter("hr-policy-advisor"))
             out.append((time.perf_counter() - start) * 1000)
         return out

@@ -26,6 +26,7 @@ from serve.governance.decisions import Decision
 from serve.policy.engine import EncodedInput, PolicyEngine, encode_input
 from serve.policy.pii import redact, scan
 from serve.policy.schema import INPUT_VERSION, AgentFacts, Point, Principal
+from serve.steps import Step
 
 _JSON_ACTION: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
@@ -46,9 +47,12 @@ class Governor:
         # scope set), so each is dumped and encoded once, not once per decision.
         self._dumped: dict[int, tuple[Principal | AgentFacts, dict[str, Any], bytes]] = {}
 
-    def decide(
+    async def decide(
         self, point: Point, ctx: Context, agent: AgentFacts, action: dict[str, Any], label: str
     ) -> Decision:
+        """The decision at ``point``, audited (and the shadow engine's beside it).
+
+        Awaited: the engine may be a server. The input is encoded once for both engines."""
         # The PolicyInput document (``fleet.policy/v1``), built as the dict its model dumps
         # to (a test holds the two equal): validating it again per decision cost more than
         # the decision.
@@ -70,10 +74,10 @@ class Governor:
             "action": action,
         }
         input_sha = hashlib.sha256(encoded.whole).hexdigest()
-        decision = self._evaluate(self._engine, point, document, encoded)
+        decision = await self._evaluate(self._engine, point, document, encoded)
         self._audit(ctx, agent.name, label, decision, input_sha, enforced=True)
         if self._shadow is not None and point in self._shadow[1]:
-            shadow = self._evaluate(self._shadow[0], point, document, encoded)
+            shadow = await self._evaluate(self._shadow[0], point, document, encoded)
             self._audit(ctx, agent.name, label, shadow, input_sha, enforced=False)
         return decision
 
@@ -88,13 +92,13 @@ class Governor:
         self._dumped[id(model)] = (model, dumped, encoded)
         return dumped, encoded
 
-    def _evaluate(
+    async def _evaluate(
         self, engine: PolicyEngine, point: Point, document: dict[str, Any], encoded: EncodedInput
     ) -> Decision:
         policy, version = engine.describe(point)
         decision_id = "dec_" + os.urandom(10).hex()
         try:
-            result = engine.evaluate(point, document, encoded)
+            result = await engine.evaluate(point, document, encoded)
         except PolicyFailure as exc:  # fail closed
             return Decision(decision_id, point, "deny", [f"policy failed, denied: {exc}"], policy, version)
         except Exception as exc:  # an engine bug or a malformed answer: still closed
@@ -125,24 +129,18 @@ class Governor:
             }
         )
 
-    def event(self, ctx: Context, kind: str, **fields: Any) -> None:
+    def step(self, ctx: Context, step: Step) -> None:
         """A step for the request's explanation report (no content, no PII)."""
         principal = ctx.principal or ANONYMOUS
-        self._sink.event(
-            {
-                "time": round(self._clock(), 6),
-                "request_id": ctx.request_id,
-                "tenant": principal.tenant,
-                "kind": kind,
-                **fields,
-            }
-        )
+        self._sink.step(step, step.record(round(self._clock(), 6), ctx.request_id, principal.tenant))
 
 
 class AuditSink(Protocol):
-    def append(self, record: dict[str, Any]) -> None: ...
+    def append(self, record: dict[str, Any]) -> None:
+        """One decision's audit record."""
 
-    def event(self, event: dict[str, Any]) -> None: ...
+    def step(self, step: Step, record: dict[str, Any]) -> None:
+        """One step, typed and as its record (what the audit service stores)."""
 
 
 __all__ = ["AuditSink", "Governor"]

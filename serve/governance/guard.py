@@ -3,7 +3,8 @@
 :class:`AgentGuard` turns loop steps into policy decisions for one agent: model input
 and output (PII), tool calls (scope, arguments, approval), delegations and the data a
 tool returns. It narrows scopes on the way down a delegation chain: an agent acts with
-its own scopes intersected with what its caller (and the caller's API key) holds.
+its own scopes intersected with what its caller (and the caller's API key) holds. Every
+decision is awaited: the policy engine may be a server.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
+from serve.cards import AgentCard
 from serve.context import Context
 from serve.errors import PolicyDenied
 from serve.governance.decisions import Decision, Refusal
@@ -19,6 +21,7 @@ from serve.governance.governor import Governor
 from serve.manifest import AgentSpec
 from serve.policy.pii import redact, scan, scrub_name
 from serve.policy.schema import AgentFacts
+from serve.steps import Step
 
 __all__ = ["AgentGuard"]
 
@@ -50,9 +53,8 @@ class AgentGuard:
         # Streamed text of an agent that may redact passes a StreamRedactor: a token
         # already sent cannot be taken back when the rest of a card number arrives.
         self.holds_output = m.policies.pii != "allow" or bool(m.policies.compliance)
-        # One AgentFacts per set of effective scopes (few: subsets of the manifest's), so
-        # the governor encodes each once.
-        self._facts: dict[tuple[str, ...] | None, AgentFacts] = {}
+        # The facts policies see, from the agent's card (one object per set of scopes).
+        self._card = AgentCard.of(spec)
 
     def enter(self, ctx: Context) -> Context:
         """The context this agent acts in: its scopes narrowed by the caller's."""
@@ -62,31 +64,14 @@ class AgentGuard:
         return replace(ctx, scopes=scopes)
 
     def facts(self, ctx: Context) -> AgentFacts:
-        facts = self._facts.get(ctx.scopes)
-        if facts is None:
-            facts = self._facts[ctx.scopes] = self._build_facts(ctx)
-        return facts
+        return self._card.facts(ctx.scopes)
 
-    def _build_facts(self, ctx: Context) -> AgentFacts:
-        m = self._manifest
-        return AgentFacts(
-            name=m.name,
-            version=m.version,
-            role=m.role,
-            scopes=[s for s in m.scopes if ctx.scopes is None or s in ctx.scopes],
-            declared_scopes=list(m.scopes),
-            data=list(m.data),
-            pii=m.policies.pii,
-            compliance=list(m.policies.compliance),
-            delegates=list(m.delegates),
-        )
-
-    def model_input(self, ctx: Context, messages: list[dict[str, Any]], turn: int) -> None:
+    async def model_input(self, ctx: Context, messages: list[dict[str, Any]], turn: int) -> None:
         """Decide on PII in ``messages`` (the ones the model has not seen); redact in place."""
         places = [place for message in messages for place in _texts(message)]
         found = [(holder, key, scan(holder[key])) for holder, key in places]
         kinds = sorted({f.kind for *_, fs in found for f in fs})
-        decision = self._gov.decide(
+        decision = await self._gov.decide(
             "model_input", ctx, self.facts(ctx), {"pii": kinds, "turn": turn}, "model_input"
         )
         if decision.outcome == "redact":
@@ -98,10 +83,10 @@ class AgentGuard:
                 f"the request was refused by policy: {_why(decision)}", decision_id=decision.id
             )
 
-    def model_output(self, ctx: Context, text: str, turn: int) -> str:
+    async def model_output(self, ctx: Context, text: str, turn: int) -> str:
         findings = scan(text)
         action = {"pii": sorted({f.kind for f in findings}), "turn": turn}
-        decision = self._gov.decide("model_output", ctx, self.facts(ctx), action, "model_output")
+        decision = await self._gov.decide("model_output", ctx, self.facts(ctx), action, "model_output")
         if decision.outcome == "redact":
             return redact(text, findings)
         if not decision.allowed:
@@ -110,7 +95,7 @@ class AgentGuard:
             )
         return text
 
-    def tool(self, ctx: Context, name: str, arguments: str) -> Refusal | None:
+    async def tool(self, ctx: Context, name: str, arguments: str) -> Refusal | None:
         """None when the call may run; else what the model is told instead."""
         grant = self._tools.get(name, {})
         try:
@@ -125,35 +110,38 @@ class AgentGuard:
             "arguments": args if isinstance(args, dict) else {},
         }
         label = name if name in self._tools else scrub_name(name)  # the model may have made it up
-        decision = self._gov.decide("tool", ctx, self.facts(ctx), action, f"tool:{label}")
+        decision = await self._gov.decide("tool", ctx, self.facts(ctx), action, f"tool:{label}")
         return self._refusal(decision, f"call to {name!r}")
 
-    def delegation(self, ctx: Context, target: str, target_scopes: list[str]) -> Refusal | None:
+    async def delegation(self, ctx: Context, target: str, target_scopes: list[str]) -> Refusal | None:
         action = {"target": target, "target_scopes": target_scopes}
         label = target if target in self._manifest.delegates else scrub_name(target)
-        decision = self._gov.decide("delegation", ctx, self.facts(ctx), action, f"delegate:{label}")
+        decision = await self._gov.decide("delegation", ctx, self.facts(ctx), action, f"delegate:{label}")
         return self._refusal(decision, f"delegation to {label!r}")
 
-    def result(self, ctx: Context, name: str, text: str, classes: list[str]) -> str:
+    async def result(self, ctx: Context, name: str, text: str, classes: list[str]) -> str:
         """What the model may see of a tool's (or delegate's) result."""
         findings = scan(text)
         action = {"tool": name, "classes": classes, "pii": sorted({f.kind for f in findings})}
-        decision = self._gov.decide("data", ctx, self.facts(ctx), action, f"data:{name}")
+        decision = await self._gov.decide("data", ctx, self.facts(ctx), action, f"data:{name}")
         if decision.outcome == "redact":
             return redact(text, findings)
         if not decision.allowed:
             return f"error: the result of {name!r} was withheld by policy ({decision.id}): {_why(decision)}"
         return text
 
-    def memory(self, ctx: Context, operation: str, store: str, namespace: str | None) -> Refusal | None:
+    async def memory(self, ctx: Context, operation: str, store: str, namespace: str | None) -> Refusal | None:
         """May this agent read or write this memory (its request's context, or facts)?"""
         action = {"operation": operation, "store": store, "namespace": namespace}
         where = f"{store}:{namespace}" if namespace else store
-        decision = self._gov.decide("memory", ctx, self.facts(ctx), action, f"memory:{operation}:{where}")
+        decision = await self._gov.decide(
+            "memory", ctx, self.facts(ctx), action, f"memory:{operation}:{where}"
+        )
         return self._refusal(decision, f"memory {operation} of {where}")
 
-    def event(self, ctx: Context, kind: str, **fields: Any) -> None:
-        self._gov.event(ctx, kind, agent=self._manifest.name, **fields)
+    def step(self, ctx: Context, step: Step) -> None:
+        """Not a decision: a step of the request's explanation report."""
+        self._gov.step(ctx, step)
 
     @staticmethod
     def _refusal(decision: Decision, what: str) -> Refusal | None:

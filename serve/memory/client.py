@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-import ray
-from ray.serve.handle import DeploymentHandle
-
-from serve.context import Context
 from serve.errors import MemoryDenied, ToolError
-from serve.governance.decisions import Refusal
+
+# Ray is imported where it is used, and the rest only for types: `from serve import
+# memory` (an agent's tools.py) must not import Ray Serve.
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+    from serve.context import Context
+    from serve.governance.decisions import Refusal
 
 __all__ = ["RequestMemory", "bind", "memory", "tenant_of", "unbind"]
 
@@ -32,7 +35,7 @@ def tenant_of(ctx: Context) -> str:
     return ctx.principal.tenant if ctx.principal else "anonymous"
 
 
-MemoryCheck = Callable[[Context, str, str, str | None], Refusal | None]
+MemoryCheck: TypeAlias = "Callable[[Context, str, str, str | None], Awaitable[Refusal | None]]"
 
 
 class RequestMemory:
@@ -61,8 +64,8 @@ class RequestMemory:
         except Exception as exc:  # its replica died or is being replaced
             raise ToolError(f"the memory service is unavailable ({type(exc).__name__})") from None
 
-    def _decide(self, operation: str, store: str, namespace: str | None = None) -> None:
-        refusal = self._check(self._ctx, operation, store, namespace)
+    async def _decide(self, operation: str, store: str, namespace: str | None = None) -> None:
+        refusal = await self._check(self._ctx, operation, store, namespace)
         if refusal is not None:
             raise MemoryDenied(refusal.message.removeprefix("error: "))
 
@@ -70,7 +73,7 @@ class RequestMemory:
 
     async def put(self, key: str, value: Any) -> None:
         """Share a small JSON value with the other agents of this request."""
-        self._decide("write", "context")
+        await self._decide("write", "context")
         problem = await self._call("put_context", self.tenant, self._tree, key, value)
         if problem:
             raise ToolError(problem)
@@ -79,13 +82,15 @@ class RequestMemory:
         return (await self.items()).get(key, default)
 
     async def items(self) -> dict[str, Any]:
-        self._decide("read", "context")
+        await self._decide("read", "context")
         found: dict[str, Any] = await self._call("context", self.tenant, self._tree)
         return found
 
     async def put_artifact(self, name: str, value: Any) -> int:
         """Put ``value`` in Ray's object store and share its reference; returns its size."""
-        self._decide("write", "artifacts")
+        await self._decide("write", "artifacts")
+        import ray
+
         ref = ray.put(value)
         size = _size_of(value)
         problem = await self._call("put_artifact", self.tenant, self._tree, name, [ref], size)
@@ -95,7 +100,7 @@ class RequestMemory:
 
     async def artifact(self, name: str) -> Any:
         """The object another agent of this request shared (read-only arrays are zero-copy)."""
-        self._decide("read", "artifacts")
+        await self._decide("read", "artifacts")
         ref = await self._call("artifact", self.tenant, self._tree, name)
         if ref is None:
             names = await self._call("artifacts", self.tenant, self._tree)
@@ -105,18 +110,18 @@ class RequestMemory:
     # -- long-term facts ---------------------------------------------------------------
 
     async def remember(self, namespace: str, key: str, text: str) -> None:
-        self._decide("write", "facts", namespace)
+        await self._decide("write", "facts", namespace)
         problem = await self._call("put_fact", self.tenant, namespace, key, text)
         if problem:
             raise ToolError(problem)
 
     async def recall(self, namespace: str, key: str) -> str | None:
-        self._decide("read", "facts", namespace)
+        await self._decide("read", "facts", namespace)
         found: str | None = await self._call("fact", self.tenant, namespace, key)
         return found
 
     async def search(self, namespace: str, query: str, limit: int = 5) -> list[tuple[str, str]]:
-        self._decide("read", "facts", namespace)
+        await self._decide("read", "facts", namespace)
         found: list[tuple[str, str]] = await self._call("search_facts", self.tenant, namespace, query, limit)
         return found
 
@@ -127,6 +132,8 @@ def _size_of(value: Any) -> int:
         return nbytes
     if isinstance(value, bytes | bytearray | memoryview | str):
         return len(value)
+    import ray
+
     return len(ray.cloudpickle.dumps(value))  # type: ignore[no-untyped-call]  # the exception, not the rule: artifacts are big arrays or bytes
 
 

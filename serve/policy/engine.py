@@ -95,10 +95,13 @@ def encode_input(
 
 
 class PolicyEngine(Protocol):
-    def evaluate(
+    async def evaluate(
         self, point: Point, document: dict[str, Any], encoded: EncodedInput | None = None
     ) -> PolicyResult:
-        """The decision on ``document``; ``encoded``, if given, is its canonical JSON."""
+        """The decision on ``document``; ``encoded``, if given, is its canonical JSON.
+
+        Awaited: an engine may ask a server. One that answers in-process answers inline
+        (a thread hop would cost more than a decision)."""
         ...
 
     def describe(self, point: Point) -> tuple[str, str]:
@@ -234,7 +237,7 @@ class RegoEngine:
     def describe(self, point: Point) -> tuple[str, str]:
         return self._described.get(point, ("none", "-"))
 
-    def evaluate(
+    async def evaluate(  # ~17 µs of CPU and no wait: answered inline, no thread hop
         self, point: Point, document: dict[str, Any], encoded: EncodedInput | None = None
     ) -> PolicyResult:
         if point not in self._points or self._bundle is None:
@@ -290,17 +293,18 @@ class OpaEngine:
 
     def __init__(self, url: str, timeout_s: float, versions: dict[str, str] | None = None) -> None:
         self._url = url.rstrip("/")
-        self._client = httpx.Client(timeout=timeout_s)
+        # Made here, bound at first use to the loop of the replica that serves with it.
+        self._client = httpx.AsyncClient(timeout=timeout_s)
         self._versions = versions or {}
 
     def describe(self, point: Point) -> tuple[str, str]:
         return (f"opa:fleet.{point}", self._versions.get(point, "server"))
 
-    def evaluate(
+    async def evaluate(
         self, point: Point, document: dict[str, Any], encoded: EncodedInput | None = None
     ) -> PolicyResult:
         try:
-            response = self._client.post(
+            response = await self._client.post(
                 f"{self._url}/v1/data/fleet/{point}/decision", json={"input": document}
             )
             response.raise_for_status()

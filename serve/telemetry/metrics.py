@@ -18,6 +18,8 @@ from typing import Any
 
 from ray.util.metrics import Counter, Histogram
 
+from serve.steps import DelegationStep, ModelCallStep, Step, ToolCallStep
+
 __all__ = ["EXPORTED", "MetricsSink", "RequestMetrics", "Tally", "outcome_of"]
 
 log = logging.getLogger("fleet.metrics")
@@ -181,19 +183,20 @@ class MetricsSink:
         self._tally.inc(self._m.decisions, 1, {**tags, "enforced": "true" if record["enforced"] else "false"})
         self._inner.append(record)
 
-    def event(self, event: dict[str, Any]) -> None:
-        kind, agent = event["kind"], event.get("agent") or self._agent or "unknown"
-        version = {"agent": agent, "version": self._version}
-        if kind == "model_call":
+    def step(self, step: Step, record: dict[str, Any]) -> None:
+        """Count a step by its type, then hand its record on."""
+        if isinstance(step, ModelCallStep):
+            version = {"agent": step.agent, "version": self._version}
             for direction, count in (
-                ("input", event["prompt_tokens"]),
-                ("output", event["completion_tokens"]),
+                ("input", step.prompt_tokens),
+                ("output", step.completion_tokens),
             ):  # a backend may report no usage: the tally skips a count of 0
                 self._tally.inc(self._m.tokens, count, {**version, "direction": direction})
-            self._tally.inc(self._m.model_calls, 1, {**version, "finish_reason": str(event["finish_reason"])})
-        elif kind == "tool_call":
-            tool = event["tool"] if event["tool"] in self._tools else "unknown"
-            self._tally.inc(self._m.tool_calls, 1, {**version, "tool": tool, "status": event["status"]})
-        elif kind == "delegation":
-            self._tally.inc(self._m.delegations, 1, {"agent": agent, "target": event["target"]})
-        self._inner.event(event)
+            self._tally.inc(self._m.model_calls, 1, {**version, "finish_reason": step.finish_reason})
+        elif isinstance(step, ToolCallStep):
+            tool = step.tool if step.tool in self._tools else "unknown"
+            tags = {"agent": step.agent, "version": self._version, "tool": tool, "status": step.status}
+            self._tally.inc(self._m.tool_calls, 1, tags)
+        elif isinstance(step, DelegationStep):
+            self._tally.inc(self._m.delegations, 1, {"agent": step.agent, "target": step.target})
+        self._inner.event(record)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,37 +13,10 @@ from serve.errors import InvalidRequest, MaxTurnsExceeded, ModelError
 from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Finished, Stats
 from serve.loop.runner import AgentLoop
 from serve.manifest import AgentSpec, load_agent
-from serve.models.base import ModelChunk, ModelRequest
-from serve.models.scripted import ScriptedBackend, ScriptedConfig
 from serve.protocol import ChatRequest, FunctionCall, ToolCall, Usage, UserMessage
-from serve.tools import Tool, tool
-from tests.unit.conftest import governed, run, write_agent
-
-
-@tool
-def echo(text: str) -> str:
-    """Return the text unchanged."""
-    return text
-
-
-@tool
-async def add(a: int, b: int) -> int:
-    """Add two integers."""
-    return a + b
-
-
-@tool
-def boom() -> str:
-    """Always raises."""
-    raise RuntimeError("disk on fire")
-
-
-@tool
-async def slow() -> str:
-    """Takes longer than its timeout."""
-    await asyncio.sleep(5)
-    return "too late"
-
+from serve.testing import ScriptedModel, add, boom, echo, governed, slow
+from serve.tools import Tool
+from tests.unit.conftest import run, write_agent
 
 TOOLS: dict[str, Tool] = {"echo": echo, "add": add, "boom": boom, "slow": slow}
 
@@ -190,8 +162,8 @@ class FakeDelegate:
 
 class Harness:
     def __init__(self, tmp_path: Path, delegate: FakeDelegate | None = None) -> None:
-        self.backend = ScriptedBackend(ScriptedConfig.model_validate(SCRIPT))
-        self.requests: list[ModelRequest] = []
+        self.model = ScriptedModel(SCRIPT["script"])
+        self.requests = self.model.requests
         self.delegate = delegate or FakeDelegate()
         spec = build_tester_spec(tmp_path)
         self.guard, self.audit = governed(spec)
@@ -202,11 +174,6 @@ class Harness:
             {"helper": DelegateTarget(description="Answers delegated tasks.", call=self.delegate)},
             self.guard,
         )
-
-    async def model(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
-        self.requests.append(request)
-        async for piece in self.backend.stream(request):
-            yield piece
 
     def ask(self, text: str, ctx: Context | None = None, **extra: Any) -> AgentResult:
         request = ChatRequest.model_validate(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +12,12 @@ from serve.errors import PolicyDenied
 from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Stats
 from serve.loop.runner import AgentLoop
 from serve.manifest import load_agent
-from serve.models.base import ModelChunk, ModelRequest
-from serve.models.scripted import ScriptedBackend, ScriptedConfig
+from serve.models.base import ModelRequest
 from serve.policy.schema import Principal
 from serve.protocol import ChatRequest, Usage
+from serve.testing import CANARY_CARD, CANARY_EMAIL, CANARY_SSN, GovernedAgent, MemorySink, ScriptedModel
 from serve.tools import Tool, tool
-from tests.unit.conftest import MemorySink, governed, run, write_agent
-
-CANARY_EMAIL = "canary.person@example.org"
-CANARY_SSN = "123-45-6789"
-CANARY_CARD = "4111 1111 1111 1111"
+from tests.unit.conftest import run, write_agent
 
 
 @tool
@@ -93,22 +88,16 @@ def make_loop(
         max_turns=3,
     )
     spec = load_agent(folder)
-    guard, sink = governed(spec, **kwargs)
-    backend = ScriptedBackend(ScriptedConfig.model_validate(SCRIPT))
-    seen: list[ModelRequest] = []
+    model = ScriptedModel(SCRIPT["script"])
     delegated: list[tuple[ChatRequest, Context]] = []
-
-    async def model(request: ModelRequest) -> AsyncIterator[ModelChunk]:
-        seen.append(request)
-        async for piece in backend.stream(request):
-            yield piece
 
     async def helper(request: ChatRequest, ctx: Context) -> AgentResult:
         delegated.append((request, ctx))
         return AgentResult("done", [], "stop", Usage(), Stats())
 
     targets = {"helper": DelegateTarget("Helps.", helper, scopes=("hr.read", "bank.write"))}
-    return AgentLoop(spec, TOOLS, model, targets, guard), sink, seen, delegated
+    agent = GovernedAgent(spec, model, TOOLS, targets, **kwargs)
+    return agent.loop, agent.audit, model.requests, delegated
 
 
 def ask(loop: AgentLoop, text: str, ctx: Context | None = None) -> AgentResult:

@@ -7,7 +7,7 @@ coroutine); governance is the real AgentGuard over configs/policies, audited to 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,14 +23,11 @@ from serve.loop.runner import AgentLoop
 from serve.manifest import AgentManifest, load_agent
 from serve.memory.client import RequestMemory, bind, memory, unbind
 from serve.memory.tools import MEMORY_TOOLS
-from serve.models.base import ModelChunk, ModelRequest
-from serve.models.scripted import ScriptedBackend, ScriptedConfig
 from serve.policy.schema import Principal
 from serve.protocol import ChatRequest
-from serve.testing import MemorySink
-from tests.unit.conftest import governed, manifest, run, write_agent
+from serve.testing import CANARY_EMAIL, MemorySink, ScriptedModel, governed
+from tests.unit.conftest import manifest, run, write_agent
 
-CANARY_EMAIL = "canary.person@example.org"
 ACME = Principal(tenant="acme", roles=["qa"], authenticated=True)
 
 SCRIPT: dict[str, Any] = {
@@ -162,16 +159,11 @@ class Clerk:
         guard, sink = governed(spec)
         self.guard: AgentGuard = guard
         self.sink: MemorySink = sink
-        self.backend = ScriptedBackend(ScriptedConfig.model_validate(SCRIPT))
-        self.requests: list[ModelRequest] = []
+        self.model = ScriptedModel(SCRIPT["script"])
+        self.requests = self.model.requests
         self.service = FakeMemoryService({("acme", "qa", "deadline"): "the release is on Friday"})
         self.ctx: Context | None = None
         self.loop = AgentLoop(spec, {}, self.model, {}, self.guard, builtin=MEMORY_TOOLS)
-
-    async def model(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
-        self.requests.append(request)
-        async for piece in self.backend.stream(request):
-            yield piece
 
     def ask(
         self,

@@ -19,7 +19,7 @@ from serve.governance.governor import Governor
 from serve.policy.engine import PolicyModule, RegoEngine, load_modules
 from serve.policy.schema import POINTS, AgentFacts, PolicyInput, PolicyResult, Principal, RequestFacts
 from serve.testing import MemorySink
-from tests.unit.conftest import ROOT
+from tests.unit.conftest import ROOT, run
 
 CASES: list[dict[str, Any]] = yaml.safe_load((ROOT / "tests/policies/cases.yaml").read_text())
 
@@ -63,7 +63,7 @@ def test_every_point_has_allow_and_deny_cases() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_policy_case(engine: Any, case: dict[str, Any]) -> None:
-    result = engine.evaluate(case["point"], document(case))
+    result = run(engine.evaluate(case["point"], document(case)))
     assert result.outcome == case["expect"], result.reasons
     if "reason" in case:
         assert any(case["reason"] in r for r in result.reasons), result.reasons
@@ -87,23 +87,23 @@ def test_missing_point_and_undefined_results_fail_closed() -> None:
         ]
     )
     with pytest.raises(PolicyFailure, match=r"no policy defines data\.fleet\.ingress"):
-        engine.evaluate("ingress", {})
+        run(engine.evaluate("ingress", {}))
     with pytest.raises(PolicyFailure, match="undefined"):
-        engine.evaluate("tool", {"ok": False})
-    assert engine.evaluate("tool", {"ok": True}).outcome == "allow"
+        run(engine.evaluate("tool", {"ok": False}))
+    assert run(engine.evaluate("tool", {"ok": True})).outcome == "allow"
 
 
 def test_a_decision_of_the_wrong_shape_fails_closed() -> None:
     engine = RegoEngine([PolicyModule("t.rego", 'package fleet.tool\nimport rego.v1\ndecision := "yes"\n')])
     with pytest.raises(PolicyFailure, match="not \\{outcome, reasons\\}"):
-        engine.evaluate("tool", {})
+        run(engine.evaluate("tool", {}))
 
 
 def test_conflicting_rules_fail_closed() -> None:
     source = 'package fleet.tool\nimport rego.v1\ndecision := {"outcome": "allow"} if input.a\ndecision := {"outcome": "deny"} if input.b\n'
     engine = RegoEngine([PolicyModule("t.rego", source)])
     with pytest.raises(PolicyFailure, match="evaluation failed"):
-        engine.evaluate("tool", {"a": True, "b": True})
+        run(engine.evaluate("tool", {"a": True, "b": True}))
 
 
 def test_policy_version_is_the_module_digest(engine: Any) -> None:
@@ -138,7 +138,7 @@ def test_numeric_bounds_from_policy_data(arguments: dict[str, Any], outcome: str
             "arguments": arguments,
         },
     }
-    assert engine.evaluate("tool", document(case)).outcome == outcome
+    assert run(engine.evaluate("tool", document(case))).outcome == outcome
 
 
 @pytest.mark.parametrize("value", ["E1001\x00../../etc", 2**64 + 5])
@@ -155,7 +155,7 @@ def test_values_the_engine_cannot_represent_fail_closed(value: Any) -> None:
         },
     }
     with pytest.raises(PolicyFailure):
-        engine.evaluate("tool", document(case))
+        run(engine.evaluate("tool", document(case)))
 
 
 class Capturing:
@@ -164,7 +164,7 @@ class Capturing:
     def __init__(self) -> None:
         self.asked: list[tuple[dict[str, Any], Any]] = []
 
-    def evaluate(self, point: str, document: dict[str, Any], encoded: Any = None) -> PolicyResult:
+    async def evaluate(self, point: str, document: dict[str, Any], encoded: Any = None) -> PolicyResult:
         self.asked.append((document, encoded))
         return PolicyResult(outcome="allow")
 
@@ -197,7 +197,7 @@ def test_a_decision_asks_with_the_documented_input_and_its_canonical_encoding(
     ctx = Context.new("req_ü1", principal).enter("orchestrator").enter("hr-policy-advisor")
     governor = Governor(engine, None, sink)
     for _ in range(2):  # the second decision reuses the encoded principal and agent
-        governor.decide(point, ctx, facts, action, "label")
+        run(governor.decide(point, ctx, facts, action, "label"))
     expected = PolicyInput(
         point=point,
         request=RequestFacts(id=ctx.request_id, chain=list(ctx.chain)),
@@ -221,15 +221,15 @@ def test_the_memo_answers_a_repeated_input_of_another_request_and_keys_on_the_id
     facts = AgentFacts.model_validate(BASE["agent"])
     action = {"target": "hr-policy-advisor", "target_scopes": []}
     for request_id in ("req_1", "req_2"):
-        governor.decide("delegation", Context.new(request_id).enter("orchestrator"), facts, action, "d")
+        run(governor.decide("delegation", Context.new(request_id).enter("orchestrator"), facts, action, "d"))
     assert memo._memo is not None and len(memo._memo) == 1  # one entry serves both requests
     reading = RegoEngine(
         [*modules, PolicyModule("extra.rego", "package fleet.extra\nseen := input.request.id\n")]
     )
     governor = Governor(reading, None, sink)
     for request_id in ("req_1", "req_2"):
-        governor.decide("delegation", Context.new(request_id).enter("orchestrator"), facts, action, "d")
+        run(governor.decide("delegation", Context.new(request_id).enter("orchestrator"), facts, action, "d"))
     assert reading._memo is not None and len(reading._memo) == 2  # a module reads the id: keyed on it
     fresh = Governor(RegoEngine(modules, memo=False), None, MemorySink())
-    expected = fresh.decide("delegation", Context.new("req_3").enter("orchestrator"), facts, action, "d")
+    expected = run(fresh.decide("delegation", Context.new("req_3").enter("orchestrator"), facts, action, "d"))
     assert [(r["outcome"], r["reasons"]) for r in sink.records] == [(expected.outcome, expected.reasons)] * 4

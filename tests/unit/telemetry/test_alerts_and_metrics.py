@@ -14,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from serve.cli import main
+from serve.steps import DelegationStep, ModelCallStep, OutcomeStep, Step, ToolCallStep
 from serve.telemetry.alerts import RAY_SERVE_METRICS, alert_rules, dashboard, metric_names
 from serve.telemetry.metrics import EXPORTED
 from tests.unit.conftest import ROOT
@@ -79,18 +80,58 @@ def test_dashboard_queries_parse_and_use_exported_metrics() -> None:
 def test_a_model_call_without_usage_is_counted_and_handed_on(caplog: pytest.LogCaptureFixture) -> None:
     """A backend that reports no tokens (an upstream without streamed usage) fails nothing."""
     from serve.telemetry.metrics import MetricsSink
-    from tests.unit.conftest import MemorySink
+    from serve.testing import MemorySink
 
     inner = MemorySink()
     sink = MetricsSink(inner, "tester", "1.0.0", [])
-    call = {"kind": "model_call", "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}
-    sink.event(call)
-    assert inner.events == [call]
+    call = ModelCallStep("tester", 1, 0, 0, 0, "stop")
+    sink.step(call, call.record(1.0, "r1", "acme"))
+    assert inner.events == [call.record(1.0, "r1", "acme")]
     from serve.telemetry.metrics import tally
 
     with caplog.at_level(logging.ERROR, logger="fleet.metrics"):
         tally().flush()  # what reaches Ray's counters now: a count Ray refused would be logged
     assert not caplog.records
+
+
+def test_steps_are_counted_by_their_type_and_handed_on_as_records() -> None:
+    from serve.telemetry.metrics import MetricsSink
+    from serve.testing import MemorySink
+
+    counted: list[tuple[Any, float, dict[str, str]]] = []
+
+    class Recording:
+        def inc(self, counter: Any, value: float, tags: dict[str, str]) -> None:
+            counted.append((counter, value, tags))
+
+    inner = MemorySink()
+    sink = MetricsSink(inner, "tester", "1.0.0", ["lookup"])
+    sink._tally = Recording()  # type: ignore[assignment]
+    steps: list[Step] = [
+        ModelCallStep("tester", 1, 5, 2, 1, "tool_calls"),
+        ToolCallStep("tester", "lookup", "ok", 0.1),
+        ToolCallStep("tester", "made_up", "invalid", 0.0),  # a name the manifest does not declare
+        DelegationStep("tester", "helper"),
+        OutcomeStep(200, finish_reason="stop"),  # the ingress's: recorded, not counted here
+    ]
+    for i, step in enumerate(steps):
+        sink.step(step, step.record(float(i), "r1", "acme"))
+    m, version = sink._m, {"agent": "tester", "version": "1.0.0"}
+    assert counted == [
+        (m.tokens, 5, {**version, "direction": "input"}),
+        (m.tokens, 2, {**version, "direction": "output"}),
+        (m.model_calls, 1, {**version, "finish_reason": "tool_calls"}),
+        (m.tool_calls, 1, {**version, "tool": "lookup", "status": "ok"}),
+        (m.tool_calls, 1, {**version, "tool": "unknown", "status": "invalid"}),
+        (m.delegations, 1, {"agent": "tester", "target": "helper"}),
+    ]
+    assert [e["kind"] for e in inner.events] == [
+        "model_call",
+        "tool_call",
+        "tool_call",
+        "delegation",
+        "outcome",
+    ]
 
 
 class RecordingCounter:

@@ -1,0 +1,218 @@
+"""One server-side call of a turn: validate it, decide on it, run the tool or delegate.
+
+Every way a call can go is text for the model, never a failed request: an invalid call
+(unknown tool, arguments that fail the schema), a refusal by policy, a tool's failure.
+Each call has a status (:data:`serve.steps.ToolStatus`) that the stats, its span and its
+``tool_call`` step report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace as otel
+
+from serve import telemetry
+from serve.context import Context
+from serve.errors import InvalidToolArguments, RequestError, ToolDenied, ToolError
+from serve.governance.decisions import Refusal
+from serve.loop.guard import Guard
+from serve.loop.results import DelegateTarget, Stats
+from serve.manifest import AgentManifest, delegate_tool_name
+from serve.policy.pii import scrub_name
+from serve.protocol import ChatRequest, ToolCall, Usage, UserMessage
+from serve.steps import DelegationStep, ToolCallStep, ToolStatus
+from serve.tools import DelegateArgs, Tool
+
+__all__ = ["BUILTIN_TIMEOUT_S", "CallResult", "ServerCalls"]
+
+BUILTIN_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """How a call went, and what the model reads as its result."""
+
+    status: ToolStatus
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A call's arguments as validated: a tool's (as it will get them) or a delegate's task."""
+
+    arguments: dict[str, Any] | None = None
+    task: DelegateArgs | None = None
+
+
+class ServerCalls:
+    """The calls an agent runs itself: its tools, its built-in tools and its delegates."""
+
+    def __init__(
+        self,
+        manifest: AgentManifest,
+        tools: Mapping[str, Tool],
+        builtin: Mapping[str, Tool],
+        delegates: Mapping[str, DelegateTarget],
+        guard: Guard,
+    ) -> None:
+        self._agent = manifest.name
+        self._guard = guard
+        # Built-in tools (memory) decide at their own policy point, not at ``tool``.
+        self._builtin = dict(builtin)
+        self._tools = {**self._builtin, **tools}
+        self._grants = {g.name: g for g in manifest.tools}
+        self._delegates = {delegate_tool_name(n): (n, t) for n, t in delegates.items()}
+        self.schemas = [t.openai_schema() for t in self._tools.values()] + [
+            _delegate_schema(name, target.description) for name, target in delegates.items()
+        ]
+
+    def reserves(self, name: str) -> bool:
+        """Whether ``name`` is one of this agent's calls (a client tool may not take it)."""
+        return name in self._tools or name in self._delegates
+
+    async def run_all(
+        self, calls: list[ToolCall], ctx: Context, stats: Stats, usage: Usage, agent_span: otel.Span
+    ) -> list[str]:
+        """The results of a turn's calls, in their order; several run at once."""
+        if len(calls) == 1:  # the common case: no task to run it in
+            return [await self.run(calls[0], ctx, stats, usage, agent_span)]
+        return list(await asyncio.gather(*(self.run(c, ctx, stats, usage, agent_span) for c in calls)))
+
+    async def run(
+        self, call: ToolCall, ctx: Context, stats: Stats, usage: Usage, agent_span: otel.Span
+    ) -> str:
+        """Run one server-side call; every failure becomes text for the model."""
+        name, started = call.function.name, time.monotonic()
+        shown = name if self.reserves(name) else scrub_name(name)
+        span = telemetry.tracer().start_span(
+            f"execute_tool {shown}",
+            context=otel.set_span_in_context(agent_span),
+            attributes=telemetry.attributes(
+                gen_ai__operation__name="execute_tool",
+                gen_ai__tool__name=shown,
+                gen_ai__tool__call__id=call.id,
+                gen_ai__tool__type="agent" if name in self._delegates else "function",
+            ),
+        )
+        stats.tool_calls += 1
+        try:
+            result = await self._attempt(name, call.function.arguments, ctx.traced(span), stats, usage)
+            text = result.text
+            if result.status == "ok":
+                text = await self._guard.result(ctx, name, text, self._classes(name))
+        except BaseException:
+            span.set_status(otel.StatusCode.ERROR)
+            span.end()
+            raise
+        span.set_attribute("fleet.tool.status", result.status)
+        if result.status != "ok":
+            span.set_status(otel.StatusCode.ERROR)
+            span.set_attribute("error.type", result.status)
+        span.end()
+        duration = round(time.monotonic() - started, 4)
+        self._guard.step(ctx, ToolCallStep(self._agent, shown, result.status, duration))
+        return text
+
+    def _classes(self, name: str) -> list[str]:
+        """The data classes a call's result may hold, as its grant (or delegate) declares them."""
+        if name in self._delegates:
+            return list(self._delegates[name][1].data)
+        grant = self._grants.get(name)
+        return list(grant.data) if grant else []
+
+    async def _attempt(
+        self, name: str, arguments: str, ctx: Context, stats: Stats, usage: Usage
+    ) -> CallResult:
+        checked = self._validate(name, arguments)
+        if isinstance(checked, CallResult):
+            stats.invalid_tool_calls += 1
+            return checked
+        known = self.reserves(name)
+        decided = arguments if checked.arguments is None else json.dumps(checked.arguments)
+        refusal = await self._decide(name, decided, ctx)
+        if not known:
+            stats.invalid_tool_calls += 1
+        if refusal is not None:
+            return self._refused(refusal, known, stats)
+        if not known:  # a policy that lets unknown tools through cannot make them exist
+            return CallResult("invalid", f"error: unknown tool {name!r}")
+        try:
+            if checked.arguments is not None:
+                grant = self._grants.get(name)
+                timeout = grant.timeout_s if grant else BUILTIN_TIMEOUT_S
+                return CallResult("ok", await self._tools[name].run(checked.arguments, timeout))
+            if checked.task is not None:
+                return CallResult("ok", await self._delegate(name, checked.task, ctx, stats, usage))
+            raise AssertionError(f"{name!r} is known but neither a tool nor a delegate")  # pragma: no cover
+        except ToolDenied as exc:  # a tool's own policy decision (memory) refused what it asked
+            stats.denials += 1
+            return CallResult("denied", f"error: {exc}")
+        except ToolError as exc:
+            stats.tool_failures += 1
+            return CallResult("error", f"error: {exc}")
+
+    def _validate(self, name: str, arguments: str) -> _Checked | CallResult:
+        """The arguments as the call would get them (what the policy judges), or why they are invalid."""
+        try:
+            if name in self._tools:
+                return _Checked(arguments=self._tools[name].validate(arguments).model_dump(mode="json"))
+            if name in self._delegates:
+                return _Checked(task=DelegateArgs.model_validate_json(arguments or "{}"))
+        except (InvalidToolArguments, ValueError) as exc:
+            detail = exc if isinstance(exc, InvalidToolArguments) else f"invalid arguments for {name}: {exc}"
+            return CallResult("invalid", f"error: {detail}")
+        return _Checked()  # unknown: the policy still decides on it, as it was asked
+
+    def _refused(self, refusal: Refusal, known: bool, stats: Stats) -> CallResult:
+        escalated = refusal.outcome == "escalate"
+        stats.escalations += escalated
+        stats.denials += not escalated
+        message = refusal.message
+        if not known:
+            message += f"; available tools: {', '.join(sorted([*self._tools, *self._delegates])) or 'none'}"
+        return CallResult("escalated" if escalated else "denied", message)
+
+    async def _decide(self, name: str, arguments: str, ctx: Context) -> Refusal | None:
+        """The policy decision on one call: a delegation, or a tool (known or not)."""
+        if name in self._delegates:
+            agent, target = self._delegates[name]
+            return await self._guard.delegation(ctx, agent, list(target.scopes))
+        if name.startswith("delegate_to_") and name not in self._tools:
+            return await self._guard.delegation(ctx, name.removeprefix("delegate_to_"), [])
+        if name in self._builtin:
+            return None  # each memory read or write is decided at the ``memory`` point
+        return await self._guard.tool(ctx, name, arguments)
+
+    async def _delegate(
+        self, tool_name: str, args: DelegateArgs, ctx: Context, stats: Stats, usage: Usage
+    ) -> str:
+        agent, delegate = self._delegates[tool_name]
+        stats.delegations.append(agent)
+        self._guard.step(ctx, DelegationStep(self._agent, agent))
+        request = ChatRequest(model=agent, messages=[UserMessage(role="user", content=args.task)])
+        try:
+            result = await delegate.call(request, ctx)
+        except RequestError as exc:
+            raise ToolError(f"agent {agent!r} failed: {exc.message}") from None
+        usage.add(result.usage)
+        return result.content or ""
+
+
+def _delegate_schema(agent: str, description: str) -> dict[str, Any]:
+    params = DelegateArgs.model_json_schema()
+    params.pop("title", None)
+    params.pop("description", None)
+    return {
+        "type": "function",
+        "function": {
+            "name": delegate_tool_name(agent),
+            "description": f"Delegate a task to the {agent} agent and get its answer. {description}",
+            "parameters": params,
+        },
+    }
