@@ -20,6 +20,8 @@ import httpx
 import pytest
 import yaml
 
+from serve.testing import wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -120,38 +122,45 @@ def _wait_closed(address: str, timeout_s: float) -> None:
     """Wait until the cluster's GCS stops listening: ray.shutdown returns while its processes
     are still exiting, and the e2e package's `ray start --head` refuses a port still held
     (a CI run failed so, "Ray is ... already running at ...:6379")."""
-    import time
-
     host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def closed() -> bool:
         try:
             with socket.create_connection((host, int(port)), timeout=1):
-                pass
+                return False
         except OSError:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"the test cluster's GCS still listens at {address} {timeout_s:g}s after ray.shutdown")
+            return True
+
+    try:
+        wait_until(closed, timeout_s, interval_s=0.5)
+    except TimeoutError:
+        raise RuntimeError(
+            f"the test cluster's GCS still listens at {address} {timeout_s:g}s after ray.shutdown"
+        ) from None
 
 
 def _serve_deploy(config_path: Path, dashboard: str) -> None:
     # The dashboard answers a few seconds after ray.init returns; serve deploy fails fast
     # until then, so retry on connection errors only.
-    import time
+    attempts: list[subprocess.CompletedProcess[str]] = []
 
-    deadline = time.monotonic() + 60
-    while True:
+    def deployed() -> bool:
         done = subprocess.run(
             [str(BIN / "serve"), "deploy", str(config_path), "-a", dashboard],
             capture_output=True,
             text=True,
             cwd=ROOT,
         )
-        if done.returncode == 0:
-            return
-        if time.monotonic() > deadline or "Connect" not in done.stderr + done.stdout:
+        attempts.append(done)
+        if done.returncode != 0 and "Connect" not in done.stderr + done.stdout:
             raise RuntimeError(f"serve deploy failed:\n{done.stdout}\n{done.stderr}")
-        time.sleep(1)
+        return done.returncode == 0
+
+    try:
+        wait_until(deployed, timeout_s=60, interval_s=1)
+    except TimeoutError:
+        last = attempts[-1]
+        raise RuntimeError(f"serve deploy failed:\n{last.stdout}\n{last.stderr}") from None
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from serve.testing import wait_until
 from tests.integration.agents.keeper.tools import table
 from tests.integration.conftest import LIMITED_KEY, QA2_KEY, Fleet
 
@@ -138,13 +138,11 @@ def test_facts_are_per_tenant_and_scoped(
 
 
 def _records(fleet: Fleet, request_id: str) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
-    while True:
+    def written() -> list[dict[str, Any]]:
         lines = fleet.audit_log.read_text().splitlines()
-        found = [r for r in map(json.loads, lines) if r.get("request_id") == request_id]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+        return [r for r in map(json.loads, lines) if r.get("request_id") == request_id]
+
+    return wait_until(written, timeout_s=10, interval_s=0.1)
 
 
 def test_memory_survives_a_restart_of_its_service(fleet: Fleet, test_api: httpx.Client) -> None:
@@ -162,16 +160,17 @@ def test_memory_survives_a_restart_of_its_service(fleet: Fleet, test_api: httpx.
     ]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    deadline, said = time.monotonic() + 120, ""
-    while time.monotonic() < deadline:  # Serve replaces the replica; until then the tool fails
+
+    def recalled() -> bool:  # Serve replaces the replica; until then the tool fails
         reply = ask(test_api, f"#recall qa {key}")
-        assert reply.status_code in (200, 503), reply.text
+        if reply.status_code not in (200, 503):
+            pytest.fail(reply.text)
         said = answer(reply) if reply.status_code == 200 else ""
-        if said == "recalled: durian":
-            break
-        assert said.startswith("recalled: error") or not said, said  # an error, never a wrong answer
-        time.sleep(0.5)
-    assert said == "recalled: durian"
+        if said and said != "recalled: durian" and not said.startswith("recalled: error"):
+            pytest.fail(said)  # an error, never a wrong answer (an assert here would be retried)
+        return said == "recalled: durian"
+
+    wait_until(recalled, timeout_s=120, interval_s=0.5)
     assert answer(ask(test_api, "after the restart", session)).endswith("earlier: before the restart")
 
 
@@ -185,14 +184,16 @@ def test_memory_use_is_reported_as_metrics(fleet: Fleet, test_api: httpx.Client)
     for turn in ("one", "two", "three"):  # the test app keeps 4 messages: turn three evicts turn one
         reply = answer(ask(test_api, turn, session))
     assert reply.endswith("earlier: two")
-    deadline = time.monotonic() + 60  # the service reports every few seconds; Ray exports every one
-    while True:
+
+    def reported() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         metrics = scrape(fleet)
-        facts = total(metrics, "ray_fleet_memory_items", store="facts")
-        evicted = total(metrics, "ray_fleet_memory_evictions_total", store="sessions")
-        if (facts > 0 and evicted > 0) or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert facts > 0 and total(metrics, "ray_fleet_memory_bytes", store="facts") > 0
+        assert total(metrics, "ray_fleet_memory_items", store="facts") > 0
+        assert total(metrics, "ray_fleet_memory_evictions_total", store="sessions") > 0
+        return metrics
+
+    # The service reports every few seconds; Ray exports every one.
+    metrics = wait_until(reported, timeout_s=60, interval_s=0.5)
+    evicted = total(metrics, "ray_fleet_memory_evictions_total", store="sessions")
+    assert total(metrics, "ray_fleet_memory_bytes", store="facts") > 0
     assert evicted >= 2  # the first turn's question and answer
     assert total(metrics, "ray_fleet_memory_items", store="sessions") > 0

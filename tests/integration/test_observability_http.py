@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from serve.telemetry.metrics import EXPORTED
+from serve.testing import wait_until
 from tests.integration.conftest import QA_KEY, Fleet
 
 CANARY = "canary_prompt_" + secrets.token_hex(4)  # one \\w+ word: the scripted echo keeps it whole
@@ -26,15 +27,16 @@ def spans_of(
     fleet: Fleet, trace_id: str, until: Callable[[list[dict[str, Any]]], bool]
 ) -> list[dict[str, Any]]:
     """The trace's spans, once ``until`` holds (spans are exported in batches)."""
-    assert fleet.spans is not None
-    deadline, found = time.monotonic() + 30, []
-    while time.monotonic() < deadline:
-        lines = fleet.spans.read_text().splitlines() if fleet.spans.exists() else []
+    spans = fleet.spans
+    assert spans is not None
+
+    def exported() -> list[dict[str, Any]]:
+        lines = spans.read_text().splitlines() if spans.exists() else []
         found = [s for s in map(json.loads, lines) if s["context"]["trace_id"] == "0x" + trace_id]
-        if until(found):
-            return found
-        time.sleep(0.3)
-    return found
+        assert until(found), sorted(s["name"] for s in found)
+        return found
+
+    return wait_until(exported, timeout_s=30, interval_s=0.3)
 
 
 def test_one_trace_across_ingress_agents_models_tools_and_delegation(fleet: Fleet) -> None:
@@ -53,7 +55,7 @@ def test_one_trace_across_ingress_agents_models_tools_and_delegation(fleet: Flee
     )
     assert r.status_code == 200
     assert r.headers["x-fleet-trace-id"] == trace_id == r.json()["fleet"]["trace_id"]
-    spans = spans_of(fleet, trace_id, lambda s: len(s) >= 10)
+    spans = spans_of(fleet, trace_id, lambda s: len(s) >= 9)  # the nine below (it waited for ten: 30 s a run)
     by_id = {s["context"]["span_id"]: s for s in spans}
     names = sorted(s["name"] for s in spans)
     assert names == sorted(
@@ -126,6 +128,22 @@ def scrape(fleet: Fleet) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     return out
 
 
+def settled(fleet: Fleet, quiet_s: float = 3.5) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The metrics once no count has changed for ``quiet_s``: a count reaches Ray a second
+    after its request (serve.telemetry.metrics.Tally), and Ray exports it a second later."""
+    metrics, since = scrape(fleet), time.monotonic()
+
+    def quiet() -> bool:
+        nonlocal metrics, since
+        now = scrape(fleet)
+        if now != metrics:
+            metrics, since = now, time.monotonic()
+        return time.monotonic() - since >= quiet_s
+
+    wait_until(quiet, timeout_s=30, interval_s=0.5)
+    return metrics
+
+
 def total(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     want = set(labels.items())
     return sum(v for (n, ls), v in metrics.items() if n == name and want <= set(ls))
@@ -134,15 +152,7 @@ def total(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 def test_metrics_count_known_traffic_per_agent(fleet: Fleet) -> None:
     if fleet.metrics_url is None:
         pytest.skip("needs the conftest's own cluster (Ray's metrics port)")
-    before, deadline = scrape(fleet), time.monotonic() + 30
-    while time.monotonic() < deadline:  # earlier tests' counts may still be on their way
-        time.sleep(
-            3.5
-        )  # counts reach Ray a second after the request (serve.telemetry.metrics.Tally), then export
-        now = scrape(fleet)
-        if now == before:
-            break
-        before = now
+    before = settled(fleet)  # earlier tests' counts may still be on their way
     headers = {"authorization": f"Bearer {QA_KEY}"}
     url = fleet.test_url + "/v1/chat/completions"
     for text in ("#fail", "#fail", "#unknown", "#echo hi", "#delegate this"):
@@ -169,13 +179,12 @@ def test_metrics_count_known_traffic_per_agent(fleet: Fleet) -> None:
         after = scrape(fleet)
         return {k: total(after, k[0], **dict(k[1])) - total(before, k[0], **dict(k[1])) for k in expected}
 
-    deadline, seen = time.monotonic() + 60, {}
-    while time.monotonic() < deadline:  # Ray's metrics agent exports every second here
+    def arrived() -> dict[Any, float]:
         seen = deltas()
-        if all(seen[k] >= v for k, v in expected.items()):
-            break
-        time.sleep(1)
-    assert seen == expected
+        assert all(seen[k] >= v for k, v in expected.items()), seen
+        return seen
+
+    assert wait_until(arrived, timeout_s=60, interval_s=0.5) == expected  # Ray exports every second here
     after = scrape(fleet)
     assert total(after, "ray_fleet_tokens_total", agent="tester", direction="output") > 0
     assert total(after, "ray_fleet_time_to_first_token_seconds_count", agent="tester") > 0

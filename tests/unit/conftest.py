@@ -1,7 +1,8 @@
 """Helpers for the unit tests: no Ray, no network, no model.
 
 Agent folders are written into ``tmp_path`` from a small valid manifest that each test
-changes in the one place it is about.
+changes in the one place it is about. The test doubles (scripted model, tools, governed
+harness, canaries, waits) are public, in :mod:`serve.testing`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-
-from serve.testing import MemorySink
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENTS = ROOT / "agents"
@@ -87,17 +86,3 @@ def write_agent(
     if tools_py is not None:
         (path / "tools.py").write_text(tools_py, encoding="utf-8")
     return path
-
-
-def governed(
-    spec: Any, *, policies: list[str] | None = None, shadow: list[str] | None = None
-) -> tuple[Any, MemorySink]:
-    """A real AgentGuard over the real Rego policies (configs/policies), and its sink."""
-    from serve.governance.config import GovernanceConfig, build_engines
-    from serve.governance.governor import Governor
-    from serve.governance.guard import AgentGuard
-
-    config = GovernanceConfig(policies=policies or ["configs/policies"], shadow=shadow or [])
-    sink = MemorySink()
-    engine, shadow_engine = build_engines(config, ROOT, spec.manifest.policies.files)
-    return AgentGuard(Governor(engine, shadow_engine, sink), spec), sink

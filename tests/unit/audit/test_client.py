@@ -13,23 +13,27 @@ import pytest
 from serve.audit.client import AuditClient
 from serve.audit.link import serve_link
 from serve.errors import AuditUnavailable
+from serve.testing import wait_until_async
 from tests.unit.conftest import run
 
 
 class FlakyService:
     """Stands in for the audit deployment: a real link server whose writes fail the first
     ``failures`` times. Like the writer, it stores each record once (a re-sent batch is
-    not a duplicate)."""
+    not a duplicate). ``hold``: writes wait for :attr:`release` (:attr:`entered` is set
+    when one arrives)."""
 
-    def __init__(self, failures: int = 0, delay: float = 0.0) -> None:
-        self.failures, self.delay = failures, delay
+    def __init__(self, failures: int = 0, hold: bool = False) -> None:
+        self.failures = failures
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        if not hold:
+            self.release.set()
         self.stored: list[dict[str, Any]] = []
         self.address = self  # handle.address.remote()
         self.append = SimpleNamespace(remote=self.relay)  # handle.append.remote(): the service relays
         self.relayed = 0
         self._server: asyncio.Server | None = None
         self._connections: list[asyncio.StreamWriter] = []
-        self.landed = asyncio.Event()  # set when a batch is stored
 
     async def remote(self) -> tuple[str, int, str]:
         if self._server is None:
@@ -53,12 +57,12 @@ class FlakyService:
         return await self.store(records, events)
 
     async def store(self, records: list[dict[str, Any]], events: list[dict[str, Any]]) -> int:
-        await asyncio.sleep(self.delay)
+        self.entered.set()
+        await self.release.wait()
         if self.failures:
             self.failures -= 1
             raise OSError("disk full")
         self.stored += [r for r in records if r not in self.stored] + events
-        self.landed.set()
         return len(records)
 
 
@@ -77,16 +81,17 @@ def test_commit_waits_until_records_are_stored_even_through_failures() -> None:
 
 
 def test_a_cancelled_shipper_loses_nothing() -> None:
-    service = FlakyService(delay=0.05)
+    service = FlakyService(hold=True)
 
     async def scenario() -> None:
         client = AuditClient(service, commit_timeout_s=5)  # type: ignore[arg-type]
         client.append({"n": 1})
         client.ship()
-        await asyncio.sleep(0.01)
+        await wait_until_async(service.entered.is_set)  # the batch is at the writer, unanswered
         assert client._task is not None
         client._task.cancel()  # e.g. the replica's loop tears a task down mid-call
-        await asyncio.sleep(0.01)
+        await wait_until_async(client._task.done)
+        service.release.set()  # the writer stores the batch the cancelled shipper sent
         client.append({"n": 2})
         await client.commit()
         assert [x["n"] for x in service.stored] == [1, 2]
@@ -114,8 +119,7 @@ def test_stragglers_ship_on_their_own_within_the_linger_time() -> None:
         client = AuditClient(service, commit_timeout_s=5, linger_s=0.02)  # type: ignore[arg-type]
         client.event({"kind": "outcome"})  # queued after the request's commit: nobody waits for it
         assert service.stored == []
-        await asyncio.sleep(0.2)
-        assert service.stored == [{"kind": "outcome"}]
+        await wait_until_async(lambda: service.stored == [{"kind": "outcome"}], timeout_s=0.2)
 
     run(scenario())
 

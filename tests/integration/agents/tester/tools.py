@@ -1,24 +1,17 @@
-"""Tools for the integration tests: plain, LangChain, failing and slow ones."""
+"""Tools for the integration tests: plain, LangChain, failing and slow ones.
+
+The doubles are serve.testing's: ``load_tools`` takes every tool among this module's
+names, so the ones imported here are this agent's as much as the ones defined here.
+"""
 
 from __future__ import annotations
 
-import asyncio
-
 from langchain_core.tools import tool as langchain_tool
 
+from serve.testing import CANARY_CARD, CANARY_EMAIL, CANARY_SSN, add, echo, failing_tool, slow
 from serve.tools import tool
 
-
-@tool
-def echo(text: str) -> str:
-    """Return the text unchanged."""
-    return text
-
-
-@tool
-async def add(a: int, b: int) -> int:
-    """Add two integers."""
-    return a + b
+__all__ = ["PROFILE", "add", "echo", "fail", "multiply", "profile", "slow"]
 
 
 @langchain_tool
@@ -27,21 +20,10 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
-@tool
-def fail() -> str:
-    """Always raises."""
-    raise RuntimeError("disk on fire")
+fail = failing_tool("fail")
 
-
-@tool
-async def slow() -> str:
-    """Takes longer than its timeout."""
-    await asyncio.sleep(5)
-    return "too late"
-
-
-# A record full of PII, for the redaction tests (the canaries are in the test module).
-PROFILE = "Dana Canary, dana.canary@example.org, SSN 219-09-9999, card 4000 0566 5566 5556"
+# A record full of PII, for the redaction tests (test_governance_http.py lists its canaries).
+PROFILE = f"Dana Canary, {CANARY_EMAIL}, SSN {CANARY_SSN}, card {CANARY_CARD}"
 
 
 @tool
