@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from serve.errors import Unauthorized
+from serve.manifest import Strict
 from serve.policy.schema import Principal
 
 __all__ = ["ANONYMOUS", "TenantKey", "authenticate", "hash_key"]
@@ -15,11 +16,7 @@ __all__ = ["ANONYMOUS", "TenantKey", "authenticate", "hash_key"]
 ANONYMOUS = Principal(tenant="anonymous", roles=["anonymous"], authenticated=False)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TenantKey(_Strict):
+class TenantKey(Strict):
     tenant: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="Tenant the key belongs to.")
     key_sha256: str = Field(
         pattern=r"^[0-9a-f]{64}$", description="SHA-256 (hex) of the API key; never the key."

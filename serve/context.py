@@ -5,14 +5,25 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from opentelemetry import trace as otel
 
 from serve import telemetry
-from serve.audit.client import Carried
 from serve.policy.schema import Principal
 
-__all__ = ["Context"]
+__all__ = ["Carried", "Context"]
+
+
+@dataclass
+class Carried:
+    """Audit records and steps handed from one replica to another, to ship with its own."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.records or self.events)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """Fleet's one exception tree, and its conversion to the OpenAI error envelope.
 
-Three families, as in pydantic-ai, and the failures inside Fleet that never reach a client:
+Three families, as in pydantic-ai:
 - ``ConfigError``: a developer's mistake found before anything runs (manifest, config).
 - ``RequestError`` and its subclasses: a request that Fleet answers with a 4xx/5xx; each
-  class fixes its status and type, :func:`envelope` makes the body, in this one place.
-- ``Signal``: control flow, not failure: a step that cannot go on without something else
-  (a human's approval). The loop turns a signal into its own outcome, never into text.
-- ``ToolError``: a tool that failed; the agent loop reports it to the model, never to
-  the client. ``PolicyFailure`` and ``MemoryFull`` are internal: the governor turns the
-  first into a denial, the memory service the second into an answer.
+  class fixes its status and type, and :func:`envelope` makes the body, in this one place.
+- ``Signal``: control flow, not failure: a step that cannot go on without something else.
+  ``ApprovalRequired`` (a tool call or delegation a policy escalates) is raised by the
+  guard and handled in one place of the loop (:mod:`serve.loop.calls`).
+
+Beside them, failures that never reach a client as such: ``ToolError`` (a tool failed:
+the loop tells the model), ``PolicyFailure`` (the governor turns it into a denial) and
+``MemoryFull`` (the memory service turns it into an answer).
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ class ToolDenied(ToolError):
 
 
 class InvalidToolArguments(ToolError):
-    """The model's arguments do not fit the tool's schema; told to the model, counted."""
+    """The model's arguments do not fit the tool's schema (or are not JSON); told to the model, counted."""
 
 
 class MemoryDenied(ToolDenied):
@@ -208,7 +210,7 @@ class PolicyFailure(FleetError):
 
 
 class Signal(FleetError):
-    """Control flow: the step cannot go on now; the loop handles it, the client never sees it raw."""
+    """Control flow: the step cannot go on now; the loop handles it, a client never sees it raw."""
 
 
 class ApprovalRequired(Signal):

@@ -25,10 +25,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from serve import telemetry
-from serve.audit.client import AuditClient, Carried
+from serve.audit.client import AuditClient
 from serve.auth import authenticate
 from serve.cards import AgentCard
-from serve.context import Context
+from serve.context import Carried, Context
 from serve.errors import (
     AgentError,
     AuditUnavailable,

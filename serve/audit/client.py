@@ -13,31 +13,20 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from serve.audit.link import Link
+from serve.context import Carried
 from serve.errors import AuditUnavailable
 
-__all__ = ["AuditClient", "Carried"]
+__all__ = ["AuditClient"]
 
 log = logging.getLogger("fleet.audit")
 
 CONNECT_TIMEOUT_S = 1.0  # to the writer's port; beyond it, batches are relayed by the service ...
 RELAY_S = 60.0  # ... for this long, then the port is tried again
-
-
-@dataclass
-class Carried:
-    """Audit records and steps handed from one replica to another, to ship with its own."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.records or self.events)
 
 
 # What a request makes while this is set is carried instead of queued: the ingress hands

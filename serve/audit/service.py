@@ -33,8 +33,6 @@ __all__ = ["AuditService", "AuditWriter", "explanation"]
 log = logging.getLogger("fleet.audit")
 
 KEEP_REQUESTS = 10_000
-CONNECT_TIMEOUT_S = 1.0  # to the writer's port; beyond it, batches are relayed by the service ...
-RELAY_S = 60.0  # ... for this long, then the port is tried again
 KEEP_DECISION_IDS = 100_000
 
 

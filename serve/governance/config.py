@@ -6,22 +6,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from serve.audit.config import AuditConfig
 from serve.auth import TenantKey
 from serve.errors import ConfigError
+from serve.manifest import Strict
 from serve.policy.engine import OpaEngine, PolicyEngine, RegoEngine, load_modules
 from serve.policy.schema import POINTS, Point
 
 __all__ = ["GovernanceConfig", "Shadow", "build_engines", "load_data"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EngineConfig(_Strict):
+class EngineConfig(Strict):
     kind: Literal["rego", "opa"] = Field(default="rego", description="regopy in-process, or an OPA server.")
     url: str | None = Field(default=None, description="OPA server (kind opa), e.g. http://127.0.0.1:8181.")
     timeout_s: float = Field(default=0.5, gt=0, le=30, description="OPA request timeout (then deny).")
@@ -33,7 +30,7 @@ class EngineConfig(_Strict):
         return self
 
 
-class GovernanceConfig(_Strict):
+class GovernanceConfig(Strict):
     policies: list[str] = Field(
         default_factory=lambda: ["configs/policies"],
         description="Rego modules and policy data (*.rego, *.yaml): files or folders.",

@@ -1,10 +1,10 @@
-"""Governance: who may call, and the decision that every governed step goes through.
+"""The governor: the decision that every governed step goes through.
 
-:class:`GovernanceConfig` is the ``governance`` section of a deploy config. Each replica
-(ingress and agents) holds a :class:`Governor`: it asks the policy engine at a decision
-point, fails closed, evaluates shadow policies beside the enforced ones, and hands one
-audit record per decision to the audit service. The agent loop reaches it through
-:class:`serve.governance.guard.AgentGuard`.
+Each replica (ingress and agents) holds a :class:`Governor`: it builds the policy input
+once (``fleet.policy/v1``), asks the policy engine at a decision point, fails closed,
+evaluates shadow policies beside the enforced ones, and hands one audit record per
+decision (and each step of the request) to its :class:`AuditSink`. The agent loop
+reaches it through :class:`serve.governance.guard.AgentGuard`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from serve.policy.engine import EncodedInput, PolicyEngine, encode_input
 from serve.policy.pii import redact, scan
 from serve.policy.schema import INPUT_VERSION, AgentFacts, Point, Principal
 from serve.steps import Step
+
+__all__ = ["AuditSink", "Governor"]
 
 _JSON_ACTION: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
@@ -141,6 +143,3 @@ class AuditSink(Protocol):
 
     def step(self, step: Step, record: dict[str, Any]) -> None:
         """One step, typed and as its record (what the audit service stores)."""
-
-
-__all__ = ["AuditSink", "Governor"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from serve.cards import AgentCard
 from serve.context import Context
-from serve.errors import PolicyDenied
+from serve.errors import ApprovalRequired, PolicyDenied
 from serve.governance.decisions import Decision, Refusal
 from serve.governance.governor import Governor
 from serve.manifest import AgentSpec
@@ -111,13 +111,13 @@ class AgentGuard:
         }
         label = name if name in self._tools else scrub_name(name)  # the model may have made it up
         decision = await self._gov.decide("tool", ctx, self.facts(ctx), action, f"tool:{label}")
-        return self._refusal(decision, f"call to {name!r}")
+        return self._refusal(decision, f"call to {name!r}", signal=name)
 
     async def delegation(self, ctx: Context, target: str, target_scopes: list[str]) -> Refusal | None:
         action = {"target": target, "target_scopes": target_scopes}
         label = target if target in self._manifest.delegates else scrub_name(target)
         decision = await self._gov.decide("delegation", ctx, self.facts(ctx), action, f"delegate:{label}")
-        return self._refusal(decision, f"delegation to {label!r}")
+        return self._refusal(decision, f"delegation to {label!r}", signal=label)
 
     async def result(self, ctx: Context, name: str, text: str, classes: list[str]) -> str:
         """What the model may see of a tool's (or delegate's) result."""
@@ -144,9 +144,18 @@ class AgentGuard:
         self._gov.step(ctx, step)
 
     @staticmethod
-    def _refusal(decision: Decision, what: str) -> Refusal | None:
+    def _refusal(decision: Decision, what: str, signal: str | None = None) -> Refusal | None:
+        """None when the step may run; else what the model is told. An ``escalate`` of a
+        tool call or delegation (``signal``: the call's name) is not a refusal but a
+        control-flow signal, :class:`ApprovalRequired`, which the loop handles."""
         if decision.allowed:
             return None
+        if decision.outcome == "escalate" and signal is not None:
+            raise ApprovalRequired(
+                f"error: the {what} needs human approval ({decision.id}); it was not run",
+                decision_id=decision.id,
+                tool=signal,
+            )
         if decision.outcome == "escalate":
             return Refusal(
                 "escalate", f"error: the {what} needs human approval ({decision.id}); it was not run"

@@ -19,7 +19,7 @@ from opentelemetry import trace as otel
 
 from serve import telemetry
 from serve.context import Context
-from serve.errors import InvalidToolArguments, RequestError, ToolDenied, ToolError
+from serve.errors import ApprovalRequired, InvalidToolArguments, RequestError, ToolDenied, ToolError
 from serve.governance.decisions import Refusal
 from serve.loop.guard import Guard
 from serve.loop.results import DelegateTarget, Stats
@@ -135,7 +135,12 @@ class ServerCalls:
             return checked
         known = self.reserves(name)
         decided = arguments if checked.arguments is None else json.dumps(checked.arguments)
-        refusal = await self._decide(name, decided, ctx)
+        try:
+            refusal = await self._decide(name, decided, ctx)
+        except ApprovalRequired as needed:
+            # The one place a call meets a human's approval: for now the model is told it
+            # was not run; the approvals service will park the turn here instead.
+            refusal = Refusal("escalate", str(needed))
         if not known:
             stats.invalid_tool_calls += 1
         if refusal is not None:

@@ -23,9 +23,12 @@ class Guard(Protocol):
 
     async def model_output(self, ctx: Context, text: str, turn: int) -> str: ...
 
-    async def tool(self, ctx: Context, name: str, arguments: str) -> Refusal | None: ...
+    async def tool(self, ctx: Context, name: str, arguments: str) -> Refusal | None:
+        """None: the call may run; a Refusal: what the model is told. Raises
+        :class:`~serve.errors.ApprovalRequired` when the call needs a human's approval."""
 
-    async def delegation(self, ctx: Context, target: str, target_scopes: list[str]) -> Refusal | None: ...
+    async def delegation(self, ctx: Context, target: str, target_scopes: list[str]) -> Refusal | None:
+        """As :meth:`tool`, for a delegation."""
 
     async def result(self, ctx: Context, name: str, text: str, classes: list[str]) -> str: ...
 

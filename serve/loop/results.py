@@ -6,8 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve.audit.client import Carried
-from serve.context import Context
+from serve.context import Carried, Context
 from serve.models.base import ModelChunk, ModelRequest
 from serve.protocol import ChatRequest, ToolCall, Usage
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RequestMemory", "bind", "memory", "tenant_of", "unbind"]
 
-log = logging.getLogger("fleet.memory")
 
 _current: contextvars.ContextVar[RequestMemory] = contextvars.ContextVar("fleet_memory")
 

@@ -8,7 +8,6 @@ object store and the service keeps only the reference, which the reading agent r
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from serve.telemetry.metrics import EXPORTED
 
 __all__ = ["MemoryService"]
 
-log = logging.getLogger("fleet.memory")
 
 STATS_EVERY_S = 5.0
 

@@ -30,7 +30,16 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from serve.settings import settings
 
-__all__ = ["carrier", "content_capture", "parent", "setup_tracing", "trace_id", "tracer"]
+__all__ = [
+    "FileSpanExporter",
+    "attributes",
+    "carrier",
+    "content_capture",
+    "parent",
+    "setup_tracing",
+    "trace_id",
+    "tracer",
+]
 
 _lock = threading.Lock()
 _done = False

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from serve.context import Context
-from serve.errors import PolicyDenied
+from serve.errors import ApprovalRequired, PolicyDenied, RequestError, Signal
 from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Stats
 from serve.loop.runner import AgentLoop
 from serve.manifest import load_agent
 from serve.models.base import ModelRequest
 from serve.policy.schema import Principal
 from serve.protocol import ChatRequest, Usage
-from serve.testing import CANARY_CARD, CANARY_EMAIL, CANARY_SSN, GovernedAgent, MemorySink, ScriptedModel
+from serve.testing import (
+    CANARY_CARD,
+    CANARY_EMAIL,
+    CANARY_SSN,
+    GovernedAgent,
+    MemorySink,
+    ScriptedModel,
+    governed,
+)
 from serve.tools import Tool, tool
 from tests.unit.conftest import run, write_agent
 
@@ -123,6 +132,24 @@ def test_tool_that_needs_approval_is_escalated_not_run(tmp_path: Path) -> None:
     assert "needs human approval" in (result.content or "") and "wired" not in (result.content or "")
     assert result.stats.escalations == 1
     assert [r["outcome"] for r in sink.records if r["action"] == "tool:wire"] == ["escalate"]
+
+
+def test_the_guard_signals_an_escalated_call_instead_of_refusing_it(tmp_path: Path) -> None:
+    folder = write_agent(
+        tmp_path,
+        "clerk",
+        tools=[{"name": "wire", "scope": "bank.write", "approval": True}],
+        scopes=["bank.write"],
+    )
+    guard, sink = governed(load_agent(folder))
+    ctx = guard.enter(Context.new("req_signal"))
+    with pytest.raises(ApprovalRequired) as signal:
+        run(guard.tool(ctx, "wire", '{"amount": 5}'))
+    [record] = sink.records
+    assert record["outcome"] == "escalate"
+    assert (signal.value.decision_id, signal.value.tool) == (record["decision_id"], "wire")
+    assert isinstance(signal.value, Signal) and not isinstance(signal.value, RequestError)
+    assert pickle.loads(pickle.dumps(signal.value)).decision_id == record["decision_id"]  # crosses handles
 
 
 def test_forbidden_delegation_is_denied_by_the_delegation_policy(tmp_path: Path) -> None:
