@@ -9,12 +9,22 @@ counts, names the manifest declares (or scrubbed ones), statuses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
 __all__ = ["DelegationStep", "ModelCallStep", "OutcomeStep", "Step", "ToolCallStep", "ToolStatus"]
 
 ToolStatus = Literal["ok", "invalid", "error", "denied", "escalated"]
+
+
+def _record(
+    step: ModelCallStep | ToolCallStep | DelegationStep, time: float, request_id: str, tenant: str
+) -> dict[str, Any]:
+    """The record of an agent's step: the request's keys, its kind, then its fields in order."""
+    record: dict[str, Any] = {"time": time, "request_id": request_id, "tenant": tenant, "kind": step.kind}
+    for f in fields(step):
+        record[f.name] = getattr(step, f.name)
+    return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,18 +40,7 @@ class ModelCallStep:
     finish_reason: str
 
     def record(self, time: float, request_id: str, tenant: str) -> dict[str, Any]:
-        return {
-            "time": time,
-            "request_id": request_id,
-            "tenant": tenant,
-            "kind": self.kind,
-            "agent": self.agent,
-            "turn": self.turn,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "tool_calls": self.tool_calls,
-            "finish_reason": self.finish_reason,
-        }
+        return _record(self, time, request_id, tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,16 +54,7 @@ class ToolCallStep:
     duration_s: float
 
     def record(self, time: float, request_id: str, tenant: str) -> dict[str, Any]:
-        return {
-            "time": time,
-            "request_id": request_id,
-            "tenant": tenant,
-            "kind": self.kind,
-            "agent": self.agent,
-            "tool": self.tool,
-            "status": self.status,
-            "duration_s": self.duration_s,
-        }
+        return _record(self, time, request_id, tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +66,7 @@ class DelegationStep:
     target: str
 
     def record(self, time: float, request_id: str, tenant: str) -> dict[str, Any]:
-        return {
-            "time": time,
-            "request_id": request_id,
-            "tenant": tenant,
-            "kind": self.kind,
-            "agent": self.agent,
-            "target": self.target,
-        }
+        return _record(self, time, request_id, tenant)
 
 
 @dataclass(frozen=True, slots=True)
