@@ -18,6 +18,7 @@ from ray.serve.deployment import Deployment
 
 from serve.agent import AgentDeployment
 from serve.audit.service import AuditService
+from serve.auth import is_loopback, resolve_keys
 from serve.cards import AgentCard
 from serve.errors import ConfigError, field_path
 from serve.governance.config import GovernanceConfig, build_engines
@@ -40,7 +41,7 @@ from serve.placement import (
 )
 from serve.tools import load_tools
 
-__all__ = ["FleetArgs", "agent_card", "build_app", "validate_fleet"]
+__all__ = ["FleetArgs", "agent_card", "build_app", "check_exposure", "serve_http_host", "validate_fleet"]
 
 
 class FleetArgs(BaseModel):
@@ -77,9 +78,49 @@ def _parse_args(args: dict[str, Any]) -> FleetArgs:
         raise ConfigError(err["msg"], field=field) from None
 
 
-def validate_fleet(args: dict[str, Any]) -> tuple[FleetArgs, Path, dict[str, AgentSpec]]:
-    """Everything ``fleet validate`` and the builder check, with no Ray involved."""
+def check_exposure(fleet: FleetArgs, host: str) -> None:
+    """Serving beyond loopback needs tenant keys, unless the config turns auth off in so many words."""
+    if fleet.governance.keys_required or fleet.governance.auth == "off" or is_loopback(host):
+        return
+    raise ConfigError(
+        f"http_options.host is {host!r}, beyond loopback, and governance.tenants lists no API key: "
+        "anyone who reaches the port could call every agent. List tenant keys (`fleet keys new`), "
+        'or set args.governance.auth: "off" to serve without keys on purpose',
+        field="args.governance.tenants",
+    )
+
+
+def serve_http_host() -> str | None:
+    """The host Ray Serve's HTTP proxies bind, asked of the running Serve controller.
+
+    ``serve deploy`` and ``serve run`` build the app on the cluster after Serve has taken
+    the config's ``http_options`` (the builder is handed only ``args``). None where no
+    Serve runs (``fleet validate``, unit tests): the caller knows the host there."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from ray.serve.config import HTTPOptions
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:  # no Serve on this cluster: nothing listens yet
+        return None
+    # Unanswered within the minute, the deploy fails: it never goes on without knowing.
+    options = cast(HTTPOptions, ray.get(controller.get_http_config.remote(), timeout=60))
+    return None if options.host is None else str(options.host)
+
+
+def validate_fleet(
+    args: dict[str, Any], host: str | None = None
+) -> tuple[FleetArgs, Path, dict[str, AgentSpec]]:
+    """Everything ``fleet validate`` and the builder check, with no Ray involved.
+
+    ``host``: the address the fleet will serve on (``http_options.host``), if known."""
     fleet = _parse_args(args)
+    if host is not None:
+        check_exposure(fleet, host)
     agents_dir = Path(fleet.agents_dir)
     if not agents_dir.is_absolute():
         agents_dir = project_root() / agents_dir
@@ -124,7 +165,11 @@ def _deployment(cls: type) -> Deployment:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    fleet, agents_dir, specs = validate_fleet(args)
+    fleet, agents_dir, specs = validate_fleet(args, serve_http_host())
+    # Keys held in environment variables or secret files are read now, on the cluster:
+    # the replicas are handed the hashes, wherever they start.
+    tenants = resolve_keys(fleet.governance.tenants, "args.governance.tenants")
+    fleet = fleet.model_copy(update={"governance": fleet.governance.model_copy(update={"tenants": tenants})})
     used = {spec.manifest.model.backend for spec in specs.values()}
     models: dict[str, Any] = {}
     for name in sorted(used):

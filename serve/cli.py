@@ -51,11 +51,13 @@ def validate_config(path: Path) -> list[str]:
         err = exc.errors()[0]
         raise ConfigError(err["msg"], file=str(path), field=".".join(map(str, err["loc"]))) from None
     names = []
+    # Ray binds 0.0.0.0 when a config names no host: beyond loopback, keys are then required.
+    host = config.http_options.host
     for i, app in enumerate(config.applications):
         if app.import_path != BUILDER:
             continue
         try:
-            validate_fleet(app.args or {})
+            validate_fleet(app.args or {}, host)
         except ConfigError as exc:
             if exc.file is None:  # an error in the config itself: say which file and app
                 raise ConfigError(str(exc), file=str(path), field=f"applications[{i}]") from None

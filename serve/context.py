@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -12,7 +12,15 @@ from opentelemetry import trace as otel
 from serve import telemetry
 from serve.policy.schema import Principal
 
-__all__ = ["Carried", "Context"]
+__all__ = ["ANONYMOUS_ID", "Carried", "Context", "new_id"]
+
+# Who wrote a session, when no key says so (auth off): every caller is this one.
+ANONYMOUS_ID = "anonymous"
+
+
+def new_id(prefix: str) -> str:
+    """An id the server makes: 128 random bits from the OS, so nobody can guess another's."""
+    return prefix + secrets.token_hex(16)
 
 
 @dataclass
@@ -30,6 +38,8 @@ class Carried:
 class Context:
     """What travels with a request across delegations."""
 
+    # Fleet's own id of the request, always made by the server (``new_id``): what the
+    # audit log, explanations, budgets and outcomes key on.
     request_id: str
     chain: tuple[str, ...] = ()
     principal: Principal | None = None
@@ -40,11 +50,17 @@ class Context:
     # The conversation the client continues (sessions are kept by the top-level agent).
     session: str | None = None
     # The request tree's own id, made here: the key of its shared memory. Not the request
-    # id, which a client may choose (and so reuse to read another request's context).
-    tree: str = field(default_factory=lambda: "tree_" + uuid.uuid4().hex, compare=False)
+    # id, which the client is told (and so could name to read another request's context).
+    tree: str = field(default_factory=lambda: new_id("tree_"), compare=False)
     # Audit records the caller made and hands over, to ship with this agent's own (the
     # ingress's admission: one audit round trip per request instead of two).
     audit: Carried | None = None
+    # Who the principal is, to the key: ``<tenant>:<first 16 hex of its key's SHA-256>``,
+    # or ``anonymous``. A session belongs to it (not to the whole tenant).
+    principal_id: str = ANONYMOUS_ID
+    # The client's ``X-Request-ID`` (else the one Ray's proxy made), kept beside the
+    # request id to correlate with the client's and Ray's own logs; never a key.
+    correlation_id: str | None = None
 
     @staticmethod
     def new(
@@ -52,13 +68,20 @@ class Context:
         principal: Principal | None = None,
         trace: Mapping[str, str] | None = None,
         session: str | None = None,
+        *,
+        principal_id: str | None = None,
+        correlation_id: str | None = None,
     ) -> Context:
+        if principal_id is None:  # no key known (a test, a harness): the tenant, else anonymous
+            principal_id = principal.tenant if principal and principal.authenticated else ANONYMOUS_ID
         return Context(
-            request_id=request_id or "req_" + uuid.uuid4().hex,
+            request_id=request_id or new_id("req_"),
             principal=principal,
             scopes=tuple(principal.scopes) if principal and principal.scopes is not None else None,
             trace=dict(trace or {}),
             session=session,
+            principal_id=principal_id,
+            correlation_id=correlation_id,
         )
 
     def enter(self, agent: str) -> Context:

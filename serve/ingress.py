@@ -1,6 +1,6 @@
 """The HTTP front door: an OpenAI-compatible FastAPI app on Ray Serve.
 
-``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``, agent cards under
+``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models`` (and one by id), agent cards under
 ``/v1/agents``, ``GET /v1/health``. Every error leaves as the OpenAI envelope, built by
 :func:`serve.protocol.error_response`; no stack trace ever reaches a client.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from opentelemetry import trace as otel
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from serve import telemetry
 from serve.audit.client import AuditClient
-from serve.auth import authenticate
+from serve.auth import authenticate, identify
 from serve.cards import AgentCard
 from serve.context import Carried, Context
 from serve.errors import (
@@ -56,13 +57,17 @@ from serve.protocol import (
     parse_chat_request,
 )
 from serve.steps import OutcomeStep
+from serve.telemetry import logs
 from serve.telemetry.metrics import MetricsSink, RequestMetrics
 
 __all__ = ["Ingress", "IngressOptions"]
 
 log = logging.getLogger("fleet.ingress")
 
-app = FastAPI(title="Fleet", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+# The schema and its page are the ingress's own routes (below), so that they ask for a
+# key like every endpoint but health; FastAPI's built-in ones would not.
+app = FastAPI(title="Fleet", version="1", openapi_url=None, docs_url=None, redoc_url=None)
+OPENAPI_PATH = "/v1/openapi.json"
 
 
 class IngressOptions(BaseModel):
@@ -96,12 +101,14 @@ class Exchange:
 
     def headers(self) -> dict[str, str]:
         tid = self.trace_id
-        return {"x-fleet-trace-id": tid} if tid else {}
+        ids = {"x-fleet-request-id": self.ctx.request_id} if self.ctx is not None else {}
+        return {**ids, "x-fleet-trace-id": tid} if tid else ids
 
     def extension(self, card: AgentCard, result: AgentResult) -> dict[str, Any]:
         assert self.ctx is not None
         return extension(
             request_id=self.ctx.request_id,
+            correlation_id=self.ctx.correlation_id,
             trace_id=self.trace_id,
             session_id=self.ctx.session,
             agent=card.name,
@@ -207,27 +214,58 @@ class Ingress:
         self._audit = AuditClient(audit, config.audit.commit_timeout_s)
         self._audit_handle = audit
         telemetry.setup_tracing()
+        logs.route_to_serve()
         self._metrics = RequestMetrics({name: card.version for name, card in cards.items()})
         self._gov = Governor(*build_engines(config, Path(root)), MetricsSink(self._audit, None, "", ()))
 
+    def _authorize(self, request: Request) -> None:
+        """With keys required, every endpoint but health needs one (401 otherwise)."""
+        authenticate(request.headers.get("authorization"), self._tenants)
+
     @app.get("/v1/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "agents": sorted(self._cards)}
+        # Liveness only: with keys on, which agents run is for callers with a key.
+        return {"status": "ok"} if self._tenants else {"status": "ok", "agents": sorted(self._cards)}
+
+    @app.get(OPENAPI_PATH, include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        schema, root = request.app.openapi(), request.scope.get("root_path", "").rstrip("/")
+        if root:  # as FastAPI's own route: the schema's server is where the app is mounted
+            schema = {**schema, "servers": [{"url": root}]}
+        return JSONResponse(schema)
+
+    @app.get("/v1/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._authorize(request)
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=root + OPENAPI_PATH, title="Fleet - Swagger UI")
 
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        data = [
-            {"id": name, "object": "model", "created": self._created, "owned_by": card.owner.team}
-            for name, card in sorted(self._cards.items())
-        ]
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        data = [self._model(name, card) for name, card in sorted(self._cards.items())]
         return {"object": "list", "data": data}
 
+    # One path segment: /v1/models/{model} answers nothing else. A pinned id
+    # (`name@version`) arrives here whole, `@` percent-encoded or not.
+    @app.get("/v1/models/{model}")
+    async def retrieve_model(self, model: str, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return self._model(model, self._card(model))  # an unknown id is a 404: model_not_found
+
+    def _model(self, name: str, card: AgentCard) -> dict[str, Any]:
+        """An agent as an OpenAI model object (the list's items and the retrieved one)."""
+        return {"id": name, "object": "model", "created": self._created, "owned_by": card.owner.team}
+
     @app.get("/v1/agents")
-    async def agents(self) -> dict[str, Any]:
+    async def agents(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
         return {"object": "list", "data": [self._wire[n] for n in sorted(self._wire)]}
 
     @app.get("/v1/agents/{name}")
-    async def agent(self, name: str) -> dict[str, Any]:
+    async def agent(self, name: str, request: Request) -> dict[str, Any]:
+        self._authorize(request)
         self._card(name)  # an unknown name is a 404
         return self._wire[name]
 
@@ -278,9 +316,10 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        # Ray's proxy gives every request an X-Request-ID (the client's, if it sent one)
-        # and returns it as a response header: Fleet's request id is that id. A client's
-        # W3C traceparent makes this request's span a child of the client's.
+        # Fleet's request id is always its own (128 random bits, `x-fleet-request-id`):
+        # budgets, outcomes and explanations key on it. The X-Request-ID Ray's proxy
+        # passes on (the client's, if it sent one) and returns is kept as the correlation
+        # id. A client's W3C traceparent makes this request's span a child of the client's.
         ex = Exchange(
             telemetry.tracer().start_span(
                 "POST /v1/chat/completions",
@@ -290,11 +329,16 @@ class Ingress:
             )
         )
         try:
-            principal = authenticate(request.headers.get("authorization"), self._tenants)
+            principal, principal_id = identify(request.headers.get("authorization"), self._tenants)
             ex.ctx = ctx = Context.new(
-                request.headers.get("x-request-id"), principal, telemetry.carrier(ex.span)
+                principal=principal,
+                trace=telemetry.carrier(ex.span),
+                principal_id=principal_id,
+                correlation_id=request.headers.get("x-request-id"),
             )
             ex.span.set_attribute("fleet.request_id", ctx.request_id)
+            if ctx.correlation_id is not None:
+                ex.span.set_attribute("fleet.correlation_id", ctx.correlation_id)
             chat = parse_chat_request(await read_body(request, self._options.max_body_bytes))
             ex.ctx = ctx = replace(ctx, session=session_id(request, chat))
             card = self._card(chat.model)

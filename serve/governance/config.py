@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from serve.audit.config import AuditConfig
 from serve.auth import TenantKey
@@ -42,9 +42,36 @@ class GovernanceConfig(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Where policies are evaluated.")
     tenants: list[TenantKey] = Field(
         default_factory=list,
-        description="API keys (hashed). None listed: auth is off, callers are 'anonymous'.",
+        description="API keys (hashed). None listed: auth is off, callers are 'anonymous' "
+        "(refused beyond loopback unless auth is 'off').",
+    )
+    auth: Literal["keys", "off"] | None = Field(
+        default=None,
+        description="'keys': every endpoint but /v1/health needs a key from tenants (which must "
+        "list one). 'off': no keys, every caller is 'anonymous', even when http_options.host is "
+        "beyond loopback (the only way to serve so). Unset: keys if tenants lists any; without "
+        "them the fleet serves on loopback only.",
     )
     audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log.")
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object) -> object:
+        # YAML 1.1 (PyYAML, Ray's config loader) reads an unquoted `off` as false, `on` as true.
+        return {False: "off", True: "keys"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _auth(self) -> GovernanceConfig:
+        if self.auth == "off" and self.tenants:
+            raise ValueError("auth: 'off' serves without keys, yet tenants lists some: drop one or the other")
+        if self.auth == "keys" and not self.tenants:
+            raise ValueError("auth: 'keys' needs at least one key in tenants (`fleet keys new` makes one)")
+        return self
+
+    @property
+    def keys_required(self) -> bool:
+        """Whether a caller needs an API key (every endpoint but /v1/health)."""
+        return bool(self.tenants)
 
 
 def _resolve(root: Path, items: list[str]) -> list[Path]:

@@ -98,7 +98,7 @@ class Governor:
         self, engine: PolicyEngine, point: Point, document: dict[str, Any], encoded: EncodedInput
     ) -> Decision:
         policy, version = engine.describe(point)
-        decision_id = "dec_" + os.urandom(10).hex()
+        decision_id = "dec_" + os.urandom(16).hex()  # 128 bits: unguessable
         try:
             result = await engine.evaluate(point, document, encoded)
         except PolicyFailure as exc:  # fail closed

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from serve.context import Context
     from serve.governance.decisions import Refusal
 
-__all__ = ["RequestMemory", "bind", "memory", "tenant_of", "unbind"]
+__all__ = ["RequestMemory", "bind", "memory", "session_of", "tenant_of", "unbind"]
 
 
 _current: contextvars.ContextVar[RequestMemory] = contextvars.ContextVar("fleet_memory")
@@ -31,6 +31,16 @@ _current: contextvars.ContextVar[RequestMemory] = contextvars.ContextVar("fleet_
 
 def tenant_of(ctx: Context) -> str:
     return ctx.principal.tenant if ctx.principal else "anonymous"
+
+
+def session_of(ctx: Context) -> str:
+    """The store's id of the client's session: its principal's id, then the client's name.
+
+    A session is readable only by the principal that wrote it: another key of the same
+    tenant names a different session. (``/`` is in neither part: session ids and tenant
+    names exclude it, so no two pairs give one id.)"""
+    assert ctx.session is not None
+    return f"{ctx.principal_id}/{ctx.session}"
 
 
 MemoryCheck: TypeAlias = "Callable[[Context, str, str, str | None], Awaitable[Refusal | None]]"

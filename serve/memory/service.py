@@ -19,6 +19,7 @@ from ray.util.metrics import Gauge
 
 from serve.errors import MemoryFull
 from serve.memory.store import MemoryLimits, SqliteStore
+from serve.telemetry import logs
 from serve.telemetry.metrics import EXPORTED
 
 __all__ = ["MemoryService"]
@@ -52,6 +53,7 @@ class MemoryService:
     """The memory deployment: one writer of the store, holder of artifact references."""
 
     def __init__(self, path: str, limits: MemoryLimits) -> None:
+        logs.route_to_serve()
         self._limits = limits
         self._store = SqliteStore(Path(path), self._limits)
         self._artifacts: dict[tuple[str, str], _Artifacts] = {}

@@ -2,7 +2,9 @@
 
 Three stores, every key starting with the tenant (one tenant never reaches another's):
 
-- **sessions**: the turns of a conversation, per (tenant, agent, session id);
+- **sessions**: the turns of a conversation, per (tenant, agent, session id); the id
+  starts with the id of the principal that wrote it (:func:`serve.memory.client.session_of`),
+  so another key of the tenant does not read it;
 - **request contexts**: small values the agents of one request tree share, per
   (tenant, request tree id); large artifacts travel as Ray object references beside them
   (:mod:`serve.memory.service`), never through this store;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import openai
@@ -42,14 +43,20 @@ def test_orchestrator_delegates_leave_question_to_hr_agent(client: openai.OpenAI
     assert ext["agent"] == "orchestrator" and ext["agent_version"] == "1.0.0"
 
 
-def test_request_id_is_one_header_and_the_extension_field(api: httpx.Client) -> None:
+def test_the_request_id_is_the_servers_and_the_clients_x_request_id_is_kept_beside_it(
+    api: httpx.Client,
+) -> None:
     body = {"model": "orchestrator", "messages": [{"role": "user", "content": "hello"}]}
     mine = api.post("/v1/chat/completions", json=body, headers={"x-request-id": "ticket-4711"})
-    assert mine.headers.get_list("x-request-id") == ["ticket-4711"]
-    assert mine.json()["fleet"]["request_id"] == "ticket-4711"
+    ext = mine.json()["fleet"]
+    assert re.fullmatch(r"req_[0-9a-f]{32}", ext["request_id"])  # 128 random bits, the server's
+    assert mine.headers.get_list("x-fleet-request-id") == [ext["request_id"]]
+    assert mine.headers.get_list("x-request-id") == ["ticket-4711"]  # Ray's proxy returns the client's
+    assert ext["correlation_id"] == "ticket-4711"
     theirs = api.post("/v1/chat/completions", json=body)
-    assert len(theirs.headers.get_list("x-request-id")) == 1
-    assert theirs.json()["fleet"]["request_id"] == theirs.headers["x-request-id"]
+    assert len(theirs.headers.get_list("x-request-id")) == 1  # the one Ray's proxy made
+    assert theirs.json()["fleet"]["correlation_id"] == theirs.headers["x-request-id"]
+    assert theirs.json()["fleet"]["request_id"] not in (ext["request_id"], theirs.headers["x-request-id"])
 
 
 def test_domain_agent_runs_its_tool_server_side(client: openai.OpenAI) -> None:

@@ -53,7 +53,7 @@ def test_principal_not_allowed_to_call_the_agent_is_403_with_a_decision_id(fleet
     error = r.json()["error"]
     assert error["code"] == "policy_denied" and error["param"] == "model"
     assert error["decision_id"] == r.headers["x-fleet-decision-id"]
-    [record] = records(fleet, r.headers["x-request-id"])
+    [record] = records(fleet, r.headers["x-fleet-request-id"])
     assert (record["decision_id"], record["outcome"], record["tenant"]) == (
         error["decision_id"],
         "deny",
@@ -67,7 +67,9 @@ def test_forbidden_tool_is_denied_audited_and_the_request_still_answered(fleet: 
     content = r.json()["choices"][0]["message"]["content"]
     assert "the call to 'launch_missiles' was denied by policy" in content
     assert r.json()["fleet"]["policy_denials"] == 1
-    denied = [x for x in records(fleet, r.headers["x-request-id"]) if x["action"] == "tool:launch_missiles"]
+    denied = [
+        x for x in records(fleet, r.headers["x-fleet-request-id"]) if x["action"] == "tool:launch_missiles"
+    ]
     assert [(x["outcome"], x["enforced"]) for x in denied] == [("deny", True), ("allow", False)]
     assert denied[0]["decision_id"] in content
 
@@ -87,7 +89,7 @@ def test_forbidden_delegation_is_denied_and_audited(fleet: Fleet) -> None:
     r = chat(fleet, "#stranger")
     assert r.status_code == 200
     assert "the delegation to 'relay' was denied by policy" in r.json()["choices"][0]["message"]["content"]
-    [record] = [x for x in records(fleet, r.headers["x-request-id"]) if x["action"] == "delegate:relay"]
+    [record] = [x for x in records(fleet, r.headers["x-fleet-request-id"]) if x["action"] == "delegate:relay"]
     assert record["outcome"] == "deny" and record["policy"] == "delegation.rego"
 
 
@@ -115,7 +117,7 @@ def _readable_files(fleet: Fleet) -> list[Path]:
 def test_shadow_policy_is_audited_not_enforced(fleet: Fleet) -> None:
     r = chat(fleet, "#multiply")
     assert r.json()["choices"][0]["message"]["content"] == "product: 42"
-    tool = [x for x in records(fleet, r.headers["x-request-id"]) if x["action"] == "tool:multiply"]
+    tool = [x for x in records(fleet, r.headers["x-fleet-request-id"]) if x["action"] == "tool:multiply"]
     assert [(x["outcome"], x["enforced"], x["reasons"]) for x in tool] == [
         ("allow", True, ["tool scope held"]),
         ("deny", False, ["v2: multiply is retired"]),
@@ -124,7 +126,7 @@ def test_shadow_policy_is_audited_not_enforced(fleet: Fleet) -> None:
 
 def test_explain_report_as_json_and_html(fleet: Fleet) -> None:
     r = chat(fleet, "#delegate now")
-    request_id = r.headers["x-request-id"]
+    request_id = r.headers["x-fleet-request-id"]
     report = explain(fleet, request_id).json()
     assert report["agents"] == ["tester", "helper"]
     assert [m["agent"] for m in report["model_calls"]] == ["tester", "helper", "tester"]
@@ -146,13 +148,13 @@ def test_explain_report_as_json_and_html(fleet: Fleet) -> None:
 
 def test_concurrent_requests_write_one_record_per_decision_and_the_chain_verifies(fleet: Fleet) -> None:
     reference = chat(fleet, "#echo one")
-    per_request = len(records(fleet, reference.headers["x-request-id"]))
+    per_request = len(records(fleet, reference.headers["x-fleet-request-id"]))
     assert per_request == 7  # ingress, model in, tool (+shadow), data, model in, model out
 
     def one(i: int) -> str:
         r = chat(fleet, f"#echo n{i}")
         assert r.status_code == 200
-        return r.headers["x-request-id"]
+        return r.headers["x-fleet-request-id"]
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         ids = list(pool.map(one, range(48)))

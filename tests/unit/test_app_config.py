@@ -141,6 +141,37 @@ BROKEN_ARGS: list[tuple[str, dict[str, Any], str]] = [
         {"agents": ["orchestrator"], "models": {"default": SCRIPTED}, "ingress": {"request_timeout_s": 0}},
         "args.ingress.request_timeout_s: Input should be greater than 0",
     ),
+    (
+        "unknown-auth",
+        {"agents": ["orchestrator"], "models": {"default": SCRIPTED}, "governance": {"auth": "none"}},
+        "args.governance.auth: Input should be 'keys' or 'off'",
+    ),
+    (
+        "auth-off-with-keys",
+        {
+            "agents": ["orchestrator"],
+            "models": {"default": SCRIPTED},
+            "governance": {"auth": "off", "tenants": [{"tenant": "acme", "key_sha256": "0" * 64}]},
+        },
+        "args.governance: Value error, auth: 'off' serves without keys, yet tenants lists some: "
+        "drop one or the other",
+    ),
+    (
+        "keys-without-a-key",
+        {"agents": ["orchestrator"], "models": {"default": SCRIPTED}, "governance": {"auth": "keys"}},
+        "args.governance: Value error, auth: 'keys' needs at least one key in tenants "
+        "(`fleet keys new` makes one)",
+    ),
+    (
+        "tenant-without-a-hash",
+        {
+            "agents": ["orchestrator"],
+            "models": {"default": SCRIPTED},
+            "governance": {"tenants": [{"tenant": "a"}]},
+        },
+        "args.governance.tenants[0]: Value error, key_sha256: give the key's hash in exactly one of "
+        "key_sha256, key_sha256_env, key_sha256_file (got none)",
+    ),
 ]
 
 
@@ -305,3 +336,54 @@ def test_policies_are_compiled_once_per_process(monkeypatch: pytest.MonkeyPatch)
     opa = fleet.governance.model_copy(update={"engine": EngineConfig(kind="opa", url="http://127.0.0.1:9")})
     first, second = build_engines(opa, project_root())[0], build_engines(opa, project_root())[0]
     assert first is not second and len(compiled) == once
+
+
+# --- secure by default: beyond loopback, keys or `auth: "off"` ------------------------
+
+OPEN = "http_options.host is '0.0.0.0', beyond loopback, and governance.tenants lists no API key"
+
+
+def test_serving_beyond_loopback_without_keys_is_refused_naming_the_field_and_the_setting() -> None:
+    for host in ("127.0.0.1", "localhost", "::1"):
+        validate_fleet(local_args(), host)  # loopback: auth off is fine
+    for host in ("0.0.0.0", "10.1.2.3", "::"):
+        with pytest.raises(ConfigError) as err:
+            validate_fleet(local_args(), host)
+        assert err.value.field == "args.governance.tenants"
+        assert f"http_options.host is {host!r}, beyond loopback" in str(err.value)
+        assert 'args.governance.auth: "off"' in str(err.value)
+
+
+def test_auth_off_or_keys_serve_beyond_loopback() -> None:
+    validate_fleet({**local_args(), "governance": {"auth": "off"}}, "0.0.0.0")
+    keyed = {"tenants": [{"tenant": "acme", "key_sha256_env": "FLEET_KEY_ACME"}]}
+    validate_fleet({**local_args(), "governance": keyed}, "0.0.0.0")  # the variable is read at build time
+
+
+def test_build_app_asks_serve_where_it_listens_and_refuses_beyond_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``serve deploy`` hands the builder only ``args``: it asks the Serve controller."""
+    import serve.app
+
+    assert serve.app.serve_http_host() is None  # no Ray here
+    monkeypatch.setattr(serve.app, "serve_http_host", lambda: "0.0.0.0")
+    with pytest.raises(ConfigError, match=OPEN) as err:
+        build_app(local_args())
+    assert err.value.field == "args.governance.tenants"
+    build_app({**local_args(), "governance": {"auth": "off"}})
+
+
+def test_build_app_reads_key_hashes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.auth import hash_key
+
+    governance = {"tenants": [{"tenant": "acme", "key_sha256_env": "FLEET_KEY_ACME", "roles": ["hr"]}]}
+    args = {**local_args(), "governance": governance}
+    monkeypatch.delenv("FLEET_KEY_ACME", raising=False)
+    with pytest.raises(ConfigError, match="environment variable FLEET_KEY_ACME is not set") as err:
+        build_app(args)
+    assert err.value.field == "args.governance.tenants[0].key_sha256_env"
+    monkeypatch.setenv("FLEET_KEY_ACME", hash_key("fk-acme"))
+    _, _, _, bound, *_ = build_app(args)._bound_deployment.init_args
+    (tenant,) = bound.tenants
+    assert (tenant.tenant, tenant.key_sha256, tenant.key_sha256_env) == ("acme", hash_key("fk-acme"), None)

@@ -200,3 +200,80 @@ def test_keys_new_prints_the_key_once_and_stores_only_its_hash() -> None:
 def test_policy_input_schema_export() -> None:
     result = fleet("schema", "--policy-input")
     assert json.loads(result.output)["title"] == "Fleet policy input (fleet.policy/v1)"
+
+
+# --- secure by default ----------------------------------------------------------------
+
+
+def write_deploy_config(
+    tmp_path: Path, http_options: dict[str, Any] | None, governance: dict[str, Any]
+) -> Path:
+    config = yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))
+    if http_options is None:
+        config.pop("http_options")
+    else:
+        config["http_options"] = http_options
+    config["applications"][0]["args"]["governance"] = governance
+    path = tmp_path / "exposed.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("http_options", [{"host": "0.0.0.0", "port": 8000}, None], ids=["0.0.0.0", "unset"])
+def test_validate_refuses_serving_beyond_loopback_without_keys(
+    tmp_path: Path, http_options: dict[str, Any] | None
+) -> None:
+    """Ray binds 0.0.0.0 when a config names no host: that is beyond loopback too."""
+    path = write_deploy_config(tmp_path, http_options, {})
+    result = fleet("validate", str(path))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        f"error: {path}: applications[0]: args.governance.tenants: http_options.host is '0.0.0.0', "
+        "beyond loopback, and governance.tenants lists no API key"
+    )
+    assert 'set args.governance.auth: "off" to serve without keys on purpose' in result.stderr
+
+
+def test_validate_accepts_beyond_loopback_with_keys_or_auth_off(tmp_path: Path) -> None:
+    exposed = {"host": "0.0.0.0", "port": 8000}
+    for governance in (
+        {"auth": "off"},
+        {"tenants": [{"tenant": "acme", "key_sha256_file": "/run/secrets/k"}]},
+    ):
+        path = write_deploy_config(tmp_path, exposed, governance)
+        result = fleet("validate", str(path))
+        assert result.exit_code == 0, result.output
+
+
+def test_auth_off_unquoted_in_yaml_is_auth_off(tmp_path: Path) -> None:
+    path = write_deploy_config(tmp_path, {"host": "0.0.0.0", "port": 8000}, {})
+    path.write_text(path.read_text().replace("governance: {}", "governance: {auth: off}"), encoding="utf-8")
+    assert "auth: off" in path.read_text()
+    assert fleet("validate", str(path)).exit_code == 0
+
+
+def test_up_refuses_before_it_starts_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import serve.cli as cli
+
+    def started(*_: Any) -> Any:
+        raise AssertionError("fleet up went on")
+
+    monkeypatch.setattr(cli, "_ensure_cluster", started)
+    monkeypatch.setattr(cli, "_prepare_models", started)
+    path = write_deploy_config(tmp_path, {"host": "0.0.0.0", "port": 8000}, {})
+    result = fleet("up", "--config", str(path))
+    assert result.exit_code == 1
+    assert (
+        f"{path}: applications[0]: args.governance.tenants: http_options.host is '0.0.0.0'" in result.output
+    )
+    assert "args.governance.auth" in result.output
+
+
+def test_the_gpu_config_serves_beyond_loopback_with_keys_required() -> None:
+    from serve.app import validate_fleet
+
+    raw = yaml.safe_load((ROOT / "configs" / "gpu.yaml").read_text(encoding="utf-8"))
+    assert raw["http_options"]["host"] == "0.0.0.0"
+    fleet_args, *_ = validate_fleet(raw["applications"][0]["args"], raw["http_options"]["host"])
+    assert fleet_args.governance.keys_required and fleet_args.governance.auth is None
+    assert all(t.key_sha256 is None for t in fleet_args.governance.tenants)  # from the environment or a file

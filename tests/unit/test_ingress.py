@@ -5,13 +5,14 @@ the ASGI app the way a replica does; the class beneath it is Fleet's own, constr
 here with in-process fakes for the agents' handles and a real audit link server. The
 routes get their ``self`` from Ray's replica context, stubbed to answer this instance.
 (The ``x-request-id`` response header is added by Ray's proxy, not the ingress: here
-the header the client sends is the request's id.)
+the header the client sends is the request's correlation id.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -160,7 +161,13 @@ def test_a_completion_is_the_openai_object_with_the_fleet_extension(serve_with: 
         await fleet.settle()
         assert response.status_code == 200
         body = response.json()
-        assert body["id"] == "chatcmpl-unit1" and body["object"] == "chat.completion"
+        # The request id is the server's (128 random bits), the client's kept beside it.
+        request_id = response.headers["x-fleet-request-id"]
+        assert re.fullmatch(r"req_[0-9a-f]{32}", request_id)
+        assert (
+            body["id"] == "chatcmpl-" + request_id.removeprefix("req_")
+            and body["object"] == "chat.completion"
+        )
         assert body["model"] == AGENT
         assert body["choices"] == [
             {
@@ -171,7 +178,8 @@ def test_a_completion_is_the_openai_object_with_the_fleet_extension(serve_with: 
         ]
         assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
         assert body["fleet"] == {
-            "request_id": "req_unit1",
+            "request_id": request_id,
+            "correlation_id": "req_unit1",
             "trace_id": None,
             "session_id": None,
             "agent": AGENT,
@@ -185,7 +193,7 @@ def test_a_completion_is_the_openai_object_with_the_fleet_extension(serve_with: 
             "delegations": [],
         }
         ((request, ctx),) = agent.asked
-        assert request.model == AGENT and ctx.request_id == "req_unit1"
+        assert request.model == AGENT and ctx.request_id == request_id and ctx.correlation_id == "req_unit1"
         assert ctx.audit is not None and [r["point"] for r in ctx.audit.records] == ["ingress"]
 
     run(scenario())
@@ -214,7 +222,9 @@ def test_a_stream_is_sse_chunks_then_usage_then_done(serve_with: Any) -> None:
         *chunks, done = frames(response)
         assert done == "[DONE]"
         parsed = [json.loads(c) for c in chunks]
-        assert {c["id"] for c in parsed} == {"chatcmpl-s1"} and len({c["created"] for c in parsed}) == 1
+        request_id = response.headers["x-fleet-request-id"]
+        assert {c["id"] for c in parsed} == {"chatcmpl-" + request_id.removeprefix("req_")}
+        assert len({c["created"] for c in parsed}) == 1
         assert [c["choices"][0]["delta"] if c["choices"] else None for c in parsed] == [
             {"role": "assistant", "content": ""},
             {"content": "Hel"},
@@ -224,7 +234,8 @@ def test_a_stream_is_sse_chunks_then_usage_then_done(serve_with: Any) -> None:
             None,
         ]
         assert parsed[4]["choices"][0]["finish_reason"] == "tool_calls"
-        assert parsed[4]["fleet"]["request_id"] == "req_s1" and parsed[4]["fleet"]["agent"] == AGENT
+        assert parsed[4]["fleet"]["request_id"] == request_id and parsed[4]["fleet"]["agent"] == AGENT
+        assert parsed[4]["fleet"]["correlation_id"] == "req_s1"
         assert parsed[5]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         assert all("usage" not in c for c in parsed[:5])
 
@@ -248,12 +259,12 @@ def test_an_error_before_the_first_event_is_a_status_not_a_stream(serve_with: An
 def test_an_unknown_parameter_is_a_400_naming_it(serve_with: Any) -> None:
     async def scenario() -> None:
         fleet = serve_with(FakeAgent())
-        response = await fleet.chat(presence_penalty=0.5)
+        response = await fleet.chat(best_of=2)  # the legacy completions API's, not chat's
         await fleet.settle()
         assert response.status_code == 400
         error = response.json()["error"]
-        assert error["param"] == "presence_penalty"
-        assert error["message"] == "Unrecognized request argument supplied: presence_penalty"
+        assert error["param"] == "best_of"
+        assert error["message"] == "Unrecognized request argument supplied: best_of"
         assert error["type"] == "invalid_request_error"
 
     run(scenario())
@@ -334,7 +345,7 @@ def test_an_agent_at_capacity_is_a_503_with_retry_after_and_its_admission_is_aud
         assert error["message"] == f"agent {AGENT!r} is at capacity; retry later"
         # The agent never had the admission record: the ingress committed it.
         admitted = [r for r in fleet.audit.stored if r.get("point") == "ingress"]
-        assert [r["request_id"] for r in admitted] == ["req_full"]
+        assert [r["request_id"] for r in admitted] == [response.headers["x-fleet-request-id"]]
 
     run(scenario())
 
@@ -367,5 +378,74 @@ def test_the_agents_are_listed_and_each_card_answers_as_built(serve_with: Any) -
         assert card.json() == CARD.wire()
         assert card.content == json.dumps(CARD.wire(), separators=(",", ":")).encode()
         assert ghost.status_code == 404
+
+    run(scenario())
+
+
+KEYED = GovernanceConfig(
+    tenants=[TenantKey(tenant="acme", key_sha256=hash_key("fk-acme"), roles=["employee"])]
+)
+READ_ROUTES = ["/v1/models", "/v1/agents", f"/v1/agents/{AGENT}", "/v1/docs", "/v1/openapi.json"]
+
+
+def test_with_keys_every_endpoint_but_health_needs_one(serve_with: Any) -> None:
+    async def scenario() -> None:
+        fleet = serve_with(FakeAgent(), config=KEYED)
+        routes = [*READ_ROUTES, "/v1/requests/req_1/explain"]
+        if any(getattr(r, "path", "") == "/v1/models/{model}" for r in app.routes):
+            routes.append(f"/v1/models/{AGENT}")  # the route another change adds
+        missing = [await fleet.http.get(path) for path in routes]
+        wrong = [await fleet.http.get(path, headers={"authorization": "Bearer fk-nope"}) for path in routes]
+        keyed = [
+            await fleet.http.get(path, headers={"authorization": "Bearer fk-acme"}) for path in READ_ROUTES
+        ]
+        health = await fleet.http.get("/v1/health")
+        await fleet.settle()
+        for path, response in zip([*routes, *routes], [*missing, *wrong], strict=True):
+            assert response.status_code == 401, path
+            assert response.headers["www-authenticate"] == "Bearer", path
+            assert response.json()["error"]["type"] == "authentication_error", path
+        assert [r.status_code for r in keyed] == [200] * len(READ_ROUTES)
+        assert "/v1/chat/completions" in keyed[-1].json()["paths"]
+        assert keyed[-2].headers["content-type"].startswith("text/html")
+        # Health answers anyone, and says no more than that the ingress lives.
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+    run(scenario())
+
+
+def test_without_keys_the_catalogue_docs_and_health_answer_anyone(serve_with: Any) -> None:
+    async def scenario() -> None:
+        fleet = serve_with(FakeAgent())
+        answers = [await fleet.http.get(path) for path in READ_ROUTES]
+        health = await fleet.http.get("/v1/health")
+        await fleet.settle()
+        assert [r.status_code for r in answers] == [200] * len(READ_ROUTES)
+        schema = answers[-1].json()
+        assert "/v1/chat/completions" in schema["paths"] and "/v1/docs" not in schema["paths"]
+        assert "/v1/openapi.json" in answers[-2].text  # the page loads the schema from there
+        assert health.json() == {"status": "ok", "agents": [AGENT]}
+
+    run(scenario())
+
+
+def test_a_session_belongs_to_the_key_that_wrote_it(serve_with: Any) -> None:
+    """Two keys of one tenant naming the same session id reach two different sessions."""
+    tenants = [
+        TenantKey(tenant="acme", key_sha256=hash_key("fk-acme-1"), roles=["employee"]),
+        TenantKey(tenant="acme", key_sha256=hash_key("fk-acme-2"), roles=["employee"]),
+    ]
+    agent = FakeAgent()
+
+    async def scenario() -> None:
+        fleet = serve_with(agent, config=GovernanceConfig(tenants=tenants))
+        for key in ("fk-acme-1", "fk-acme-2"):
+            response = await fleet.chat({"authorization": f"Bearer {key}", "x-fleet-session-id": "s1"})
+            assert response.status_code == 200
+        await fleet.settle()
+        first, second = (ctx for _, ctx in agent.asked)
+        assert first.session == second.session == "s1"
+        assert first.principal_id == "acme:" + hash_key("fk-acme-1")[:16]
+        assert second.principal_id == "acme:" + hash_key("fk-acme-2")[:16]
 
     run(scenario())
