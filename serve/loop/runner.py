@@ -226,8 +226,11 @@ class AgentLoop:
     def _model_request(
         self, request: ChatRequest, state: LoopState, schemas: list[dict[str, Any]]
     ) -> ModelRequest:
+        """Every model call of the request samples as the client asked; the format binds
+        whichever call answers (a call that makes tool calls is not an answer)."""
         defaults = self.manifest.model
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
+        answer_format = request.response_format
         return ModelRequest(
             agent=self.manifest.name,
             messages=list(state.messages),
@@ -238,6 +241,11 @@ class AgentLoop:
             top_p=request.top_p if request.top_p is not None else defaults.top_p,
             stop=stop,
             seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias=request.logit_bias,
+            response_format=None if answer_format is None or answer_format.type == "text" else answer_format,
+            parallel_tool_calls=request.parallel_tool_calls,
             stream=request.stream,
         )
 

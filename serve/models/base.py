@@ -7,7 +7,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.protocol import ToolCall, Usage
+from serve.protocol import ResponseFormat, ToolCall, Usage
 
 __all__ = ["BackendSettings", "ModelBackend", "ModelChunk", "ModelReply", "ModelRequest", "collect"]
 
@@ -38,6 +38,16 @@ class ModelRequest(BaseModel):
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, int] | None = Field(default=None, description="Token id -> bias (-100..100).")
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="The answer's format. A reply that calls a tool is not bound by it: only an answer is.",
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="false: at most one tool call per reply."
+    )
     stream: bool = Field(
         default=True,
         description="Whether the caller streams; a deployment answers unary calls in one piece.",

@@ -15,6 +15,7 @@ from pydantic import TypeAdapter
 from serve.errors import ModelError, RequestError
 from serve.models import BackendConfig, ModelBackend, make_backend
 from serve.models.base import ModelChunk, ModelReply, ModelRequest, collect
+from serve.telemetry import logs
 
 __all__ = ["ModelDeployment", "as_model_error", "parse_backend_config", "raise_errors", "stream_model"]
 
@@ -58,6 +59,7 @@ class ModelDeployment:
     """Wraps one backend; deployed as ``model-<name>``."""
 
     def __init__(self, name: str, config: BackendConfig) -> None:
+        logs.route_to_serve()
         self.name = name
         self._backend = make_backend(config)
 

@@ -9,7 +9,9 @@ message), ``{system}`` (the system prompt), ``{agent}`` and the regex's named gr
 deterministic, not a tokenizer's.
 
 It is stateless (the position comes from the conversation), so any replica of any agent
-plays the same script.
+plays the same script. The script is the whole truth: sampling arguments (``temperature``,
+``top_p``, ``seed``, penalties, ``logit_bias``), ``stop``, ``response_format`` and
+``parallel_tool_calls`` are ignored; only ``max_tokens`` and ``tool_choice: "none"`` apply.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""``openai``: any OpenAI-compatible upstream (an external vLLM server, a hosted API)."""
+"""``openai``: any OpenAI-compatible upstream (an external vLLM server, a hosted API).
+
+The request's sampling arguments, ``response_format`` (as the client wrote it: the
+upstream applies it to the answer, not to tool calls) and ``parallel_tool_calls`` are
+passed on; the upstream enforces them.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,12 @@ from serve.models.base import BackendSettings, ModelChunk, ModelRequest
 from serve.protocol import FunctionCall, ToolCall, Usage
 
 __all__ = ["OpenAIBackend", "OpenAIConfig"]
+
+# Sampling arguments the upstream is given as the agent's request has them. The client's
+# hints that do not change the answer (service_tier, caching keys, user ids, reasoning
+# effort) stay at Fleet: tiers would change the upstream's price under Fleet's cost
+# accounting, and end-user ids are the tenant's, not the upstream provider's.
+_PASSED = ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
 
 
 class OpenAIConfig(BackendSettings):
@@ -74,10 +85,16 @@ class OpenAIBackend:
         if request.tools:
             params["tools"] = request.tools
             params["tool_choice"] = request.tool_choice
-        for key in ("max_tokens", "temperature", "top_p", "stop", "seed"):
+            if request.parallel_tool_calls is not None:  # upstreams refuse it without tools
+                params["parallel_tool_calls"] = request.parallel_tool_calls
+        for key in _PASSED:
             value = getattr(request, key)
             if value is not None:
                 params[key] = value
+        if request.logit_bias is not None:
+            params["logit_bias"] = {str(token): bias for token, bias in request.logit_bias.items()}
+        if request.response_format is not None:
+            params["response_format"] = request.response_format.model_dump(by_alias=True, exclude_none=True)
         return params
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:

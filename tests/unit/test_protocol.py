@@ -15,6 +15,9 @@ from serve.protocol import (
     ChatRequest,
     ChunkStream,
     FunctionCall,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    TextFormat,
     ToolCall,
     Usage,
     chunk,
@@ -291,10 +294,106 @@ def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
 
 @pytest.mark.parametrize(
     ("fields", "param"),
-    [({"seed": 2**64}, "seed"), ({"presence_penalty": 0.5}, "presence_penalty")],
+    [({"seed": 2**64}, "seed"), ({"presence_penalty": 2.5}, "presence_penalty")],
 )
 def test_values_the_engine_cannot_honour_are_refused(fields: dict[str, Any], param: str) -> None:
     assert error_for(body(**fields)).param == param
+
+
+def test_every_argument_a_client_may_leave_harmless_is_accepted() -> None:
+    request = parse_chat_request(
+        body(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "leave", "schema": {}, "strict": True},
+            },
+            presence_penalty=0,
+            frequency_penalty=-2,
+            logit_bias={"50256": -100, "13": 100},
+            logprobs=False,
+            top_logprobs=0,
+            n=1,
+            modalities=["text"],
+            store=False,
+            service_tier="flex",
+            prompt_cache_key="k",
+            prompt_cache_options={"mode": "explicit", "ttl": "30m"},
+            prompt_cache_retention="in_memory",
+            safety_identifier="s",
+            reasoning_effort="minimal",
+            verbosity="high",
+            parallel_tool_calls=True,
+            prediction={"type": "content", "content": [{"type": "text", "text": "draft"}]},
+            stream_options={"include_usage": True, "include_obfuscation": True},
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "hi", "prompt_cache_breakpoint": {"mode": "explicit"}}
+                    ],
+                }
+            ],
+        )
+    )
+    assert request.logit_bias == {50256: -100, 13: 100}
+    assert isinstance(request.response_format, JsonSchemaFormat)
+    assert request.response_format.json_schema.strict and request.response_format.json_schema.schema_ == {}
+    assert request.conversation() == [{"role": "user", "content": "hi"}]
+    assert parse_chat_request(body(response_format={"type": "text"})).response_format == TextFormat(
+        type="text"
+    )
+    assert parse_chat_request(
+        body(response_format={"type": "json_object"})
+    ).response_format == JsonObjectFormat(type="json_object")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"logprobs": True}, "logprobs", "Fleet does not return log probabilities"),
+        ({"top_logprobs": 2}, "top_logprobs", "Fleet does not return log probabilities"),
+        ({"modalities": ["text", "audio"]}, "modalities", 'only ["text"] is supported'),
+        ({"audio": {"format": "mp3", "voice": "alloy"}}, "audio", "audio output is not supported"),
+        ({"web_search_options": {}}, "web_search_options", "agents search with their own tools"),
+        ({"moderation": {"model": "omni-moderation-latest"}}, "moderation", "moderation is the agent's"),
+        ({"functions": [{"name": "f"}]}, "functions", "functions is deprecated and not supported: use tools"),
+        ({"function_call": "none"}, "function_call", "function_call is deprecated"),
+        ({"store": True}, "store", "store: true is not supported"),
+        (
+            {"tool_choice": {"type": "custom", "custom": {"name": "grammar"}}},
+            "tool_choice",
+            "tool_choice of type 'custom' is not supported",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " not in v else None,
+)
+def test_a_value_fleet_cannot_honour_is_refused_naming_it(
+    fields: dict[str, Any], param: str, message: str
+) -> None:
+    err = error_for(body(**fields))
+    assert (err.param, err.code, err.status) == (param, "unsupported_value", 400)
+    assert err.message.startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"response_format": {"type": "json_object", "schema": {}}}, "response_format.schema"),
+        ({"logit_bias": {"the": 1}}, "logit_bias.the"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"service_tier": "cheapest"}, "service_tier"),
+    ],
+)
+def test_a_malformed_argument_is_a_400_at_its_path(fields: dict[str, Any], param: str) -> None:
+    err = error_for(body(**fields))
+    assert (err.param, err.code) == (param, "invalid_value")
 
 
 # --- the wire out: SSE frames, the fleet extension, errors --------------------------
@@ -363,10 +462,17 @@ class Ran:
 
 def test_the_extension_names_the_request_the_agent_and_what_the_run_did() -> None:
     ext = extension(
-        request_id="req_1", trace_id=None, session_id="s", agent="a", agent_version="1.0.0", stats=Ran()
+        request_id="req_1",
+        correlation_id="ticket-1",
+        trace_id=None,
+        session_id="s",
+        agent="a",
+        agent_version="1.0.0",
+        stats=Ran(),
     )
     assert ext == {
         "request_id": "req_1",
+        "correlation_id": "ticket-1",
         "trace_id": None,
         "session_id": "s",
         "agent": "a",

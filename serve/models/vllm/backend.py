@@ -9,6 +9,12 @@ trained for tools, e.g. Qwen2.5 with ``hermes``) the model's own template render
 and history, and vLLM's tool parser finds the calls in the text for ``"auto"``; named and
 ``"required"`` choices still use the schema, as vLLM's own server does, because a parser
 cannot force a call.
+
+A ``response_format`` binds the answer (:mod:`serve.models.vllm.prompting`): a reply
+without tools is generated under its schema; one that may call tools under the tools'
+schemas with the answer's inside, in ``parser`` mode too (a parser cannot constrain the
+answer). The request's sampling arguments (penalties, ``logit_bias``, ``seed``) go to
+vLLM's ``SamplingParams`` for every reply; ``stop`` only for free text.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
 
-from serve.errors import ConfigError, InvalidRequest, ModelError, Overloaded, RequestError
+from serve.errors import ConfigError, InvalidRequest, ModelError, ModelUnavailable, Overloaded, RequestError
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.vllm.config import VLLMConfig, engine_args, engine_env, resolve_model
 from serve.models.vllm.decoding import AutoDecoder, CallDecoder, Decoder, ParserDecoder, TextDecoder
 from serve.models.vllm.prompting import (
+    answer_schema,
     flatten_messages,
+    format_instructions,
     tool_call_schema,
     tool_instructions,
     tool_rounds,
@@ -45,6 +53,12 @@ DEFAULT_MAX_TOKENS = 512
 _FINISH: dict[str, Literal["stop", "length"]] = {"stop": "stop", "length": "length", "repetition": "length"}
 # vLLM length errors name one of these parameters; they are about the conversation.
 _LENGTH_PARAMS = frozenset({"input_tokens", "input_text", "max_model_len", "max_total_tokens"})
+# vLLM errors that name one of these name the client's own argument.
+_REQUEST_PARAMS = frozenset(
+    {"logit_bias", "seed", "temperature", "top_p", "presence_penalty", "frequency_penalty"}
+)
+# Sampling arguments passed to vLLM as the request has them.
+_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias")
 
 
 def _translate(exc: BaseException) -> RequestError | None:
@@ -60,14 +74,16 @@ def _translate(exc: BaseException) -> RequestError | None:
 
     if isinstance(exc, VLLMValidationError):
         message = str(exc).split(" (parameter=")[0]
+        if exc.parameter in _REQUEST_PARAMS:
+            return InvalidRequest(message, param=exc.parameter)
         is_length = exc.parameter in _LENGTH_PARAMS or "maximum" in message
         return InvalidRequest(message, param="messages" if is_length else None)
     if isinstance(exc, VLLMClientError):
         return InvalidRequest(f"the model rejected the request: {exc}")
     if isinstance(exc, GracefulHTTPError | RetryableRequestError):
         return Overloaded(f"the model is busy: {exc}")
-    if isinstance(exc, EngineDeadError):
-        return ModelError("the vLLM engine has died; the replica restarts")
+    if isinstance(exc, EngineDeadError):  # its replica fails its health check and is replaced
+        return ModelUnavailable("the vLLM engine has died; its replica restarts; retry later")
     if isinstance(exc, VLLMServerError):  # EngineGenerateError and the like: this request only
         return ModelError(f"the vLLM engine failed this request: {type(exc).__name__}")
     return None
@@ -120,20 +136,34 @@ class VLLMBackend:
     def _uses_tools(self, request: ModelRequest) -> bool:
         return bool(request.tools) and request.tool_choice != "none"
 
+    def _parses(self, request: ModelRequest) -> bool:
+        """Whether vLLM's tool parser reads the reply (unconstrained, so no answer format)."""
+        return (
+            self._parser_cls is not None
+            and self._uses_tools(request)
+            and request.tool_choice == "auto"
+            and request.response_format is None
+        )
+
     def _messages(self, request: ModelRequest) -> list[dict[str, Any]]:
+        answer = answer_schema(request.response_format)
         if self.config.tool_call_mode == "structured":
             addendum = (
-                tool_instructions(request.tools, request.tool_choice) if self._uses_tools(request) else ""
+                tool_instructions(request.tools, request.tool_choice, answer=answer)
+                if self._uses_tools(request)
+                else format_instructions(answer)
             )
             return flatten_messages(request.messages, addendum)
         # vLLM's renderer edits the messages it is given (it parses tool-call arguments
         # in place): give it copies, not the caller's conversation.
         native = copy.deepcopy(request.messages)
-        if not self._uses_tools(request) or request.tool_choice == "auto":
+        if not self._uses_tools(request):
+            return with_system_addendum(native, format_instructions(answer))
+        if self._parses(request):
             return native
-        # The template lists the tools; a forced choice still needs saying.
+        # The template lists the tools; a forced choice or a constrained answer still needs saying.
         return with_system_addendum(
-            native, tool_instructions(request.tools, request.tool_choice, list_tools=False)
+            native, tool_instructions(request.tools, request.tool_choice, list_tools=False, answer=answer)
         )
 
     async def _render(self, request: ModelRequest) -> tuple[Any, int]:
@@ -166,9 +196,10 @@ class VLLMBackend:
 
     def _decoder(self, request: ModelRequest) -> tuple[Decoder, dict[str, Any] | None, bool]:
         """How to read the reply, the schema constraining it, and skip_special_tokens."""
+        answer = answer_schema(request.response_format)
         if not self._uses_tools(request):
-            return TextDecoder(), None, True
-        if self._parser_cls is not None and request.tool_choice == "auto":
+            return TextDecoder(), answer, True
+        if self._parses(request) and self._parser_cls is not None:
             from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
             api_request = ChatCompletionRequest(
@@ -177,8 +208,8 @@ class VLLMBackend:
             parser = self._parser_cls(self._engine.get_tokenizer(), api_request.tools)
             api_request = parser.adjust_request(api_request)
             return ParserDecoder(parser, api_request), None, bool(api_request.skip_special_tokens)
-        schema = tool_call_schema(request.tools, request.tool_choice)
-        decoder: Decoder = AutoDecoder() if request.tool_choice == "auto" else CallDecoder()
+        schema = tool_call_schema(request.tools, request.tool_choice, answer)
+        decoder: Decoder = AutoDecoder(answer is not None) if request.tool_choice == "auto" else CallDecoder()
         return decoder, schema, True
 
     def _sampling(
@@ -187,9 +218,7 @@ class VLLMBackend:
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         options: dict[str, Any] = {
-            key: value
-            for key in ("temperature", "top_p", "seed")
-            if (value := getattr(request, key)) is not None
+            key: value for key in _SAMPLING if (value := getattr(request, key)) is not None
         }
         if schema is not None:
             # Compact JSON: a small model left free to add whitespace may never stop.
@@ -236,5 +265,7 @@ class VLLMBackend:
         if finish not in _FINISH:  # "abort" or "error"
             raise ModelError(f"the vLLM engine ended the request: {finish}")
         calls = decoder.finish(truncated=_FINISH[finish] == "length")
+        if request.parallel_tool_calls is False:  # a parser may find several
+            calls = calls[:1]
         reason = "tool_calls" if calls else _FINISH[finish]
         yield ModelChunk(tool_calls=calls, finish_reason=reason, usage=usage)

@@ -16,9 +16,18 @@ from typing import Any, Literal, Protocol
 from serve.errors import ModelError
 from serve.protocol import FunctionCall, ToolCall
 
-__all__ = ["AutoDecoder", "CallDecoder", "Decoder", "JsonAnswerScanner", "ParserDecoder", "TextDecoder"]
+__all__ = [
+    "AutoDecoder",
+    "CallDecoder",
+    "Decoder",
+    "JsonAnswerScanner",
+    "JsonValueText",
+    "ParserDecoder",
+    "TextDecoder",
+]
 
 _CONTENT_START = re.compile(r'\s*\{\s*"content"\s*:\s*"')
+_VALUE_START = re.compile(r'\s*\{\s*"content"\s*:')
 _CALL_START = re.compile(r'\s*\{\s*"name"')
 
 
@@ -46,25 +55,70 @@ def _safe_string_prefix(body: str) -> tuple[str, bool]:
     return json.loads(f'"{body[:i]}"', strict=False), False
 
 
-class JsonAnswerScanner:
-    """Follows an ``auto`` answer (``{"content": ...}`` or a call) as it is generated."""
+class JsonValueText:
+    """The text of one JSON value as it is generated, up to its end: what follows (the
+    rest of the object around it) is not the value's."""
 
     def __init__(self) -> None:
+        self.depth = 0
+        self.started = self.done = False
+        self._in_string = self._escaped = False
+
+    def take(self, text: str) -> str:
+        """The part of ``text`` that belongs to the value."""
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        for i, char in enumerate(text):
+            if self.done:
+                return text[:i]
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._in_string = False
+                    self.done = self.depth == 0
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]," and self.depth == 0:  # a scalar ended: this is the object's
+                self.done = True
+                return text[:i]
+            elif char in "}]":
+                self.depth -= 1
+                self.done = self.depth == 0
+        return text
+
+
+class JsonAnswerScanner:
+    """Follows an ``auto`` answer (``{"content": ...}`` or a call) as it is generated.
+
+    ``raw``: the answer is JSON (a ``response_format``), passed on as its text; otherwise
+    it is a JSON string, passed on decoded."""
+
+    def __init__(self, raw: bool = False) -> None:
         self.text = ""
         self.kind: Literal["unknown", "content", "call"] = "unknown"
+        self._value = JsonValueText() if raw else None
         self._body = 0
         self._sent = 0
 
     def feed(self, delta: str) -> str:
-        """Add generated text; return the new part of the ``content`` string, if any."""
+        """Add generated text; return the new part of the answer, if any."""
         self.text += delta
         if self.kind == "unknown":
-            if found := _CONTENT_START.match(self.text):
+            if found := (_VALUE_START if self._value else _CONTENT_START).match(self.text):
                 self.kind, self._body = "content", found.end()
             elif _CALL_START.match(self.text):
                 self.kind = "call"
         if self.kind != "content":
             return ""
+        if self._value is not None:
+            new, self._body = self._value.take(self.text[self._body :]), len(self.text)
+            return new
         decoded, _closed = _safe_string_prefix(self.text[self._body :])
         new = decoded[self._sent :]
         self._sent = len(decoded)
@@ -121,10 +175,12 @@ class CallDecoder:
 
 
 class AutoDecoder:
-    """``structured`` mode, ``auto``: a ``{"content": ...}`` answer streams; a call comes at the end."""
+    """``structured`` mode, ``auto``: a ``{"content": ...}`` answer streams; a call comes at the end.
 
-    def __init__(self) -> None:
-        self._scanner = JsonAnswerScanner()
+    ``raw``: the answer is JSON under a ``response_format``; its text streams."""
+
+    def __init__(self, raw: bool = False) -> None:
+        self._scanner = JsonAnswerScanner(raw)
 
     def feed(self, delta: str, token_ids: Sequence[int]) -> str:
         return self._scanner.feed(delta)

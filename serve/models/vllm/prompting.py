@@ -7,7 +7,11 @@ that tool's parameter schema:
 - named ``tool_choice``: ``{"name": <that tool>, "arguments": <its parameters>}``;
 - ``"required"``: the same object, for any of the tools (``anyOf``);
 - ``"auto"``: any of those, or ``{"content": "<plain answer>"}``, whose string is streamed
-  as it is generated.
+  as it is generated; under a ``response_format``, ``{"content": <the answer's JSON>}``,
+  whose JSON text is streamed (see :func:`answer_schema`).
+
+A ``response_format`` binds the answer only: a reply without tools is generated under its
+schema; a reply that may call a tool keeps the tools' schemas and answers under it.
 
 Models whose chat templates ignore ``tools`` (SmolLM2's does) would not know the tools
 exist, so the tools and the expected JSON are described in a system-message addendum,
@@ -24,10 +28,13 @@ import json
 from typing import Any
 
 from serve.errors import InvalidRequest
+from serve.protocol import JsonObjectFormat, JsonSchemaFormat, TextFormat
 
 __all__ = [
     "CONTENT_SCHEMA",
+    "answer_schema",
     "flatten_messages",
+    "format_instructions",
     "tool_call_schema",
     "tool_instructions",
     "tool_rounds",
@@ -40,6 +47,26 @@ CONTENT_SCHEMA: dict[str, Any] = {
     "required": ["content"],
     "additionalProperties": False,
 }
+
+
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def answer_schema(
+    response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None,
+) -> dict[str, Any] | None:
+    """The JSON schema an answer must follow, or ``None`` for free text."""
+    if isinstance(response_format, JsonSchemaFormat):
+        return response_format.json_schema.schema_ or dict(_ANY_OBJECT)
+    if isinstance(response_format, JsonObjectFormat):
+        return dict(_ANY_OBJECT)
+    return None
+
+
+def _content_schema(answer: dict[str, Any] | None) -> dict[str, Any]:
+    if answer is None:
+        return CONTENT_SCHEMA
+    return {**CONTENT_SCHEMA, "properties": {"content": answer}}
 
 
 def _function(tool: dict[str, Any]) -> dict[str, Any]:
@@ -77,20 +104,42 @@ def _chosen_tools(tools: list[dict[str, Any]], tool_choice: Any) -> list[dict[st
     return chosen
 
 
-def tool_call_schema(tools: list[dict[str, Any]], tool_choice: Any) -> dict[str, Any] | None:
-    """The JSON schema a reply must follow, or ``None`` when it is free text."""
+def tool_call_schema(
+    tools: list[dict[str, Any]], tool_choice: Any, answer: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The JSON schema a reply must follow, or ``None`` when it is free text.
+
+    ``answer``: the schema of an ``auto`` answer's ``content`` (default: a string); with
+    no tools to call, the reply is the answer itself."""
     if not tools or tool_choice == "none":
-        return None
+        return answer
     options = [_call_schema(t) for t in _chosen_tools(tools, tool_choice)]
     if tool_choice == "auto":
-        options.append(CONTENT_SCHEMA)
+        options.append(_content_schema(answer))
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def tool_instructions(tools: list[dict[str, Any]], tool_choice: Any, *, list_tools: bool = True) -> str:
+def _described(answer: dict[str, Any]) -> str:
+    if answer == _ANY_OBJECT:
+        return "a JSON object"
+    return f"JSON following this JSON schema: {json.dumps(answer, separators=(',', ':'))}"
+
+
+def format_instructions(answer: dict[str, Any] | None) -> str:
+    """The system-prompt addendum for an answer bound to a JSON schema (none for text)."""
+    return f"Reply with only {_described(answer)}." if answer is not None else ""
+
+
+def tool_instructions(
+    tools: list[dict[str, Any]],
+    tool_choice: Any,
+    *,
+    list_tools: bool = True,
+    answer: dict[str, Any] | None = None,
+) -> str:
     """The system-prompt addendum that tells the model its tools and the JSON to write."""
     if not tools or tool_choice == "none":
-        return ""
+        return format_instructions(answer)
     lines: list[str] = []
     if list_tools:
         lines.append("You can call these tools (parameters are JSON schemas):")
@@ -109,7 +158,8 @@ def tool_instructions(tools: list[dict[str, Any]], tool_choice: Any, *, list_too
         lines.append(f"Call one of the tools: reply with only {call}.")
     else:
         lines.append(
-            f'To call a tool, reply with only {call}. To answer directly, reply with {{"content": <answer>}}.'
+            f'To call a tool, reply with only {call}. To answer directly, reply with {{"content": <answer>}}'
+            + (f", where <answer> is {_described(answer)}." if answer is not None else ".")
         )
     return "\n".join(lines)
 

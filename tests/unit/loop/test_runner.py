@@ -224,6 +224,21 @@ def test_first_model_request(harness: Harness) -> None:
     assert request.stream is False  # a non-streaming request asks for one unary model call
 
 
+def test_every_model_call_samples_as_asked_and_carries_the_answers_format(harness: Harness) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "echo", "schema": {"type": "object"}}}
+    sampling = {"presence_penalty": 0.5, "frequency_penalty": 0.1, "logit_bias": {"7": -5}, "top_p": 0.8}
+    harness.ask("#echo hi", response_format=fmt, parallel_tool_calls=False, **sampling)
+    assert len(harness.requests) == 2  # the tool call's turn, then the answer's
+    for request in harness.requests:
+        assert (request.presence_penalty, request.frequency_penalty, request.top_p) == (0.5, 0.1, 0.8)
+        assert request.logit_bias == {7: -5} and request.parallel_tool_calls is False
+        assert request.response_format is not None
+        assert request.response_format.model_dump(by_alias=True, exclude_none=True) == fmt
+    harness.ask("#plain", response_format={"type": "text"})
+    assert harness.requests[-1].response_format is None  # text is no constraint
+    assert harness.requests[-1].presence_penalty is None  # unset: the backend's default
+
+
 def test_manifest_max_tokens_is_the_default(harness: Harness) -> None:
     harness.ask("#plain", temperature=1.5)
     assert harness.requests[0].max_tokens == 64

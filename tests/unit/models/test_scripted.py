@@ -14,7 +14,7 @@ from serve.models import make_backend
 from serve.models.base import ModelChunk, ModelReply, ModelRequest, collect
 from serve.models.deployment import parse_backend_config, stream_model
 from serve.models.scripted import ScriptedBackend, ScriptedConfig
-from serve.protocol import FunctionCall, ToolCall, Usage
+from serve.protocol import FunctionCall, JsonObjectFormat, ToolCall, Usage
 from tests.unit.conftest import run
 
 SCRIPT: list[dict[str, Any]] = [
@@ -231,6 +231,26 @@ def test_tool_choice_none_drops_tool_calls() -> None:
     assert out.content == "a b c d"
     assert out.tool_calls == []
     assert out.finish_reason == "stop"
+
+
+def test_the_script_is_the_whole_truth_sampling_and_formats_are_ignored() -> None:
+    plain = reply(backend(), request("gamma", user("#multi")))
+    tuned = reply(
+        backend(),
+        request(
+            "gamma",
+            user("#multi"),
+            temperature=2.0,
+            seed=1,
+            presence_penalty=2.0,
+            frequency_penalty=-2.0,
+            logit_bias={1: 100},
+            stop=["go"],
+            response_format=JsonObjectFormat(type="json_object"),
+            parallel_tool_calls=False,
+        ),
+    )
+    assert tuned == plain and tuned.content == "go"
 
 
 def test_usage_counts_whitespace_words() -> None:

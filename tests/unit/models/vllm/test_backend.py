@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from serve.errors import InvalidRequest, ModelError, Overloaded
+from serve.errors import InvalidRequest, ModelError, ModelUnavailable, Overloaded
 from serve.models.base import ModelChunk, ModelRequest, collect
 from serve.models.vllm.backend import VLLMBackend
+from serve.protocol import JsonObjectFormat, JsonSchemaFormat, JsonSchemaSpec
 from tests.unit.conftest import run
 from tests.unit.models.vllm.conftest import CONVERSATION, NAMED, WEATHER, WEATHER_PARAMS, call_schema, config
 
@@ -130,7 +131,7 @@ def test_engine_failures_become_fleet_errors(vllm: Any) -> None:
     from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
     for raised, expected in [
-        (EngineDeadError(), ModelError),
+        (EngineDeadError(), ModelUnavailable),  # a 503: its replica restarts
         (EngineGenerateError(), ModelError),
         (QueueOverflowError(), Overloaded),  # type: ignore[no-untyped-call]
     ]:
@@ -150,3 +151,101 @@ def test_closing_the_stream_early_closes_the_engines_generator(vllm: Any) -> Non
 
     run(first_then_close())
     assert engine.closed  # vLLM aborts the request when its generator closes
+
+
+LEAVE: dict[str, Any] = {"type": "object", "properties": {"days": {"type": "integer"}}, "required": ["days"]}
+JSON_ANSWER = JsonSchemaFormat(type="json_schema", json_schema=JsonSchemaSpec(name="leave", schema=LEAVE))
+
+
+def test_the_requests_sampling_arguments_reach_the_engine(vllm: Any) -> None:
+    engine = FakeEngine(["ok"])
+    sampling = {"presence_penalty": 0.5, "frequency_penalty": -0.25, "logit_bias": {7: -100, 9: 5}, "seed": 1}
+    run(chunks(backend(engine), ask(**sampling)))
+    params = engine.params
+    assert (params.presence_penalty, params.frequency_penalty, params.seed) == (0.5, -0.25, 1)
+    assert params.logit_bias == {7: -100.0, 9: 5.0}
+
+
+def test_a_response_format_without_tools_binds_the_whole_reply(vllm: Any) -> None:
+    engine = FakeEngine(['{"days"', ":12}"])
+    got = run(chunks(backend(engine), ask(response_format=JSON_ANSWER, stop=["}"])))
+    assert "".join(c.content for c in got) == '{"days":12}'  # streamed as generated
+    so = engine.params.structured_outputs
+    assert so.json == LEAVE and so.disable_any_whitespace
+    assert not engine.params.stop  # a stop string would cut the JSON
+    assert "Reply with only JSON following this JSON schema" in engine.conversations[0][0]["content"]
+
+
+def test_json_object_is_any_json_object(vllm: Any) -> None:
+    engine = FakeEngine(["{}"])
+    run(chunks(backend(engine), ask(response_format=JsonObjectFormat(type="json_object"))))
+    assert engine.params.structured_outputs.json == {"type": "object"}
+
+
+def test_with_tools_the_format_binds_the_answer_and_its_json_streams(vllm: Any) -> None:
+    engine = FakeEngine(['{"content":{"da', 'ys":12}}'])
+    got = run(chunks(backend(engine), ask(tools=[WEATHER], response_format=JSON_ANSWER)))
+    assert "".join(c.content for c in got) == '{"days":12}'
+    assert got[-1].finish_reason == "stop" and got[-1].tool_calls == []
+    answer = engine.params.structured_outputs.json["anyOf"][-1]
+    assert answer["properties"]["content"] == LEAVE
+    call = run(
+        collect(
+            backend(FakeEngine(['{"name":"get_weather","arguments":{"city":"Oslo"}}'])).stream(
+                ask(tools=[WEATHER], response_format=JSON_ANSWER)
+            )
+        )
+    )
+    assert [c.function.name for c in call.tool_calls] == ["get_weather"]  # a call is not bound by it
+
+
+class TwoCallParser:
+    """A vLLM tool parser that finds two calls in any reply."""
+
+    def __init__(self, tokenizer: Any, tools: Any) -> None:
+        pass
+
+    def adjust_request(self, request: Any) -> Any:
+        return request
+
+    def extract_tool_calls_streaming(self, *args: Any) -> None:
+        return None
+
+    def extract_tool_calls(self, text: str, request: Any) -> Any:
+        calls = [SimpleNamespace(function=SimpleNamespace(name=n, arguments="{}")) for n in ("now", "now")]
+        return SimpleNamespace(tools_called=True, tool_calls=calls)
+
+
+def parser_backend(engine: FakeEngine) -> VLLMBackend:
+    made = backend(engine, tool_call_mode="parser", tool_parser="hermes")
+    made._parser_cls = TwoCallParser
+    engine.get_tokenizer = lambda: None  # type: ignore[attr-defined]
+    return made
+
+
+def test_in_parser_mode_a_format_is_generated_under_the_schema_not_parsed(vllm: Any) -> None:
+    engine = FakeEngine(['{"content":{"days":3}}'])
+    got = run(chunks(parser_backend(engine), ask(tools=[WEATHER], response_format=JSON_ANSWER)))
+    assert "".join(c.content for c in got) == '{"days":3}'
+    assert engine.params.structured_outputs is not None
+    system = engine.conversations[0][0]
+    assert system["role"] == "system" and "where <answer> is JSON following" in system["content"]
+
+
+def test_parallel_tool_calls_false_keeps_one_call(vllm: Any) -> None:
+    reply = run(collect(parser_backend(FakeEngine(["calls"])).stream(ask(tools=[WEATHER]))))
+    assert len(reply.tool_calls) == 2
+    one = run(
+        collect(parser_backend(FakeEngine(["calls"])).stream(ask(tools=[WEATHER], parallel_tool_calls=False)))
+    )
+    assert len(one.tool_calls) == 1 and one.finish_reason == "tool_calls"
+
+
+def test_an_argument_the_engine_refuses_is_named(vllm: Any) -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    engine = FakeEngine(["x"])
+    engine.render_error = VLLMValidationError("token_id(s) [99999] in logit_bias ...", parameter="logit_bias")
+    with pytest.raises(InvalidRequest) as caught:
+        run(chunks(backend(engine), ask(logit_bias={99999: 1})))
+    assert caught.value.param == "logit_bias"

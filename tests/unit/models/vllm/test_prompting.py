@@ -10,11 +10,14 @@ import pytest
 from serve.errors import InvalidRequest
 from serve.models.vllm.prompting import (
     CONTENT_SCHEMA,
+    answer_schema,
     flatten_messages,
+    format_instructions,
     tool_call_schema,
     tool_instructions,
     tool_rounds,
 )
+from serve.protocol import JsonObjectFormat, JsonSchemaFormat, JsonSchemaSpec, TextFormat
 from tests.unit.models.vllm.conftest import (
     CALL,
     CLOCK,
@@ -91,3 +94,36 @@ def test_tool_rounds_count_calls_since_the_last_user_message() -> None:
     assert tool_rounds(CONVERSATION) == 1
     assert tool_rounds(CONVERSATION[:4]) == 0
     assert tool_rounds([*CONVERSATION, {"role": "assistant", "tool_calls": [CALL]}]) == 2
+
+
+LEAVE = {"type": "object", "properties": {"days": {"type": "integer"}}, "required": ["days"]}
+
+
+def test_a_response_format_is_the_schema_of_the_answer() -> None:
+    named = JsonSchemaFormat(type="json_schema", json_schema=JsonSchemaSpec(name="leave", schema=LEAVE))
+    assert answer_schema(named) == LEAVE
+    assert answer_schema(JsonSchemaFormat(type="json_schema", json_schema=JsonSchemaSpec(name="any"))) == {
+        "type": "object"
+    }
+    assert answer_schema(JsonObjectFormat(type="json_object")) == {"type": "object"}
+    assert answer_schema(TextFormat(type="text")) is None and answer_schema(None) is None
+
+
+def test_with_a_response_format_the_answer_is_bound_and_calls_are_not() -> None:
+    assert tool_call_schema([], "auto", LEAVE) == LEAVE  # no tools: the reply is the answer
+    assert tool_call_schema([WEATHER], "none", LEAVE) == LEAVE
+    answer = {**CONTENT_SCHEMA, "properties": {"content": LEAVE}}
+    assert tool_call_schema([WEATHER], "auto", LEAVE) == {
+        "anyOf": [call_schema("get_weather", WEATHER_PARAMS), answer]
+    }
+    assert tool_call_schema([WEATHER], "required", LEAVE) == call_schema("get_weather", WEATHER_PARAMS)
+
+
+def test_the_model_is_told_the_answers_json() -> None:
+    schema_text = json.dumps(LEAVE, separators=(",", ":"))
+    assert format_instructions(LEAVE) == f"Reply with only JSON following this JSON schema: {schema_text}."
+    assert format_instructions({"type": "object"}) == "Reply with only a JSON object."
+    assert format_instructions(None) == ""
+    auto = tool_instructions([WEATHER], "auto", answer={"type": "object"})
+    assert '{"content": <answer>}, where <answer> is a JSON object.' in auto
+    assert tool_instructions([WEATHER], "none", answer=LEAVE) == format_instructions(LEAVE)

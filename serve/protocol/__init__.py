@@ -1,0 +1,51 @@
+"""The OpenAI chat-completions wire, in both directions: the request (request.py) and the response (response.py)."""
+
+from serve.protocol.request import (
+    ChatRequest,
+    FunctionCall,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    JsonSchemaSpec,
+    NamedToolChoice,
+    ResponseFormat,
+    TextFormat,
+    ToolCall,
+    UserMessage,
+    parse_chat_request,
+)
+from serve.protocol.response import (
+    DONE,
+    ChunkStream,
+    RunStats,
+    Usage,
+    chunk,
+    completion,
+    completion_id,
+    error_response,
+    extension,
+    sse,
+)
+
+__all__ = [
+    "DONE",
+    "ChatRequest",
+    "ChunkStream",
+    "FunctionCall",
+    "JsonObjectFormat",
+    "JsonSchemaFormat",
+    "JsonSchemaSpec",
+    "NamedToolChoice",
+    "ResponseFormat",
+    "RunStats",
+    "TextFormat",
+    "ToolCall",
+    "Usage",
+    "UserMessage",
+    "chunk",
+    "completion",
+    "completion_id",
+    "error_response",
+    "extension",
+    "parse_chat_request",
+    "sse",
+]
