@@ -9,8 +9,9 @@ handles. Errors cross handles as ``RequestError`` values, never as stack traces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -29,13 +30,14 @@ from serve.handles import Transport, handle_error, over
 from serve.loop.results import AgentResult, DelegateTarget, Event, Finished, ModelCaller
 from serve.loop.runner import AgentLoop
 from serve.manifest import delegate_tool_name, load_agent
-from serve.memory.client import RequestMemory, bind, tenant_of, unbind
+from serve.memory.client import RequestMemory, bind, session_of, tenant_of, unbind
 from serve.memory.tools import MEMORY_TOOLS
 from serve.models import BackendConfig, make_backend
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.deployment import raise_errors, stream_model
 from serve.protocol import ChatRequest
-from serve.telemetry.metrics import MetricsSink
+from serve.telemetry import logs
+from serve.telemetry.metrics import MetricsSink, RequestMetrics
 from serve.tools import load_tools
 
 __all__ = ["AgentDeployment"]
@@ -60,18 +62,21 @@ def model_caller(model: DeploymentHandle[Any] | BackendConfig, transport: Transp
     streaming = model.options(stream=True)
 
     async def remote(request: ModelRequest) -> AsyncIterator[ModelChunk]:
-        if not request.stream:  # one unary call: far cheaper than a handle stream
-            reply = await model.complete.remote(request)
-            if isinstance(reply, RequestError):
-                raise reply
-            yield ModelChunk(content=reply.content)
-            yield ModelChunk(
-                tool_calls=reply.tool_calls, finish_reason=reply.finish_reason, usage=reply.usage
-            )
-            return
-        items = cast(DeploymentResponseGenerator[Any], streaming.stream.remote(request))
-        async for item in raise_errors(items):
-            yield item
+        try:
+            if request.stream:
+                items = cast(DeploymentResponseGenerator[Any], streaming.stream.remote(request))
+                async for item in raise_errors(items):
+                    yield item
+                return
+            reply = await model.complete.remote(request)  # one unary call: far cheaper than a stream
+        except RequestError:  # the model's own answer
+            raise
+        except Exception as exc:  # its replica died or restarts (a 503), or the call failed
+            raise handle_error(exc, model.deployment_name, "model") from None
+        if isinstance(reply, RequestError):
+            raise reply
+        yield ModelChunk(content=reply.content)
+        yield ModelChunk(tool_calls=reply.tool_calls, finish_reason=reply.finish_reason, usage=reply.usage)
 
     return remote
 
@@ -133,9 +138,12 @@ class AgentDeployment:
             for n, (handle, description, scopes, data) in delegates.items()
         }
         telemetry.setup_tracing()
+        logs.route_to_serve()
         builtin = MEMORY_TOOLS if spec.manifest.memory.tools else {}
         tool_names = [*tools, *builtin, *(delegate_tool_name(d) for d in delegates)]
         sink = MetricsSink(self._audit, name, spec.manifest.version, tool_names)
+        # Every call this agent serves, its delegated ones too: its own SLA's numbers.
+        self._metrics = RequestMetrics({name: spec.manifest.version}, hop="agent")
         self._guard = AgentGuard(Governor(engine, shadow, sink), spec)
         self.name = name
         self._memory = memory
@@ -156,6 +164,18 @@ class AgentDeployment:
         return self._guard.enter(replace(ctx, audit=None))
 
     async def chat(self, request: ChatRequest, ctx: Context) -> AgentOutcome:
+        timed = self._metrics.timed(self.name)
+        try:
+            outcome = await self._chat(request, ctx)
+            timed.end(outcome.status if isinstance(outcome, RequestError) else 200)
+            return outcome
+        except Exception as exc:
+            timed.end(exc.status if isinstance(exc, RequestError) else 500)
+            raise
+        finally:
+            timed.record()
+
+    async def _chat(self, request: ChatRequest, ctx: Context) -> AgentOutcome:
         # Everything this request records here (and its delegates hand back) is carried:
         # a delegate returns it to its caller; the agent the client called commits the
         # whole request tree's records at once, before it answers.
@@ -190,6 +210,20 @@ class AgentDeployment:
             unbind(token)
 
     async def stream(self, request: ChatRequest, ctx: Context) -> AsyncIterator[StreamItem]:
+        timed = self._metrics.timed(self.name)
+        try:
+            async with contextlib.aclosing(self._stream(request, ctx)) as items:
+                async for item in items:
+                    if isinstance(item, Finished | RequestError):
+                        timed.end(item.status if isinstance(item, RequestError) else 200)
+                    yield item
+        except Exception as exc:
+            timed.end(exc.status if isinstance(exc, RequestError) else 500)
+            raise
+        finally:
+            timed.record()
+
+    async def _stream(self, request: ChatRequest, ctx: Context) -> AsyncGenerator[StreamItem, None]:
         ctx = self._enter(ctx)
         bind(
             RequestMemory(self._memory, ctx, self._guard.memory, self._memory_timeout)
@@ -217,7 +251,7 @@ class AgentDeployment:
         """The session this call continues: only the agent the client called keeps one."""
         if not (self._sessions and ctx.session and len(ctx.chain) == 1):
             return None
-        return tenant_of(ctx), self.name, ctx.session
+        return tenant_of(ctx), self.name, session_of(ctx)  # the principal's own, not its tenant's
 
     async def _history(self, ctx: Context) -> list[dict[str, Any]]:
         key = self._session(ctx)

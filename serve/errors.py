@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "AgentError",
+    "AgentUnavailable",
     "ApprovalRequired",
     "AuditUnavailable",
     "ConfigError",
@@ -30,6 +31,7 @@ __all__ = [
     "MemoryFull",
     "MemoryUnavailable",
     "ModelError",
+    "ModelUnavailable",
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
@@ -167,6 +169,18 @@ class Overloaded(RequestError):
     status = 503
     type = "server_error"
     code = "overloaded"
+
+
+class AgentUnavailable(Overloaded):
+    """An agent's replica is gone or restarting (killed, its node lost, not yet replaced): retry."""
+
+    code = "agent_unavailable"
+
+
+class ModelUnavailable(Overloaded):
+    """A model's replica or engine is gone or restarting: retry."""
+
+    code = "model_unavailable"
 
 
 class MemoryUnavailable(Overloaded):

@@ -18,7 +18,13 @@ given a ``runtime_env`` in code does not get the application's variables (Ray Se
 that is why this is a config setting and not set on each deployment.
 
 A handle call that fails (a replica at capacity, gone, or out of reach) becomes the
-client's error in :func:`handle_error`, and nowhere else.
+client's error in :func:`handle_error`, and nowhere else. A failure a retry can fix is a
+503 (``Retry-After``): the deployment full (``overloaded``), or the called replica gone or
+restarting (``agent_unavailable``, ``model_unavailable``). Ray Serve retries a call that
+no replica accepted yet; one a replica accepted and then lost (killed, its node gone) it
+hands to the caller, as ``ActorDiedError`` over an actor call and ``ActorUnavailableError``
+over gRPC (a gRPC ``UNAVAILABLE``). Fleet does not retry it either: the agent may already
+have run a tool. Anything else is a 502 (a model deployment failed) or a 500 (Fleet's bug).
 """
 
 from __future__ import annotations
@@ -27,20 +33,30 @@ import logging
 from typing import Any, Literal, TypeVar
 
 import grpc
-from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import RayActorError, RayError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve.errors import AgentError, ModelError, Overloaded, RequestError
+from serve.errors import AgentError, AgentUnavailable, ModelError, ModelUnavailable, Overloaded, RequestError
 
-__all__ = ["GRPC_LIMIT", "Hop", "Transport", "grpc_limit_env", "handle_error", "over", "transport_failure"]
+__all__ = [
+    "GRPC_LIMIT",
+    "Hop",
+    "Transport",
+    "grpc_limit_env",
+    "handle_error",
+    "over",
+    "retry_reason",
+    "transport_failure",
+]
 
 log = logging.getLogger("fleet.handles")
 
 Transport = Literal["grpc", "actor"]
-# Whose call failed: the ingress's to an agent, an agent's to its delegate, or one made
-# inside an agent's replica (its model's handle) that its loop did not answer for.
-Hop = Literal["agent", "delegate", "behind"]
+# Whose call failed: the ingress's to an agent, an agent's to its delegate, an agent's to
+# its model deployment, or another made inside an agent's replica that its loop did not
+# answer for.
+Hop = Literal["agent", "delegate", "model", "behind"]
 H = TypeVar("H", bound=DeploymentHandle[Any])
 
 GRPC_LIMIT = 2**31 - 1  # Ray Serve's send limit (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE)
@@ -71,24 +87,72 @@ def transport_failure(exc: BaseException) -> str | None:
     return f"the call failed in transport (gRPC {exc.code().name})"
 
 
+_GONE = "a replica is gone or restarting"
+# gRPC statuses of a replica that went away: its process died (UNAVAILABLE), or its server
+# cancelled the call as it shut down (CANCELLED; a caller's own cancellation is an
+# asyncio.CancelledError, never an AioRpcError).
+_GONE_STATUSES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
+def retry_reason(exc: BaseException) -> str | None:
+    """Why a retry a moment later may succeed where ``exc`` failed (None: it would not)."""
+    if isinstance(exc, BackPressureError):
+        return "is at capacity"
+    if isinstance(exc, DeploymentUnavailableError):
+        return "is not available yet"
+    # ActorDiedError, ActorUnavailableError; a task error that carries one (Serve wraps an
+    # upstream actor's death so, and keeps the death as its cause).
+    causes = (exc, getattr(exc, "cause", None), exc.__cause__)
+    if any(isinstance(c, RayActorError | ReplicaUnavailableError) for c in causes):
+        return f"is unavailable: {_GONE}"
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _GONE_STATUSES:
+        return f"is unavailable: {_GONE}"
+    return None
+
+
+def _retryable(exc: BaseException, reason: str, called: str, hop: Hop) -> Overloaded:
+    """The 503 of a call a retry may fix; back-pressure keeps its own code, ``overloaded``."""
+    log.warning("call to %s (%s) failed, retryable: %s", called, hop, type(exc).__name__)
+    kind: type[Overloaded]
+    if hop == "model":
+        subject, kind = f"model deployment {called!r}", ModelUnavailable
+    elif hop == "behind":
+        subject, kind = f"a deployment behind agent {called!r}", AgentUnavailable
+    else:
+        subject, kind = f"agent {called!r}", AgentUnavailable
+    kind = Overloaded if isinstance(exc, BackPressureError) else kind
+    return kind(f"{subject} {reason}; retry later")
+
+
 def handle_error(exc: BaseException, agent: str, hop: Hop = "agent", request_id: str = "") -> RequestError:
     """What a failed call on ``hop`` means for the client; ``agent`` is the one called
-    (``"behind"``: the agent whose replica made the call)."""
+    (``"model"``: the model deployment; ``"behind"``: the agent whose replica made the call)."""
+    reason = retry_reason(exc)
+    if reason is not None:
+        return _retryable(exc, reason, agent, hop)
     failure = transport_failure(exc)
     if hop == "delegate":  # a tool error its caller's model is told of
         return AgentError(f"agent {agent!r} is unavailable: {failure or type(exc).__name__}")
+    if hop == "model":
+        return _model_failure(exc, agent, failure)
     if hop == "behind":
         log.error("agent %s failed on %s", agent, request_id, exc_info=exc)
         if failure is not None:
             return ModelError(f"a deployment behind agent {agent!r} could not be reached: {failure}")
         if isinstance(exc, RayError):
-            return ModelError(f"a deployment behind agent {agent!r} is unavailable")
+            return ModelError(f"a deployment behind agent {agent!r} failed: {type(exc).__name__}")
         return AgentError(f"agent {agent!r} failed (request {request_id})")
-    if isinstance(exc, BackPressureError):
-        return Overloaded(f"agent {agent!r} is at capacity; retry later")
-    if isinstance(exc, DeploymentUnavailableError):
-        return Overloaded(f"agent {agent!r} is not available yet; retry later")
     log.error("call to agent %s failed", agent, exc_info=exc)
     if failure is not None:  # e.g. a cluster deployed without the configs' runtime_env
         return AgentError(f"agent {agent!r} could not be reached: {failure}")
     return AgentError(f"agent {agent!r} failed: {type(exc).__name__}")
+
+
+def _model_failure(exc: BaseException, deployment: str, failure: str | None) -> RequestError:
+    """A model deployment's call that failed for good: the deployment's fault (502) or Fleet's (500)."""
+    log.error("call to model deployment %s failed", deployment, exc_info=exc)
+    if failure is not None:
+        return ModelError(f"model deployment {deployment!r} could not be reached: {failure}")
+    if isinstance(exc, RayError):  # e.g. an exception the replica raised instead of answering
+        return ModelError(f"model deployment {deployment!r} failed: {type(exc).__name__}")
+    return AgentError(f"the call to model deployment {deployment!r} failed: {type(exc).__name__}")

@@ -2,7 +2,10 @@
 
 ``fleet alerts`` turns each agent's ``sla`` into rules (p95 latency, availability) and adds
 the quality rules every agent gets (tool-failure rate, invalid-tool-call rate, latency
-spikes against the agent's own last hour). ``fleet dashboard`` writes the fleet view.
+spikes against the agent's own last hour). Latency is the agent's own (``hop="agent"``:
+every call it serves, a delegate's included); availability fails on either view, the
+agent's or the ingress's (which also sees an agent whose replicas could not be reached).
+``fleet dashboard`` writes the fleet view.
 Both use only metrics Fleet exports (:data:`serve.telemetry.metrics.EXPORTED`) and Ray Serve's
 replica gauge.
 """
@@ -32,8 +35,14 @@ def _rate(metric: str, agent: str, extra: str = "", window: str = "10m") -> str:
 
 
 def _p(quantile: float, agent: str, window: str) -> str:
-    series = f'rate(ray_fleet_request_duration_seconds_bucket{{agent="{agent}"}}[{window}])'
+    series = f'rate(ray_fleet_request_duration_seconds_bucket{{agent="{agent}",hop="agent"}}[{window}])'
     return f"histogram_quantile({quantile}, sum by (le) ({series}))"
+
+
+def _error_ratio(agent: str, hop: str) -> str:
+    total = _rate("ray_fleet_requests_total", agent, f',hop="{hop}"', window="30m")
+    errors = _rate("ray_fleet_requests_total", agent, f',hop="{hop}",outcome="error"', window="30m")
+    return f"({errors} / {total})"
 
 
 def _rule(
@@ -51,8 +60,6 @@ def _rule(
 def _agent_rules(spec: AgentSpec) -> list[dict[str, Any]]:
     m = spec.manifest
     name, labels = m.name, {"agent": m.name, "team": m.owner.team}
-    total = _rate("ray_fleet_requests_total", name, window="30m")
-    errors = _rate("ray_fleet_requests_total", name, ',outcome="error"', window="30m")
     tools = _rate("ray_fleet_tool_calls_total", name)
 
     def tool_share(status: str) -> str:
@@ -61,13 +68,15 @@ def _agent_rules(spec: AgentSpec) -> list[dict[str, Any]]:
         )
 
     sla = m.sla
+    budget = f"{1 - sla.availability:.6g}"
+    availability = f"{_error_ratio(name, 'agent')} > {budget} or {_error_ratio(name, 'ingress')} > {budget}"
     return [
         _rule(
             "FleetAgentLatencySLO", f"{_p(0.95, name, '5m')} > {sla.p95_latency_ms / 1000:g}", "5m", labels,
             "warning", f"{name}: p95 latency above its SLA of {sla.p95_latency_ms} ms",
         ),
         _rule(
-            "FleetAgentAvailabilitySLO", f"({errors} / {total}) > {1 - sla.availability:.6g}", "10m", labels,
+            "FleetAgentAvailabilitySLO", availability, "10m", labels,
             "critical", f"{name}: error rate above its availability target of {sla.availability:g}",
         ),
         _rule(
@@ -105,17 +114,17 @@ def _panel(pid: int, title: str, exprs: list[tuple[str, str]], unit: str, x: int
 
 
 PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
-    ("Requests by agent", [('sum by (agent) (rate(ray_fleet_requests_total{agent=~"$agent"}[5m]))', "{{agent}}")], "reqps"),
+    ("Requests by agent (delegated included)", [('sum by (agent) (rate(ray_fleet_requests_total{agent=~"$agent",hop="agent"}[5m]))', "{{agent}}")], "reqps"),
     (
-        "Errors and denials",
-        [('sum by (agent, outcome) (rate(ray_fleet_requests_total{agent=~"$agent",outcome!="success"}[5m]))', "{{agent}} {{outcome}}")],
+        "Errors and denials (at the ingress, at the agent)",
+        [('sum by (agent, hop, outcome) (rate(ray_fleet_requests_total{agent=~"$agent",outcome!="success"}[5m]))', "{{agent}} {{hop}} {{outcome}}")],
         "reqps",
     ),
     (
-        "Latency p50 / p95",
+        "Latency p50 / p95 (at the ingress, at the agent)",
         [
-            ('histogram_quantile(0.5, sum by (agent, le) (rate(ray_fleet_request_duration_seconds_bucket{agent=~"$agent"}[5m])))', "{{agent}} p50"),
-            ('histogram_quantile(0.95, sum by (agent, le) (rate(ray_fleet_request_duration_seconds_bucket{agent=~"$agent"}[5m])))', "{{agent}} p95"),
+            ('histogram_quantile(0.5, sum by (agent, hop, le) (rate(ray_fleet_request_duration_seconds_bucket{agent=~"$agent"}[5m])))', "{{agent}} {{hop}} p50"),
+            ('histogram_quantile(0.95, sum by (agent, hop, le) (rate(ray_fleet_request_duration_seconds_bucket{agent=~"$agent"}[5m])))', "{{agent}} {{hop}} p95"),
         ],
         "s",
     ),

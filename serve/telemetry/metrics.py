@@ -4,8 +4,14 @@ Every Ray node serves its replicas' metrics at its metrics export port
 (``ray start --metrics-export-port``; ``fleet up`` uses ``FLEET_METRICS_PORT``), with
 Ray's ``ray_`` prefix: ``fleet_requests`` is scraped as ``ray_fleet_requests_total``.
 Labels are bounded sets only: agent names, versions, tool names the manifest declares
-(any other name the model makes up counts as ``unknown``), statuses, outcomes. Never a
-prompt, a user, a request id or PII.
+(any other name the model makes up counts as ``unknown``, its status ``invalid``),
+statuses, outcomes, hops. Never a prompt, a user, a request id or PII.
+
+Requests and their latency are counted at two hops, told apart by ``hop``: ``ingress`` is the
+HTTP front door's view of the agent a client named (refusals before any agent runs, and
+agents that could not be reached, included); ``agent`` is each agent replica's own view
+of every call it serves, a delegate's included. A sum over both hops counts a request
+twice: the rules and the dashboard always pick one, or group by it.
 """
 
 from __future__ import annotations
@@ -13,23 +19,29 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from ray.util.metrics import Counter, Histogram
 
 from serve.steps import DelegationStep, ModelCallStep, Step, ToolCallStep
 
-__all__ = ["EXPORTED", "MetricsSink", "RequestMetrics", "Tally", "outcome_of"]
+__all__ = ["EXPORTED", "Hop", "MetricsSink", "RequestMetrics", "Tally", "Timed", "outcome_of"]
 
 log = logging.getLogger("fleet.metrics")
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+# Who counted a request: the ingress (the client's HTTP view) or the agent's own replica.
+Hop = Literal["ingress", "agent"]
 
 # name (as scraped) -> what it counts; the rules and the dashboard may use only these.
 EXPORTED = {
-    "ray_fleet_requests_total": "Requests answered, by agent, version, outcome and HTTP status.",
-    "ray_fleet_request_duration_seconds": "End-to-end latency at the ingress (histogram).",
+    "ray_fleet_requests_total": (
+        "Requests answered, by agent, version, outcome, HTTP status and hop (ingress: as the client "
+        "saw it; agent: as the agent's replica did, delegated calls included)."
+    ),
+    "ray_fleet_request_duration_seconds": "Latency by agent, version and hop (ingress or agent) (histogram).",
     "ray_fleet_time_to_first_token_seconds": "Time to the first streamed content (histogram).",
     "ray_fleet_tokens_total": "Model tokens, by agent, version and direction (input/output).",
     "ray_fleet_model_calls_total": "Model calls by agent, version and finish reason.",
@@ -55,13 +67,15 @@ class _Instruments:
 
     def __init__(self) -> None:
         self.requests = Counter(
-            "fleet_requests", EXPORTED["ray_fleet_requests_total"], ("agent", "version", "outcome", "status")
+            "fleet_requests",
+            EXPORTED["ray_fleet_requests_total"],
+            ("agent", "version", "outcome", "status", "hop"),
         )
         self.latency = Histogram(
             "fleet_request_duration_seconds",
             EXPORTED["ray_fleet_request_duration_seconds"],
             LATENCY_BUCKETS,
-            ("agent", "version"),
+            ("agent", "version", "hop"),
         )
         self.ttft = Histogram(
             "fleet_time_to_first_token_seconds",
@@ -147,26 +161,50 @@ def instruments() -> _Instruments:
 
 
 class RequestMetrics:
-    """The ingress's: requests, latency and time to first token."""
+    """Requests and latency as one hop sees them (the ingress's: time to first token too)."""
 
-    def __init__(self, versions: dict[str, str]) -> None:
+    def __init__(self, versions: dict[str, str], hop: Hop = "ingress") -> None:
         self._versions = versions
+        self._hop = hop
         self._m = instruments()
         self._tally = tally()
 
     def request(self, agent: str | None, status: int, seconds: float) -> None:
         name = agent if agent in self._versions else "unknown"
         version = self._versions.get(name, "unknown")
-        self._tally.inc(
-            self._m.requests,
-            1,
-            {"agent": name, "version": version, "outcome": outcome_of(status), "status": str(status)},
-        )
+        tags = {"agent": name, "version": version, "hop": self._hop}
+        self._tally.inc(self._m.requests, 1, {**tags, "outcome": outcome_of(status), "status": str(status)})
         if agent in self._versions:
-            self._m.latency.observe(seconds, {"agent": name, "version": version})
+            self._m.latency.observe(seconds, tags)
 
     def first_token(self, agent: str, seconds: float) -> None:
         self._m.ttft.observe(seconds, {"agent": agent, "version": self._versions.get(agent, "unknown")})
+
+    def timed(self, agent: str) -> Timed:
+        """A request to ``agent`` starting now; :meth:`Timed.record` counts it."""
+        return Timed(self, agent)
+
+
+class Timed:
+    """One request as a hop counts it: its status once known, its latency up to then.
+
+    A request that ends without a status (its caller cancelled it, or stopped reading
+    its stream) counts as 499, as nginx logs a client that closed the request."""
+
+    def __init__(self, metrics: RequestMetrics, agent: str) -> None:
+        self._metrics, self._agent = metrics, agent
+        self._started = time.monotonic()
+        self.status: int = 499
+        self._seconds: float | None = None
+
+    def end(self, status: int) -> None:
+        """The request's status is known (the first one given stands)."""
+        if self._seconds is None:
+            self.status, self._seconds = status, time.monotonic() - self._started
+
+    def record(self) -> None:
+        seconds = time.monotonic() - self._started if self._seconds is None else self._seconds
+        self._metrics.request(self._agent, self.status, seconds)
 
 
 class MetricsSink:
@@ -194,8 +232,11 @@ class MetricsSink:
                 self._tally.inc(self._m.tokens, count, {**version, "direction": direction})
             self._tally.inc(self._m.model_calls, 1, {**version, "finish_reason": step.finish_reason})
         elif isinstance(step, ToolCallStep):
-            tool = step.tool if step.tool in self._tools else "unknown"
-            tags = {"agent": step.agent, "version": self._version, "tool": tool, "status": step.status}
+            # A name the manifest does not declare is a tool the model made up: invalid,
+            # whatever the policy then said of it (the response counts it so too).
+            known = step.tool in self._tools
+            tool, status = (step.tool, step.status) if known else ("unknown", "invalid")
+            tags = {"agent": step.agent, "version": self._version, "tool": tool, "status": status}
             self._tally.inc(self._m.tool_calls, 1, tags)
         elif isinstance(step, DelegationStep):
             self._tally.inc(self._m.delegations, 1, {"agent": step.agent, "target": step.target})

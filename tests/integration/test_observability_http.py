@@ -166,11 +166,16 @@ def test_metrics_count_known_traffic_per_agent(fleet: Fleet) -> None:
     assert denied.status_code == 401
     expected = {
         ("ray_fleet_tool_calls_total", (("agent", "tester"), ("tool", "fail"), ("status", "error"))): 2,
-        ("ray_fleet_tool_calls_total", (("agent", "tester"), ("tool", "unknown"), ("status", "denied"))): 1,
+        # A made-up tool is invalid, whatever the policy then said of it.
+        ("ray_fleet_tool_calls_total", (("agent", "tester"), ("tool", "unknown"), ("status", "invalid"))): 1,
         ("ray_fleet_tool_calls_total", (("agent", "tester"), ("tool", "echo"), ("status", "ok"))): 1,
-        ("ray_fleet_requests_total", (("agent", "tester"), ("outcome", "success"), ("status", "200"))): 6,
+        # Counted by the ingress and by the agent's own replica; the delegate counts its call too.
+        ("ray_fleet_requests_total", (("agent", "tester"), ("hop", "ingress"), ("outcome", "success"), ("status", "200"))): 6,
+        ("ray_fleet_requests_total", (("agent", "tester"), ("hop", "agent"), ("outcome", "success"), ("status", "200"))): 6,
+        ("ray_fleet_requests_total", (("agent", "helper"), ("hop", "agent"), ("outcome", "success"), ("status", "200"))): 1,
+        ("ray_fleet_request_duration_seconds_count", (("agent", "helper"), ("hop", "agent"))): 1,
         ("ray_fleet_delegations_total", (("agent", "tester"), ("target", "helper"))): 1,
-        ("ray_fleet_requests_total", (("agent", "unknown"), ("outcome", "denied"), ("status", "401"))): 1,
+        ("ray_fleet_requests_total", (("agent", "unknown"), ("hop", "ingress"), ("outcome", "denied"), ("status", "401"))): 1,
         ("ray_fleet_policy_decisions_total", (("agent", "tester"), ("point", "tool"), ("outcome", "deny"), ("enforced", "true"))): 1,
         ("ray_fleet_model_calls_total", (("agent", "tester"), ("finish_reason", "stop"))): 6,
     }  # fmt: skip

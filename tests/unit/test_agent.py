@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+from ray.exceptions import ActorUnavailableError
 
 from serve.agent import AgentDeployment, model_caller
 from serve.context import Context
+from serve.errors import ModelUnavailable
 from serve.governance.config import GovernanceConfig
-from serve.loop.results import ContentDelta, Finished
+from serve.loop.results import AgentResult, ContentDelta, Finished
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.scripted import ScriptedConfig
 from serve.protocol import ChatRequest
@@ -96,3 +101,96 @@ def test_an_inline_backend_is_handed_its_config_typed_and_runs_in_the_agent() ->
     chunks = run(scenario())
     assert "".join(c.content or "" for c in chunks) == "hi"
     assert chunks[-1].finish_reason == "stop"
+
+
+class Counted:
+    """Stands in for an agent's request counter and latency histogram: the tags each got."""
+
+    def __init__(self) -> None:
+        self.counts: list[dict[str, str]] = []
+        self.latencies: list[dict[str, str]] = []
+
+    def inc(self, counter: Any, value: float, tags: dict[str, str]) -> None:
+        self.counts.append(tags)
+
+    def observe(self, seconds: float, tags: dict[str, str]) -> None:
+        assert seconds >= 0
+        self.latencies.append(tags)
+
+
+def counting(agent: AgentDeployment) -> Counted:
+    seen = Counted()
+    agent._metrics._tally = seen  # type: ignore[assignment]
+    agent._metrics._m = SimpleNamespace(requests="requests", latency=seen)  # type: ignore[assignment]
+    return seen
+
+
+def ask(stream: bool = False) -> ChatRequest:
+    return ChatRequest.model_validate(
+        {"model": "worker", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    )
+
+
+def worker(tmp_path: Path, model: Any) -> AgentDeployment:
+    write_agent(tmp_path, "worker", policies={"pii": "allow"})
+    return AgentDeployment(
+        str(tmp_path), "worker", model, {}, GovernanceConfig(), str(ROOT), FlakyService(), None,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_each_agent_counts_its_own_requests_and_latency_delegated_ones_too(tmp_path: Path) -> None:
+    """A domain agent reached only through another agent still has its own SLA's numbers."""
+    config = ScriptedConfig.model_validate(
+        {"kind": "scripted", "script": [{"replies": [{"content": "done"}]}]}
+    )
+
+    async def scenario() -> Counted:
+        agent = worker(tmp_path, config)
+        seen = counting(agent)
+        assert isinstance(await agent.chat(ask(), Context.new()), AgentResult)
+        delegated = replace(Context.new(), chain=("orchestrator",))  # as a caller's handle sends it
+        assert isinstance(await agent.chat(ask(), delegated), AgentResult)
+        events = [e async for e in agent.stream(ask(stream=True), Context.new())]
+        assert isinstance(events[-1], Finished)
+        return seen
+
+    seen = run(scenario())
+    own = {"agent": "worker", "version": "1.0.0", "hop": "agent"}
+    assert seen.counts == [{**own, "outcome": "success", "status": "200"}] * 3
+    assert seen.latencies == [own] * 3
+
+
+class LostModel:
+    """A model deployment's handle whose replica is gone: Serve raises ActorUnavailableError."""
+
+    deployment_name = "model-default"
+
+    def __init__(self) -> None:
+        self.complete = SimpleNamespace(remote=self._lost)
+        self.stream = SimpleNamespace(remote=self._lost_stream)
+
+    def options(self, **_: Any) -> LostModel:
+        return self
+
+    async def _lost(self, request: ModelRequest) -> Any:
+        raise ActorUnavailableError("Actor is unavailable.", None)
+
+    async def _lost_stream(self, request: ModelRequest) -> AsyncIterator[Any]:
+        raise ActorUnavailableError("Actor is unavailable.", None)
+        yield  # pragma: no cover
+
+
+def test_a_lost_model_replica_is_a_503_naming_the_model_deployment_and_is_counted(tmp_path: Path) -> None:
+    async def scenario() -> tuple[Any, list[Any], Counted]:
+        agent = worker(tmp_path, LostModel())
+        seen = counting(agent)
+        outcome = await agent.chat(ask(), Context.new())
+        events = [e async for e in agent.stream(ask(stream=True), Context.new())]
+        return outcome, events, seen
+
+    outcome, events, seen = run(scenario())
+    message = "model deployment 'model-default' is unavailable: a replica is gone or restarting; retry later"
+    assert isinstance(outcome, ModelUnavailable) and outcome.status == 503 and outcome.message == message
+    (failure,) = events  # before any token: the ingress answers it as a status
+    assert isinstance(failure, ModelUnavailable) and failure.message == message
+    assert [(c["status"], c["outcome"]) for c in seen.counts] == [("503", "error")] * 2

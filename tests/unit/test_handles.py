@@ -95,43 +95,140 @@ def _died() -> Exception:
     return ActorDiedError()
 
 
-# (hop, failure, status, message): one mapper, whoever made the call.
+def _lost() -> Exception:
+    """What Serve raises when a replica dies under a gRPC call (it turns UNAVAILABLE into it)."""
+    from ray.exceptions import ActorUnavailableError
+
+    return ActorUnavailableError("Actor is unavailable.", None)
+
+
+def _actor() -> Exception:
+    from ray.exceptions import RayActorError
+
+    return RayActorError()
+
+
+def _replica() -> Exception:
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return ReplicaUnavailableError("fleet#tester#abc")
+
+
+def _task(cause: Exception) -> Exception:
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("chat", "Traceback ...", cause, ip="127.0.0.1")  # type: ignore[no-untyped-call]
+
+
+GONE = "is unavailable: a replica is gone or restarting; retry later"
+
+# (hop, failure, status, code, message): one mapper, whoever made the call. A failure a
+# retry can fix is a 503; a model deployment's own failure a 502; anything else Fleet's bug.
 MAPPED = [
-    ("agent", _full, 503, "agent 'tester' is at capacity; retry later"),
-    ("agent", _unavailable, 503, "agent 'tester' is not available yet; retry later"),
+    ("agent", _full, 503, "overloaded", "agent 'tester' is at capacity; retry later"),
+    ("agent", _unavailable, 503, "agent_unavailable", "agent 'tester' is not available yet; retry later"),
+    ("agent", _lost, 503, "agent_unavailable", f"agent 'tester' {GONE}"),
+    ("agent", _died, 503, "agent_unavailable", f"agent 'tester' {GONE}"),
+    ("agent", _actor, 503, "agent_unavailable", f"agent 'tester' {GONE}"),
+    ("agent", _replica, 503, "agent_unavailable", f"agent 'tester' {GONE}"),
+    ("agent", lambda: _task(_died()), 503, "agent_unavailable", f"agent 'tester' {GONE}"),
+    ("agent", lambda: _rpc_error("UNAVAILABLE"), 503, "agent_unavailable", f"agent 'tester' {GONE}"),
+    ("agent", lambda: _rpc_error("CANCELLED"), 503, "agent_unavailable", f"agent 'tester' {GONE}"),
     (
         "agent",
-        lambda: _rpc_error("CANCELLED"),
+        lambda: _rpc_error("INTERNAL"),
         500,
-        "agent 'tester' could not be reached: the call failed in transport (gRPC CANCELLED)",
+        "agent_error",
+        "agent 'tester' could not be reached: the call failed in transport (gRPC INTERNAL)",
     ),
-    ("agent", lambda: ValueError("x"), 500, "agent 'tester' failed: ValueError"),
-    ("delegate", _full, 500, "agent 'tester' is unavailable: BackPressureError"),
+    ("agent", lambda: _task(ValueError("x")), 500, "agent_error", "agent 'tester' failed: RayTaskError"),
+    ("agent", lambda: ValueError("x"), 500, "agent_error", "agent 'tester' failed: ValueError"),
+    ("delegate", _full, 503, "overloaded", "agent 'tester' is at capacity; retry later"),
+    ("delegate", _lost, 503, "agent_unavailable", f"agent 'tester' {GONE}"),
+    ("delegate", lambda: _rpc_error("UNAVAILABLE"), 503, "agent_unavailable", f"agent 'tester' {GONE}"),
     (
         "delegate",
-        lambda: _rpc_error("UNAVAILABLE"),
+        lambda: _rpc_error("INTERNAL"),
         500,
-        "agent 'tester' is unavailable: the call failed in transport (gRPC UNAVAILABLE)",
+        "agent_error",
+        "agent 'tester' is unavailable: the call failed in transport (gRPC INTERNAL)",
     ),
+    ("model", _full, 503, "overloaded", "model deployment 'tester' is at capacity; retry later"),
+    ("model", _unavailable, 503, "model_unavailable", "model deployment 'tester' is not available yet; retry later"),
+    ("model", _lost, 503, "model_unavailable", f"model deployment 'tester' {GONE}"),
+    ("model", _died, 503, "model_unavailable", f"model deployment 'tester' {GONE}"),
+    ("model", lambda: _rpc_error("UNAVAILABLE"), 503, "model_unavailable", f"model deployment 'tester' {GONE}"),
+    (
+        "model",
+        lambda: _rpc_error("INTERNAL"),
+        502,
+        "model_error",
+        "model deployment 'tester' could not be reached: the call failed in transport (gRPC INTERNAL)",
+    ),
+    ("model", lambda: _task(ValueError("x")), 502, "model_error", "model deployment 'tester' failed: RayTaskError"),
+    ("model", lambda: KeyError("k"), 500, "agent_error", "the call to model deployment 'tester' failed: KeyError"),
+    ("behind", _died, 503, "agent_unavailable", f"a deployment behind agent 'tester' {GONE}"),
     (
         "behind",
         lambda: _rpc_error("UNAVAILABLE"),
-        502,
-        "a deployment behind agent 'tester' could not be reached: the call failed in transport "
-        "(gRPC UNAVAILABLE)",
+        503,
+        "agent_unavailable",
+        f"a deployment behind agent 'tester' {GONE}",
     ),
-    ("behind", _died, 502, "a deployment behind agent 'tester' is unavailable"),
-    ("behind", lambda: KeyError("k"), 500, "agent 'tester' failed (request req_1)"),
-]
+    (
+        "behind",
+        lambda: _rpc_error("INTERNAL"),
+        502,
+        "model_error",
+        "a deployment behind agent 'tester' could not be reached: the call failed in transport "
+        "(gRPC INTERNAL)",
+    ),
+    ("behind", lambda: _task(ValueError("x")), 502, "model_error", "a deployment behind agent 'tester' failed: RayTaskError"),
+    ("behind", lambda: KeyError("k"), 500, "agent_error", "agent 'tester' failed (request req_1)"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("hop", "failure", "status", "message"), MAPPED, ids=[f"{m[0]}-{i}" for i, m in enumerate(MAPPED)]
+    ("hop", "failure", "status", "code", "message"), MAPPED, ids=[f"{m[0]}-{i}" for i, m in enumerate(MAPPED)]
 )
 def test_a_failed_handle_call_maps_to_one_client_error(
-    hop: Any, failure: Callable[[], Exception], status: int, message: str
+    hop: Any, failure: Callable[[], Exception], status: int, code: str, message: str
 ) -> None:
     from serve.handles import handle_error
 
     error = handle_error(failure(), "tester", hop, "req_1")
-    assert (error.status, error.message) == (status, message)
+    assert (error.status, error.code, error.message) == (status, code, message)
+
+
+def test_a_lost_replica_is_a_503_with_retry_after_and_a_bug_is_a_500_without() -> None:
+    """What a client sees: a failure a retry can fix says when to retry; Fleet's own bug does not."""
+    import json
+
+    from serve.handles import handle_error
+    from serve.protocol import error_response
+
+    gone = error_response(handle_error(_lost(), "tester"), retry_after=2)
+    assert (gone.status_code, gone.headers["retry-after"]) == (503, "2")
+    body = json.loads(bytes(gone.body))
+    assert body["error"]["code"] == "agent_unavailable" and body["error"]["type"] == "server_error"
+    assert "ActorUnavailableError" not in body["error"]["message"]  # Ray's name is not the client's business
+    bug = error_response(handle_error(ValueError("x"), "tester"))
+    assert bug.status_code == 500 and "retry-after" not in bug.headers
+
+
+def test_a_replica_that_is_gone_is_told_apart_from_other_failures() -> None:
+    from serve.handles import retry_reason
+
+    assert (
+        retry_reason(_lost())
+        == retry_reason(_rpc_error("UNAVAILABLE"))
+        == "is unavailable: a replica is gone or restarting"
+    )
+    assert retry_reason(_full()) == "is at capacity"
+    for other in (
+        _rpc_error("INTERNAL"),
+        _rpc_error("RESOURCE_EXHAUSTED"),
+        _task(ValueError("x")),
+        KeyError("k"),
+    ):
+        assert retry_reason(other) is None, other

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -111,6 +112,8 @@ def test_steps_are_counted_by_their_type_and_handed_on_as_records() -> None:
         ModelCallStep("tester", 1, 5, 2, 1, "tool_calls"),
         ToolCallStep("tester", "lookup", "ok", 0.1),
         ToolCallStep("tester", "made_up", "invalid", 0.0),  # a name the manifest does not declare
+        ToolCallStep("tester", "made_up", "denied", 0.0),  # made up, then refused by a policy: still invalid
+        ToolCallStep("tester", "lookup", "denied", 0.0),  # a declared tool the policy refused
         DelegationStep("tester", "helper"),
         OutcomeStep(200, finish_reason="stop"),  # the ingress's: recorded, not counted here
     ]
@@ -123,15 +126,92 @@ def test_steps_are_counted_by_their_type_and_handed_on_as_records() -> None:
         (m.model_calls, 1, {**version, "finish_reason": "tool_calls"}),
         (m.tool_calls, 1, {**version, "tool": "lookup", "status": "ok"}),
         (m.tool_calls, 1, {**version, "tool": "unknown", "status": "invalid"}),
+        (m.tool_calls, 1, {**version, "tool": "unknown", "status": "invalid"}),
+        (m.tool_calls, 1, {**version, "tool": "lookup", "status": "denied"}),
         (m.delegations, 1, {"agent": "tester", "target": "helper"}),
     ]
     assert [e["kind"] for e in inner.events] == [
         "model_call",
         "tool_call",
         "tool_call",
+        "tool_call",
+        "tool_call",
         "delegation",
         "outcome",
     ]
+
+
+class Observed:
+    """Stands in for the request tally and the latency histogram: the tags each got."""
+
+    def __init__(self) -> None:
+        self.counts: list[dict[str, str]] = []
+        self.latencies: list[dict[str, str]] = []
+
+    def inc(self, counter: Any, value: float, tags: dict[str, str]) -> None:
+        self.counts.append(tags)
+
+    def observe(self, seconds: float, tags: dict[str, str]) -> None:
+        self.latencies.append(tags)
+
+
+def observed(metrics: Any) -> Observed:
+    from types import SimpleNamespace
+
+    seen = Observed()
+    metrics._tally, metrics._m = seen, SimpleNamespace(requests="requests", latency=seen)
+    return seen
+
+
+@pytest.mark.parametrize("hop", ["ingress", "agent"])
+def test_requests_are_counted_per_agent_version_and_hop(hop: Any) -> None:
+    from serve.telemetry.metrics import RequestMetrics
+
+    metrics = RequestMetrics({"tester": "1.2.0"}, hop=hop)
+    seen = observed(metrics)
+    metrics.request("tester", 503, 0.2)
+    metrics.request("nobody", 404, 0.1)  # a name no agent has: bounded, and no latency
+    assert seen.counts == [
+        {"agent": "tester", "version": "1.2.0", "hop": hop, "outcome": "error", "status": "503"},
+        {"agent": "unknown", "version": "unknown", "hop": hop, "outcome": "client_error", "status": "404"},
+    ]
+    assert seen.latencies == [{"agent": "tester", "version": "1.2.0", "hop": hop}]
+
+
+def test_a_timed_request_keeps_its_first_status_and_without_one_is_499() -> None:
+    from serve.telemetry.metrics import RequestMetrics
+
+    metrics = RequestMetrics({"tester": "1.0.0"}, hop="agent")
+    seen = observed(metrics)
+    timed = metrics.timed("tester")
+    timed.end(200)
+    timed.end(500)  # a later failure (the stream's consumer gone) does not change what was answered
+    timed.record()
+    metrics.timed("tester").record()  # its caller gave up before any answer
+    assert [c["status"] for c in seen.counts] == ["200", "499"]
+
+
+REQUEST_METRICS = ("ray_fleet_requests_total", "ray_fleet_request_duration_seconds_bucket")
+
+
+def test_no_rule_or_panel_sums_requests_over_both_hops() -> None:
+    """Every request is counted at the ingress and at its agent: a rule picks one view, or groups by it."""
+    rules = [r["expr"] for g in alert_rules(specs())["groups"] for r in g["rules"]]
+    panels = [t["expr"] for p in dashboard(specs())["panels"] for t in p["targets"]]
+    for expr in rules + panels:
+        for part in re.split(r"\bor\b", expr):
+            if any(name in part for name in REQUEST_METRICS):
+                assert 'hop="' in part or "by (agent, hop" in part, part
+    by_agent = {
+        g["name"].removeprefix("fleet-"): {r["alert"]: r["expr"] for r in g["rules"]}
+        for g in alert_rules(specs())["groups"]
+    }
+    hr = by_agent["hr-policy-advisor"]  # a domain agent: reached through the orchestrator
+    assert 'hop="agent"' in hr["FleetAgentLatencySLO"] and 'hop="agent"' in hr["FleetAgentLatencySpike"]
+    assert (
+        'hop="agent"' in hr["FleetAgentAvailabilitySLO"]
+        and 'hop="ingress"' in hr["FleetAgentAvailabilitySLO"]
+    )
 
 
 class RecordingCounter:
