@@ -27,6 +27,7 @@ from serve.audit.link import serve_link
 from serve.audit.log import AuditLog, audit_key, digest
 from serve.canonical import canonical
 from serve.settings import settings
+from serve.telemetry import logs
 
 __all__ = ["AuditService", "AuditWriter", "explanation"]
 
@@ -88,6 +89,7 @@ class AuditService:
     goes, so does the writer, and the next replica starts a new one (clients ask again)."""
 
     def __init__(self, path: str) -> None:
+        logs.route_to_serve()
         node = ray.get_runtime_context().get_node_id()
         writer = ray.remote(AuditWriter).options(
             num_cpus=0,
