@@ -10,15 +10,16 @@ export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_SERVE_LOG_TO_STDERR ?= 0
 
-.PHONY: install up down test check bench schema
+.PHONY: install browser up down test check bench schema
 
 $(STAMP): requirements.lock pyproject.toml
-	@echo "[1/2] creating $(VENV) and installing the pinned packages (requirements.lock) ..."
+	@echo "[1/3] creating $(VENV) ..."
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@# pip's "Location ... is ignored" lines come from this machine's pip config: noise.
-	@bash -o pipefail -c '$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }' 
-	@echo "[2/2] installing fleet (editable) ..."
-	@bash -o pipefail -c '$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }' 
+	@echo "[2/3] installing $$(grep -c '==' requirements.lock) pinned packages (requirements.lock; about 3 GB, minutes on a first run) ..."
+	@# One line per package as pip takes it; pip's "Location ... is ignored" lines come from this machine's pip config: noise.
+	@bash -o pipefail -c '$(BIN)/pip install --progress-bar off --disable-pip-version-check --no-deps -r requirements.lock 2>&1 | { grep -E "^(Collecting|Installing|Successfully|ERROR)" || true; }'
+	@echo "[3/3] installing fleet (editable) ..."
+	@bash -o pipefail -c '$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }'
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +32,12 @@ up: install
 down:
 	$(BIN)/fleet down
 
-test: install
+# The explanation page's test reads it in a real headless browser: Debian's chromium.
+browser:
+	@command -v chromium >/dev/null || { echo "installing chromium (Debian's package) for the browser test ..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: install browser
 	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e
 
 check: install
