@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import ray._raylet  # noqa: F401  # before regopy: see the note below
 from pydantic import ValidationError
+
+# Ray's extension must be loaded before regopy's: loaded first, regopy's library takes
+# over symbols that Ray's bundled gRPC also defines, and the next Ray GCS client a process
+# makes aborts ("free(): invalid pointer" in grpc_core::ChannelInit). A process that
+# imports the policy engine and then calls ray.init (a test driver, a bench) crashed.
 from regopy import Input, Interpreter, LogLevel, RegoError
 from regopy.rego_shared import rego as _C
 
