@@ -167,10 +167,10 @@ class AgentDeployment:
         timed = self._metrics.timed(self.name)
         try:
             outcome = await self._chat(request, ctx)
-            timed.end(outcome.status if isinstance(outcome, RequestError) else 200)
+            timed.end(_status(outcome, 200))
             return outcome
         except Exception as exc:
-            timed.end(exc.status if isinstance(exc, RequestError) else 500)
+            timed.end(_status(exc, 500))
             raise
         finally:
             timed.record()
@@ -215,10 +215,10 @@ class AgentDeployment:
             async with contextlib.aclosing(self._stream(request, ctx)) as items:
                 async for item in items:
                     if isinstance(item, Finished | RequestError):
-                        timed.end(item.status if isinstance(item, RequestError) else 200)
+                        timed.end(_status(item, 200))
                     yield item
         except Exception as exc:
-            timed.end(exc.status if isinstance(exc, RequestError) else 500)
+            timed.end(_status(exc, 500))
             raise
         finally:
             timed.record()
@@ -276,3 +276,8 @@ class AgentDeployment:
 
     def _internal(self, exc: Exception, ctx: Context) -> RequestError:
         return handle_error(exc, self.name, "behind", ctx.request_id)
+
+
+def _status(outcome: object, otherwise: int) -> int:
+    """The status a call ended with, for the agent's own request metrics."""
+    return outcome.status if isinstance(outcome, RequestError) else otherwise
