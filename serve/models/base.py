@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve.protocol import ResponseFormat, ToolCall, Usage
 
@@ -52,6 +52,19 @@ class ModelRequest(BaseModel):
         default=True,
         description="Whether the caller streams; a deployment answers unary calls in one piece.",
     )
+    choice: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="A constrained choice: the reply's content is exactly one of these strings "
+        "(vLLM structured outputs' `choice`; a named tool call upstream). An agent's routing call "
+        "(serve/loop/routing.py) picks a delegate so; it offers no tools.",
+    )
+
+    @model_validator(mode="after")
+    def _a_choice_offers_no_tools(self) -> ModelRequest:
+        if self.choice is not None and self.tools:
+            raise ValueError("a choice call offers no tools")
+        return self
 
 
 class ModelChunk(BaseModel):

@@ -12,6 +12,10 @@ It is stateless (the position comes from the conversation), so any replica of an
 plays the same script. The script is the whole truth: sampling arguments (``temperature``,
 ``top_p``, ``seed``, penalties, ``logit_bias``), ``stop``, ``response_format`` and
 ``parallel_tool_calls`` are ignored; only ``max_tokens`` and ``tool_choice: "none"`` apply.
+A ``choice`` does not constrain it either: a script answers an agent's routing call with
+the choice as its content (``content: hr-policy-advisor``) or, as a script written for an
+agent without routing does, with a call to the delegate's tool; the loop reads either
+(:mod:`serve.loop.routing`).
 """
 
 from __future__ import annotations

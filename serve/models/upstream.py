@@ -3,10 +3,15 @@
 The request's sampling arguments, ``response_format`` (as the client wrote it: the
 upstream applies it to the answer, not to tool calls) and ``parallel_tool_calls`` are
 passed on; the upstream enforces them.
+
+A ``choice`` request is asked as a named call of one tool, ``choose``, whose one argument
+is an enum of the choices (named tool choices are what OpenAI-compatible upstreams,
+vLLM's server among them, all constrain); the reply's content is the argument.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -25,6 +30,7 @@ __all__ = ["OpenAIBackend", "OpenAIConfig"]
 # effort) stay at Fleet: tiers would change the upstream's price under Fleet's cost
 # accounting, and end-user ids are the tenant's, not the upstream provider's.
 _PASSED = ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+CHOOSE = "choose"  # the tool a choice request is asked as
 
 
 class OpenAIConfig(BackendSettings):
@@ -82,7 +88,10 @@ class OpenAIBackend:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if request.tools:
+        if request.choice is not None:
+            params["tools"] = [_choice_tool(request.choice)]
+            params["tool_choice"] = {"type": "function", "function": {"name": CHOOSE}}
+        elif request.tools:
             params["tools"] = request.tools
             params["tool_choice"] = request.tool_choice
             if request.parallel_tool_calls is not None:  # upstreams refuse it without tools
@@ -113,13 +122,45 @@ class OpenAIBackend:
                     finish = choice.finish_reason or finish
                     if choice.delta.tool_calls:
                         calls.add(choice.delta.tool_calls)
-                    if choice.delta.content:
+                    if choice.delta.content and request.choice is None:  # a choice is its call's
                         yield ModelChunk(content=choice.delta.content)
         except openai.BadRequestError as exc:
             raise InvalidRequest(f"the model rejected the request: {exc.message}", param="messages") from None
         except openai.APIError as exc:
             raise ModelError(f"upstream model failed: {type(exc).__name__}: {exc.message}") from None
         tool_calls = calls.result()
+        if request.choice is not None:
+            yield ModelChunk(content=_chosen(tool_calls), finish_reason="stop", usage=usage or Usage())
+            return
         if finish not in ("stop", "length", "tool_calls"):
             finish = "tool_calls" if tool_calls else "stop"
         yield ModelChunk(tool_calls=tool_calls, finish_reason=finish, usage=usage or Usage())
+
+
+def _choice_tool(choice: list[str]) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": CHOOSE,
+            "description": "Give your choice.",
+            "parameters": {
+                "type": "object",
+                "properties": {"choice": {"type": "string", "enum": list(choice)}},
+                "required": ["choice"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+def _chosen(calls: list[ToolCall]) -> str:
+    """The choice a ``choose`` call made ("" if the upstream made none: no choice)."""
+    for call in calls:
+        if call.function.name != CHOOSE:
+            continue
+        try:
+            value = json.loads(call.function.arguments).get("choice")
+        except (ValueError, AttributeError):
+            return ""
+        return value if isinstance(value, str) else ""
+    return ""

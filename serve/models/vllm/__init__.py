@@ -4,7 +4,8 @@
   arguments; validates without vLLM;
 - :mod:`~serve.models.vllm.prompting`: the tool-call JSON schema and the prompt a model
   without a tool-aware template is shown ("deterministic tool binding");
-- :mod:`~serve.models.vllm.decoding`: reading the generated text as it streams;
+- :mod:`~serve.models.vllm.decoding`: reading the generated text as it streams, and
+  seeing it fall into a loop;
 - :mod:`~serve.models.vllm.backend`: :class:`VLLMBackend`, the engine itself, and vLLM's
   errors as Fleet's.
 

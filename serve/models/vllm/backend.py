@@ -15,6 +15,11 @@ without tools is generated under its schema; one that may call tools under the t
 schemas with the answer's inside, in ``parser`` mode too (a parser cannot constrain the
 answer). The request's sampling arguments (penalties, ``logit_bias``, ``seed``) go to
 vLLM's ``SamplingParams`` for every reply; ``stop`` only for free text.
+
+A ``choice`` request (an agent's routing call) is generated under vLLM's ``choice``
+constraint: its reply is one of the strings. Every other reply gets the config's
+``repetition_penalty``, and its text is watched by a :class:`RepetitionGuard`: a reply
+fallen into a loop ends there, as vLLM's own repetition stop would end it ("length").
 """
 
 from __future__ import annotations
@@ -29,7 +34,14 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
 from serve.errors import ConfigError, InvalidRequest, ModelError, ModelUnavailable, Overloaded, RequestError
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.vllm.config import VLLMConfig, engine_args, engine_env, resolve_model
-from serve.models.vllm.decoding import AutoDecoder, CallDecoder, Decoder, ParserDecoder, TextDecoder
+from serve.models.vllm.decoding import (
+    AutoDecoder,
+    CallDecoder,
+    Decoder,
+    ParserDecoder,
+    RepetitionGuard,
+    TextDecoder,
+)
 from serve.models.vllm.prompting import (
     answer_schema,
     flatten_messages,
@@ -48,8 +60,8 @@ __all__ = ["DEFAULT_MAX_TOKENS", "VLLMBackend"]
 
 # vLLM's own default is 16 tokens, far too few for an answer; the prompt's room bounds it too.
 DEFAULT_MAX_TOKENS = 512
-# vLLM's finish reasons that end a reply normally; "repetition" (a loop vLLM detected)
-# cuts the reply short, as a length limit does.
+# vLLM's finish reasons that end a reply normally; "repetition" (a loop vLLM or the
+# config's repetition_stop detected) cuts the reply short, as a length limit does.
 _FINISH: dict[str, Literal["stop", "length"]] = {"stop": "stop", "length": "length", "repetition": "length"}
 # vLLM length errors name one of these parameters; they are about the conversation.
 _LENGTH_PARAMS = frozenset({"input_tokens", "input_text", "max_model_len", "max_total_tokens"})
@@ -197,6 +209,8 @@ class VLLMBackend:
     def _decoder(self, request: ModelRequest) -> tuple[Decoder, dict[str, Any] | None, bool]:
         """How to read the reply, the schema constraining it, and skip_special_tokens."""
         answer = answer_schema(request.response_format)
+        if request.choice is not None:
+            return TextDecoder(), None, True  # constrained by the choice itself (see _sampling)
         if not self._uses_tools(request):
             return TextDecoder(), answer, True
         if self._parses(request) and self._parser_cls is not None:
@@ -220,16 +234,31 @@ class VLLMBackend:
         options: dict[str, Any] = {
             key: value for key in _SAMPLING if (value := getattr(request, key)) is not None
         }
-        if schema is not None:
+        if request.choice is not None:
+            options["structured_outputs"] = StructuredOutputsParams(choice=list(request.choice))
+        elif schema is not None:
             # Compact JSON: a small model left free to add whitespace may never stop.
             options["structured_outputs"] = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
         elif request.stop:  # free text only: a stop string inside the JSON would cut it
             options["stop"] = list(request.stop)
+        # Not for a choice: its options are in the prompt by design (a penalty would only
+        # skew the pick), and a constrained choice cannot loop.
+        penalty = self.config.applied_repetition_penalty
+        if request.choice is None and penalty != 1.0:
+            options["repetition_penalty"] = penalty
         return SamplingParams(
             max_tokens=min(request.max_tokens or DEFAULT_MAX_TOKENS, self._max_model_len - prompt_len),
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=skip_special,
             **options,
+        )
+
+    def _repetition_guard(self) -> RepetitionGuard | None:
+        stop = self.config.repetition_stop
+        if stop is None:
+            return None
+        return RepetitionGuard(
+            min_chars=stop.min_chars, max_period=stop.max_period, min_repeats=stop.min_repeats
         )
 
     def _effective(self, request: ModelRequest) -> ModelRequest:
@@ -248,6 +277,7 @@ class VLLMBackend:
         params = self._sampling(request, prompt_len, schema, skip_special)
         usage = Usage(prompt_tokens=prompt_len)
         finish = "stop"
+        looping = self._repetition_guard()
         generator = self._engine.generate(engine_input, params, f"fleet-{uuid.uuid4().hex}")
         try:
             # aclosing: a consumer that stops early (client gone, task cancelled) closes
@@ -260,6 +290,9 @@ class VLLMBackend:
                     finish = piece.finish_reason or finish
                     if content := decoder.feed(piece.text, piece.token_ids):
                         yield ModelChunk(content=content)
+                    if looping is not None and looping.feed(piece.text):
+                        finish = "repetition"  # leaving the loop aborts the request in the engine
+                        break
         except Exception as exc:
             _reraise(exc)
         if finish not in _FINISH:  # "abort" or "error"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve.errors import ConfigError
 from serve.handles import grpc_limit_env
@@ -18,7 +18,16 @@ from serve.models.base import BackendSettings
 if TYPE_CHECKING:
     from vllm import AsyncEngineArgs
 
-__all__ = ["GIB", "Dtype", "VLLMConfig", "engine_args", "engine_env", "resolve_model"]
+__all__ = [
+    "EMBEDDED_REPETITION_PENALTY",
+    "GIB",
+    "Dtype",
+    "RepetitionStop",
+    "VLLMConfig",
+    "engine_args",
+    "engine_env",
+    "resolve_model",
+]
 
 GIB = 1 << 30
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -31,6 +40,32 @@ _QUIET_ENV = {
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # what vLLM forces anyway; saying it quiets a warning
     "VLLM_LOGGING_LEVEL": "WARNING",
 }
+
+
+# vLLM's repetition penalty for the embedded model when the config sets none: SmolLM2-135M
+# left at 1.0 loops (issue 17: "...53.143.14.14.14..." until max_tokens); 1.1 is mild enough
+# to leave copying a tool's result or an id from the question alone.
+EMBEDDED_REPETITION_PENALTY = 1.1
+
+
+class RepetitionStop(BaseModel):
+    """When a reply counts as stuck in a loop: its text ends with ``min_chars`` or more
+    characters that repeat one unit of at most ``max_period`` characters, ``min_repeats``
+    times or more."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_chars: int = Field(
+        default=48,
+        ge=8,
+        description="Length of the repeated stretch, in characters, at which the reply ends.",
+    )
+    max_period: int = Field(
+        default=48, ge=1, le=256, description="Longest repeated unit looked for, in characters."
+    )
+    min_repeats: int = Field(
+        default=4, ge=2, description="Repeats of the unit, at least (a sentence said 4 times in a row)."
+    )
 
 
 class VLLMConfig(BackendSettings):
@@ -87,6 +122,21 @@ class VLLMConfig(BackendSettings):
         "message, the model may only answer. Small models such as SmolLM2 otherwise call the same "
         "tool again and again. Unset = no limit.",
     )
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0,
+        le=2,
+        description="vLLM's repetition penalty (above 1 discourages tokens already in the prompt or "
+        f"the reply) for every reply but a routing choice. Unset: {EMBEDDED_REPETITION_PENALTY} for an "
+        "embedded model (a 135M model loops without it), 1 (none) for others. The request's own "
+        "presence and frequency penalties apply beside it.",
+    )
+    repetition_stop: RepetitionStop | None = Field(
+        default_factory=RepetitionStop,
+        description="End a reply whose text has fallen into a loop (finish_reason `length`, as vLLM's "
+        "own repetition stop): the engine stops generating at once instead of at max_tokens. "
+        "null: off.",
+    )
     num_gpus: float = Field(
         default=0, ge=0, description="GPUs the deployment's replica asks Ray for; 0 = CPU."
     )
@@ -126,6 +176,13 @@ class VLLMConfig(BackendSettings):
                 f"gpu_memory_utilization {self.gpu_memory_utilization} is more than this replica's "
                 f"share of the GPU (num_gpus {self.num_gpus})"
             )
+
+    @property
+    def applied_repetition_penalty(self) -> float:
+        """``repetition_penalty``, or its default for this model."""
+        if self.repetition_penalty is not None:
+            return self.repetition_penalty
+        return EMBEDDED_REPETITION_PENALTY if self.embedded else 1.0
 
     @property
     def on_gpu(self) -> bool:

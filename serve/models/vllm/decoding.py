@@ -2,7 +2,8 @@
 
 One decoder per reply, chosen by the backend for the request's tools and ``tool_choice``:
 plain text, one forced call, an ``auto`` JSON answer (content or a call, see
-:class:`JsonAnswerScanner`), or vLLM's tool parser in ``parser`` mode.
+:class:`JsonAnswerScanner`), or vLLM's tool parser in ``parser`` mode. Beside it a
+:class:`RepetitionGuard` watches the raw text for a degenerate loop.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ __all__ = [
     "JsonAnswerScanner",
     "JsonValueText",
     "ParserDecoder",
+    "RepetitionGuard",
     "TextDecoder",
+    "repeating_unit",
 ]
 
 _CONTENT_START = re.compile(r'\s*\{\s*"content"\s*:\s*"')
@@ -219,3 +222,35 @@ class ParserDecoder:
             )
             for c in info.tool_calls
         ]
+
+
+def repeating_unit(text: str, *, min_chars: int, max_period: int, min_repeats: int) -> str | None:
+    """The unit ``text`` ends repeating, or ``None``: its last ``min_chars`` characters or
+    more are one unit of at most ``max_period`` characters, ``min_repeats`` times or more
+    (the shortest such unit: ``"abab"`` repeats ``"ab"``, ``"aaaa"`` repeats ``"a"``)."""
+    for period in range(1, max_period + 1):
+        span = max(min_chars, min_repeats * period)
+        if span > len(text):  # longer units need a longer stretch still
+            return None
+        # A stretch has period p when it equals itself shifted by p (C-speed slices).
+        if text[len(text) - span + period :] == text[len(text) - span : len(text) - period]:
+            return text[len(text) - period :]
+    return None
+
+
+class RepetitionGuard:
+    """Watches a reply's raw text as it is generated: :meth:`feed` says when it has fallen
+    into a loop (see :func:`repeating_unit`), so that the backend ends it at once rather
+    than at ``max_tokens``. Keeps only the tail a loop can be seen in."""
+
+    def __init__(self, *, min_chars: int, max_period: int, min_repeats: int) -> None:
+        self._limits = {"min_chars": min_chars, "max_period": max_period, "min_repeats": min_repeats}
+        self._keep = max(min_chars, min_repeats * max_period)
+        self._tail = ""
+
+    def feed(self, delta: str) -> bool:
+        """Add generated text; whether the text now ends in a loop."""
+        if not delta:
+            return False
+        self._tail = (self._tail + delta)[-self._keep :]
+        return repeating_unit(self._tail, **self._limits) is not None

@@ -249,3 +249,47 @@ def test_an_argument_the_engine_refuses_is_named(vllm: Any) -> None:
     with pytest.raises(InvalidRequest) as caught:
         run(chunks(backend(engine), ask(logit_bias={99999: 1})))
     assert caught.value.param == "logit_bias"
+
+
+def test_the_embedded_models_repetition_penalty_goes_beside_the_requests_penalties(vllm: Any) -> None:
+    engine = FakeEngine(["ok"])
+    run(chunks(backend(engine), ask(presence_penalty=0.5, frequency_penalty=0.25)))
+    params = engine.params
+    assert (params.repetition_penalty, params.presence_penalty, params.frequency_penalty) == (1.1, 0.5, 0.25)
+    other = FakeEngine(["ok"])
+    run(chunks(backend(other, repetition_penalty=1.0), ask()))
+    assert other.params.repetition_penalty == 1.0  # vLLM's own default: none
+
+
+def test_a_choice_is_generated_under_the_choice_constraint_without_a_penalty(vllm: Any) -> None:
+    engine = FakeEngine(["fleet", "-monitor"])
+    choices = ["hr-policy-advisor", "fleet-monitor", "none"]
+    reply = run(collect(backend(engine).stream(ask(choice=choices, stop=["\n"], max_tokens=32))))
+    assert (reply.content, reply.finish_reason, reply.tool_calls) == ("fleet-monitor", "stop", [])
+    so = engine.params.structured_outputs
+    assert so.choice == choices and so.json is None
+    assert engine.params.repetition_penalty == 1.0  # the choices are in the prompt by design
+    assert not engine.params.stop
+    assert engine.conversations[0] == [{"role": "user", "content": "Hi"}]  # no tool instructions
+
+
+def test_a_reply_fallen_into_a_loop_ends_at_once_and_the_engine_stops(vllm: Any) -> None:
+    """Issue 17's answer looped until max_tokens; the guard ends it after 48 characters."""
+    engine = FakeEngine(["2023-08-22 12:32:53.143", *[".14"] * 200])
+    got = run(chunks(backend(engine), ask()))
+    text = "".join(c.content for c in got)
+    assert text == "2023-08-22 12:32:53.143" + ".14" * 16
+    assert got[-1].finish_reason == "length" and engine.closed  # leaving the stream aborts the request
+    assert got[-1].usage is not None and got[-1].usage.completion_tokens == 17
+
+
+def test_a_call_whose_arguments_loop_is_no_call(vllm: Any) -> None:
+    engine = FakeEngine(['{"name": "get_weather", "arguments": {"city": "', *["Oslo "] * 40, '"}}'])
+    reply = run(collect(backend(engine).stream(ask(tools=[WEATHER], tool_choice="required"))))
+    assert (reply.finish_reason, reply.tool_calls) == ("length", [])
+
+
+def test_the_repetition_stop_can_be_turned_off(vllm: Any) -> None:
+    engine = FakeEngine(["a", *[".14"] * 30])
+    got = run(chunks(backend(engine, repetition_stop=None), ask()))
+    assert "".join(c.content for c in got) == "a" + ".14" * 30 and got[-1].finish_reason == "stop"

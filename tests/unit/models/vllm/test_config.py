@@ -12,7 +12,15 @@ import pytest
 from pydantic import ValidationError
 
 from serve.errors import ConfigError
-from serve.models.vllm.config import GIB, VLLMConfig, engine_args, engine_env, resolve_model
+from serve.models.vllm.config import (
+    EMBEDDED_REPETITION_PENALTY,
+    GIB,
+    RepetitionStop,
+    VLLMConfig,
+    engine_args,
+    engine_env,
+    resolve_model,
+)
 from tests.unit.conftest import ROOT
 from tests.unit.models.vllm.conftest import config
 
@@ -44,11 +52,26 @@ def test_every_field_is_described() -> None:
         ({"dtype": "int8"}, "Input should be"),
         ({"max_model_len": 0}, "greater than or equal"),
         ({"surprise": 1}, "Extra inputs are not permitted"),
+        ({"repetition_penalty": 0}, "greater than 0"),
+        ({"repetition_stop": {"min_repeats": 1}}, "greater than or equal to 2"),
+        ({"repetition_stop": {"period": 3}}, "Extra inputs are not permitted"),
     ],
 )
 def test_invalid_configs_are_rejected(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         config(**changes)
+
+
+def test_the_embedded_model_gets_a_repetition_penalty_and_every_model_the_repetition_stop() -> None:
+    assert config().applied_repetition_penalty == EMBEDDED_REPETITION_PENALTY == 1.1
+    hub = config(model="Qwen/Qwen2.5-7B-Instruct", num_gpus=1)
+    assert hub.applied_repetition_penalty == 1.0  # none: a 7B model does not need it
+    tuned = config(model="Qwen/Qwen2.5-7B-Instruct", num_gpus=1, repetition_penalty=1.05)
+    assert tuned.applied_repetition_penalty == 1.05
+    assert config(repetition_penalty=1.0).applied_repetition_penalty == 1.0  # the embedded one's turned off
+    assert config().repetition_stop == RepetitionStop(min_chars=48, max_period=48, min_repeats=4)
+    assert hub.repetition_stop is not None
+    assert config(repetition_stop=None).repetition_stop is None
 
 
 def test_parser_mode_with_a_parser_and_gpu_configs_are_accepted() -> None:
