@@ -28,8 +28,11 @@ from serve.errors import ConfigError, field_path
 
 __all__ = [
     "API_VERSION",
+    "DIRECT_ROUTE",
     "AgentManifest",
     "AgentSpec",
+    "Routing",
+    "RoutingExample",
     "load_agent",
     "load_fleet",
     "manifest_json_schema",
@@ -194,6 +197,55 @@ class MemoryUse(Strict):
 MEMORY_TOOL_NAMES = ("remember", "recall", "search_memory", "write_context", "read_context")
 
 
+DIRECT_ROUTE = "none"  # the routing choice that delegates to no one
+
+
+class RoutingExample(Strict):
+    question: str = Field(min_length=1, description="A message as a user would write it.")
+    route: str = Field(
+        pattern=NAME_PATTERN,
+        description=f"The delegate that should take it, or `{DIRECT_ROUTE}` (no delegate; needs `direct`).",
+    )
+
+
+class Routing(Strict):
+    """How an agent with delegates picks the one that takes a request."""
+
+    mode: Literal["match", "choose"] = Field(
+        default="match",
+        description="How the delegate is picked, when the client set no `tool_choice` (or `auto`) "
+        "and sent no tools of its own. `match`: by words, without a model call: the user's message is "
+        "scored (BM25 over word stems) against each delegate's description, its routing description "
+        "and the examples that take it; no clear winner goes `none`. `choose`: the first model call is "
+        "a constrained choice among the delegates' names, from a short prompt built from the same "
+        "descriptions and examples (for a model that can read them: a 135M one names the same "
+        "delegate for everything). Either way the chosen delegate gets the user's message as its task "
+        "through the same policy, audit and spans as a model's own call.",
+    )
+    answer: Literal["delegate", "model"] = Field(
+        default="delegate",
+        description="`delegate`: the delegate's reply is the answer (a handoff: it passes this agent's "
+        "output policy, and no second model call is made). `model`: the model answers from the "
+        "reply, as after any call. A delegation that fails is always told to the model.",
+    )
+    direct: bool = Field(
+        default=True,
+        description=f"Offer `{DIRECT_ROUTE}` among the choices: delegate to no one, and go on as "
+        "without routing (the model answers, its tools and delegates still offered).",
+    )
+    descriptions: dict[str, str] = Field(
+        default_factory=dict,
+        description="What each delegate handles, by delegate name, beside the delegate's own "
+        "`description`: the words users write (leave, SKU, replicas) route best.",
+    )
+    examples: list[RoutingExample] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Messages and the route each should take: words of the route for `match`, "
+        "solved examples shown to the model for `choose`.",
+    )
+
+
 class Kpi(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="KPI identifier.")
     target: float = Field(description="Target value.")
@@ -227,6 +279,11 @@ class AgentManifest(Strict):
     )
     kpis: list[Kpi] = Field(default_factory=list, description="Business KPIs.")
     memory: MemoryUse = Field(default_factory=MemoryUse, description="Sessions and shared memory.")
+    routing: Routing | None = Field(
+        default=None,
+        description="How the agent picks the delegate for a request before its model speaks "
+        "(default: no routing; the model decides through its `delegate_to_<agent>` tools).",
+    )
     max_turns: int = Field(default=6, ge=1, le=50, description="Model calls per request, at most.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -254,6 +311,26 @@ class AgentManifest(Strict):
         for name in self.delegates:
             if delegate_tool_name(name) in names:
                 raise ValueError(f"tools: name {delegate_tool_name(name)!r} is reserved")
+        return self
+
+    @model_validator(mode="after")
+    def _routing_fits(self) -> AgentManifest:
+        routing = self.routing
+        if routing is None:
+            return self
+        if not self.delegates:
+            raise ValueError("routing: needs delegates to route to")
+        if routing.mode == "choose" and self.max_turns < 2:
+            raise ValueError("max_turns: `mode: choose` needs 2 at least (the choice, then the answer)")
+        if routing.direct and DIRECT_ROUTE in self.delegates:
+            raise ValueError(f"routing.direct: {DIRECT_ROUTE!r} is a delegate's name; set direct: false")
+        for name in routing.descriptions:
+            if name not in self.delegates:
+                raise ValueError(f"routing.descriptions.{name}: not among the delegates")
+        routes = [*self.delegates, DIRECT_ROUTE] if routing.direct else self.delegates
+        for i, example in enumerate(routing.examples):
+            if example.route not in routes:
+                raise ValueError(f"routing.examples[{i}].route: {example.route!r} is not one of {routes}")
         return self
 
 

@@ -16,6 +16,10 @@ Semantics (OpenAI function calling, end to end):
   told to the model as the tool's result and counted; they never fail the request.
 - Every step passes the agent's :class:`Guard` (governance): model input and output,
   each tool call, each delegation and each result. A refused call is told to the model.
+- An agent whose manifest routes (``routing: {mode: choose}``) makes its first model call
+  a choice among its delegates when the client left ``tool_choice`` to it and sent no
+  tools; the chosen delegate gets the user's message, as a call the model made would
+  (:mod:`serve.loop.routing`).
 
 This module drives the turns (model call, redaction of streamed text, finishing);
 :mod:`serve.loop.calls` runs each server-side call. What a turn carries from one model
@@ -37,8 +41,17 @@ from serve.errors import InvalidRequest, MaxTurnsExceeded
 from serve.loop.calls import ServerCalls
 from serve.loop.guard import Guard
 from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Event, Finished, ModelCaller
+from serve.loop.routing import (
+    ROUTING_MAX_TOKENS,
+    Matcher,
+    chosen,
+    delegation_call,
+    last_question,
+    routes,
+    routing_messages,
+)
 from serve.loop.state import LoopState
-from serve.manifest import AgentSpec
+from serve.manifest import DIRECT_ROUTE, AgentSpec, Routing
 from serve.models.base import ModelRequest
 from serve.policy.pii import StreamRedactor
 from serve.prompt import PromptRenderer
@@ -65,6 +78,10 @@ class AgentLoop:
         self._model = model
         self._prompt = PromptRenderer(spec)
         self._calls = ServerCalls(spec.manifest, tools, builtin or {}, delegates, guard)
+        # The routes: each delegate's description, in the manifest's order.
+        self._routes = {n: delegates[n].description for n in spec.manifest.delegates if n in delegates}
+        routing = spec.manifest.routing
+        self._matcher = Matcher(routing, self._routes) if routing and self._routes else None
 
     async def run(
         self, request: ChatRequest, ctx: Context, history: list[dict[str, Any]] | None = None
@@ -115,7 +132,18 @@ class AgentLoop:
         client_tools = self._client_tools(request)
         state = self._start(request, history)
         schemas = self._calls.schemas + [t.model_dump(exclude_none=True) for t in request.tools or []]
-        for turn in range(1, self.manifest.max_turns + 1):
+        first = 1
+        routing = self._routes_first(request, state, client_tools)
+        if routing is not None:
+            handed = await self._route(ctx, state, span, routing)
+            if handed is not None:  # the delegate's reply is the answer
+                if handed:
+                    yield ContentDelta(handed)
+                state.said.append(handed)
+                yield Finished(_answer(state, "stop"))
+                return
+            first = state.turn + 1
+        for turn in range(first, self.manifest.max_turns + 1):
             state.turn = turn
             state.stats.turns += 1
             await self._guard.model_input(ctx, state.messages[state.seen :], turn)
@@ -154,6 +182,83 @@ class AgentLoop:
         raise MaxTurnsExceeded(
             f"agent {self.manifest.name!r} did not finish within max_turns={self.manifest.max_turns}"
         )
+
+    def _routes_first(self, request: ChatRequest, state: LoopState, client_tools: set[str]) -> Routing | None:
+        """The routing, if the request is routed before the model speaks: never when the
+        client chose (``tool_choice`` other than ``auto``), sent tools the model may need to
+        call, or asked for a format (a delegate's reply would not keep it)."""
+        routing = self.manifest.routing
+        if routing is None or not self._routes:
+            return None
+        if state.tool_choice != "auto" or client_tools or not last_question(state.asked).strip():
+            return None
+        answer_format = request.response_format
+        if answer_format is not None and answer_format.type != "text":
+            return None
+        return routing
+
+    async def _route(self, ctx: Context, state: LoopState, span: otel.Span, routing: Routing) -> str | None:
+        """Route the request to a delegate before the model answers (:mod:`serve.loop.routing`).
+
+        The request passes the ``model_input`` point first, as for the model (what is routed
+        is the message as the guard left it). The delegation runs as a call the model made.
+        Returns the answer if the delegate's reply is it (a handoff), else ``None``: the
+        loop goes on, from the delegate's result or, routed nowhere, as without routing."""
+        await self._guard.model_input(ctx, state.messages[state.seen :], 1)
+        state.seen = len(state.messages)
+        question = last_question(state.messages)
+        if routing.mode == "match" and self._matcher is not None:
+            agent = self._matcher.choose(question)
+            span.set_attribute("fleet.routing.scores", json.dumps(self._matcher.scores(question)))
+        else:
+            agent = await self._choose(ctx, state, span, routing, question)
+        span.set_attribute("fleet.routing.choice", agent or DIRECT_ROUTE)
+        if agent is None:
+            return None
+        stats = state.stats
+        refused = stats.denials + stats.escalations + stats.tool_failures + stats.invalid_tool_calls
+        state.pending = [delegation_call(agent, question)]
+        await self._run_calls(ctx, state, "", span)
+        if routing.answer == "model":
+            return None
+        if stats.denials + stats.escalations + stats.tool_failures + stats.invalid_tool_calls > refused:
+            return None  # the model is told why, and answers
+        reply = state.messages[-1]["content"]
+        return await self._guard.model_output(ctx, reply, max(state.turn, 1)) if reply else ""
+
+    async def _choose(
+        self, ctx: Context, state: LoopState, span: otel.Span, routing: Routing, question: str
+    ) -> str | None:
+        """The model's pick among the routes: the request's first model call (``mode: choose``).
+        Audited, traced and counted as any model call."""
+        state.turn = 1
+        state.stats.turns += 1
+        names = list(self._routes)
+        model_request = ModelRequest(
+            agent=self.manifest.name,
+            messages=routing_messages(routing, self._routes, question),
+            choice=routes(routing, names),
+            max_tokens=ROUTING_MAX_TOKENS,
+            temperature=0.0,  # a classification: the client's sampling is for the answer
+            stream=False,
+        )
+        model_span = self._model_span(span, model_request)
+        content, calls, finish, spent = [], [], "stop", Usage()
+        try:
+            async for piece in self._model(model_request):
+                content.append(piece.content)
+                calls.extend(piece.tool_calls)
+                finish = piece.finish_reason or finish
+                if piece.usage:
+                    spent.add(piece.usage)
+        except BaseException as exc:
+            _fail(model_span, exc)
+            raise
+        agent = chosen("".join(content), calls, names)
+        state.pending = calls
+        await self._answered(ctx, state, "".join(content), finish, spent, (model_span, span))
+        state.pending = []
+        return agent
 
     def _start(self, request: ChatRequest, history: list[dict[str, Any]]) -> LoopState:
         choice = request.tool_choice
@@ -285,9 +390,7 @@ def _result(state: LoopState, finish: str, client_tools: set[str]) -> AgentResul
     """The request's answer, if this turn ends it: no calls, or calls the client runs."""
     calls = state.pending
     if not calls:
-        answer = state.text()
-        transcript = [*state.asked, {"role": "assistant", "content": answer}]
-        return AgentResult(answer, [], finish, state.usage, state.stats, transcript)
+        return _answer(state, finish)
     theirs = [c for c in calls if c.function.name in client_tools]
     if not theirs:
         return None
@@ -297,6 +400,13 @@ def _result(state: LoopState, finish: str, client_tools: set[str]) -> AgentResul
     said = state.text()
     transcript = [*state.asked, _assistant(said, theirs)]
     return AgentResult(said or None, theirs, "tool_calls", state.usage, state.stats, transcript)
+
+
+def _answer(state: LoopState, finish: str) -> AgentResult:
+    """The request's answer: everything the model (or, handed off, the delegate) said."""
+    answer = state.text()
+    transcript = [*state.asked, {"role": "assistant", "content": answer}]
+    return AgentResult(answer, [], finish, state.usage, state.stats, transcript)
 
 
 def _fail(span: otel.Span, exc: BaseException) -> None:

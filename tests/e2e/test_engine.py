@@ -10,6 +10,7 @@ import jsonschema
 import openai
 import pytest
 
+from loadtests.routing import repeated_stretch
 from tests.e2e.conftest import BASE_URL
 
 WEATHER: dict[str, Any] = {
@@ -101,3 +102,21 @@ def test_over_long_prompt_is_a_400_naming_messages(fleet_up: str) -> None:
     assert r.json()["error"]["param"] == "messages"
     assert "context length" in r.json()["error"]["message"]
     assert httpx.get(BASE_URL + "/v1/health", timeout=30).status_code == 200
+
+
+def test_a_looping_reply_is_cut_by_the_engine(client: openai.OpenAI) -> None:
+    """A 135M model falls into loops ("14.14.14..."); the engine's repetition stop ends a
+    reply at the loop's first 48 characters instead of at max_tokens. Three routed
+    questions (the HR, supply chain and monitor agents answer from their tools)."""
+    for question in (
+        "How many days of leave can I carry over? My employee id is E1001.",
+        "What safety stock do we need for SKU-1001 at a 99% service level?",
+        "How many replicas is each deployment running right now?",
+    ):
+        reply = client.chat.completions.create(
+            model="orchestrator", messages=[{"role": "user", "content": question}]
+        )
+        text = reply.choices[0].message.content or ""
+        assert text.strip(), question
+        # a loop may show, up to the stop's 48 characters and the delta that crossed them
+        assert repeated_stretch(text, min_repeats=4, min_chars=96, min_symbol_chars=96) is None, text

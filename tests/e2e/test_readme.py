@@ -28,6 +28,12 @@ def test_readme_curl_examples_answer(fleet_up: str) -> None:
         subprocess.run(commands[1], shell=True, capture_output=True, text=True, check=True).stdout
     )
     assert "Paris" in chat["choices"][0]["message"]["content"]
+    routed = json.loads(
+        subprocess.run(commands[2], shell=True, capture_output=True, text=True, check=True).stdout
+    )
+    # routed by words to HR, whose reply is the answer: the orchestrator's model is not called
+    assert routed["fleet"]["delegations"] == ["hr-policy-advisor"] and routed["fleet"]["turns"] == 0
+    assert routed["choices"][0]["message"]["content"].strip()
 
 
 def test_readme_python_example_runs(fleet_up: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import httpx
 import openai
@@ -70,19 +71,27 @@ def test_domain_agent_runs_its_tool_server_side(client: openai.OpenAI) -> None:
 
 
 def test_streaming_delivers_chunks_then_usage_then_done(fleet: Fleet, client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(
-        model="orchestrator",
-        messages=[{"role": "user", "content": "Can I carry over unused leave?"}],
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(content_chunks) > 3
+    def streamed(agent: str) -> tuple[list[Any], str]:
+        stream = client.chat.completions.create(
+            model=agent,
+            messages=[{"role": "user", "content": "Can I carry over unused leave?"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert chunks[-2].choices[0].finish_reason == "stop"
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+        return chunks, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    # The agent whose model answers streams its tokens as they are generated.
+    chunks, text = streamed("hr-policy-advisor")
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
     assert "Carry-over of leave" in text
-    assert chunks[-2].choices[0].finish_reason == "stop"
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+    # The orchestrator routes the question to it and hands off: its reply, in one delta
+    # (the delegate is called unary), with the delegate's tokens in the usage.
+    chunks, routed = streamed("orchestrator")
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 1
+    assert "Carry-over of leave" in routed
     # The raw stream ends with the OpenAI terminator.
     with httpx.stream(
         "POST",

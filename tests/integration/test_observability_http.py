@@ -55,13 +55,15 @@ def test_one_trace_across_ingress_agents_models_tools_and_delegation(fleet: Flee
     )
     assert r.status_code == 200
     assert r.headers["x-fleet-trace-id"] == trace_id == r.json()["fleet"]["trace_id"]
-    spans = spans_of(fleet, trace_id, lambda s: len(s) >= 9)  # the nine below (it waited for ten: 30 s a run)
+    spans = spans_of(
+        fleet, trace_id, lambda s: len(s) >= 7
+    )  # the seven below (it waited for more: 30 s a run)
     by_id = {s["context"]["span_id"]: s for s in spans}
     names = sorted(s["name"] for s in spans)
     assert names == sorted(
         [
             "POST /v1/chat/completions",
-            "invoke_agent orchestrator", "chat default", "chat default",
+            "invoke_agent orchestrator",  # routed by words and handed off: no model call
             "execute_tool delegate_to_hr_policy_advisor",
             "invoke_agent hr-policy-advisor", "chat default", "chat default",
             "execute_tool leave_balance",
@@ -82,10 +84,11 @@ def test_one_trace_across_ingress_agents_models_tools_and_delegation(fleet: Flee
     assert parent(one("invoke_agent hr-policy-advisor")) == "execute_tool delegate_to_hr_policy_advisor"
     assert parent(one("execute_tool leave_balance")) == "invoke_agent hr-policy-advisor"
     chats = [s for s in spans if s["name"] == "chat default"]
-    assert (
-        sorted(parent(s) for s in chats)
-        == ["invoke_agent hr-policy-advisor"] * 2 + ["invoke_agent orchestrator"] * 2
-    )
+    assert [parent(s) for s in chats] == ["invoke_agent hr-policy-advisor"] * 2
+    routed = one("invoke_agent orchestrator")["attributes"]
+    assert routed["fleet.routing.choice"] == "hr-policy-advisor"
+    scores = json.loads(routed["fleet.routing.scores"])
+    assert max(scores, key=scores.get) == "hr-policy-advisor"
     # GenAI semantic conventions
     model = chats[0]["attributes"]
     assert model["gen_ai.operation.name"] == "chat" and model["gen_ai.request.model"] == "default"

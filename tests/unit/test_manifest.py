@@ -177,6 +177,91 @@ def test_cross_field_errors_name_file_and_field(
     assert message in str(info.value)
 
 
+ROUTES = {"delegates": ["helper", "other"]}
+ROUTING_BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
+    ("no-delegates", {"routing": {}}, "routing", "needs delegates to route to"),
+    (
+        "one-turn-to-choose",
+        {**ROUTES, "routing": {"mode": "choose"}, "max_turns": 1},
+        "max_turns",
+        "`mode: choose` needs 2 at least",
+    ),
+    (
+        "none-is-a-delegate",
+        {"delegates": ["none"], "routing": {}},
+        "routing.direct",
+        "'none' is a delegate's name",
+    ),
+    (
+        "describes-a-stranger",
+        {**ROUTES, "routing": {"descriptions": {"stranger": "x"}}},
+        "routing.descriptions.stranger",
+        "not among the delegates",
+    ),
+    (
+        "example-to-a-stranger",
+        {
+            **ROUTES,
+            "routing": {"examples": [{"question": "q", "route": "helper"}, {"question": "q", "route": "x"}]},
+        },
+        "routing.examples[1].route",
+        "'x' is not one of ['helper', 'other', 'none']",
+    ),
+    (
+        "none-without-direct",
+        {**ROUTES, "routing": {"direct": False, "examples": [{"question": "hello", "route": "none"}]}},
+        "routing.examples[0].route",
+        "is not one of ['helper', 'other']",
+    ),
+    (
+        "unknown-mode",
+        {**ROUTES, "routing": {"mode": "guess"}},
+        "routing.mode",
+        "Input should be 'match' or 'choose'",
+    ),
+    (
+        "unknown-key",
+        {**ROUTES, "routing": {"labels": {}}},
+        "routing.labels",
+        "Extra inputs are not permitted",
+    ),
+    (
+        "empty-question",
+        {**ROUTES, "routing": {"examples": [{"question": "", "route": "helper"}]}},
+        "routing.examples[0].question",
+        "at least 1 character",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "field", "message"), ROUTING_BROKEN, ids=[c[0] for c in ROUTING_BROKEN]
+)
+def test_a_routing_that_cannot_work_names_file_and_field(
+    tmp_path: Path, name: str, changes: dict[str, Any], field: str, message: str
+) -> None:
+    folder = write_agent(tmp_path, name, **changes)
+    with pytest.raises(ConfigError) as info:
+        load_agent(folder)
+    assert (info.value.file, info.value.field) == (str(folder / "agent.yaml"), field)
+    assert message in str(info.value)
+
+
+def test_routing_by_words_with_a_handoff_is_the_default_and_needs_one_turn(tmp_path: Path) -> None:
+    routing = load_agent(write_agent(tmp_path, "router", **ROUTES, routing={}, max_turns=1)).manifest.routing
+    assert routing is not None
+    assert (routing.mode, routing.answer, routing.direct, routing.examples) == ("match", "delegate", True, [])
+    assert load_agent(write_agent(tmp_path, "plain", **ROUTES)).manifest.routing is None
+
+
+def test_the_orchestrator_routes_by_words_with_examples_for_every_route() -> None:
+    manifest = load_agent(AGENTS / "orchestrator").manifest
+    routing = manifest.routing
+    assert routing is not None and routing.mode == "match" and routing.direct
+    assert set(routing.descriptions) == set(manifest.delegates)
+    assert {e.route for e in routing.examples} == {*manifest.delegates, "none"}
+
+
 def test_name_must_match_folder(tmp_path: Path) -> None:
     folder = write_agent(tmp_path, "other-name", folder="agent-x")
     manifest = str(folder / "agent.yaml")
@@ -323,6 +408,13 @@ def test_json_schema_accepts_example_manifests(name: str) -> None:
     instance = yaml.safe_load((AGENTS / name / "agent.yaml").read_text(encoding="utf-8"))
     errors = list(Draft202012Validator(manifest_json_schema()).iter_errors(instance))
     assert errors == []
+
+
+def test_json_schema_describes_every_routing_field() -> None:
+    defs = manifest_json_schema()["$defs"]
+    for name in ("Routing", "RoutingExample"):
+        assert defs[name]["additionalProperties"] is False
+        assert all(field.get("description") for field in defs[name]["properties"].values()), name
 
 
 def test_json_schema_rejects_what_load_agent_rejects() -> None:
