@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve import telemetry
 from serve.audit.client import AuditClient
+from serve.budget import Price
 from serve.context import Context
 from serve.errors import MemoryUnavailable, RequestError
 from serve.governance.config import GovernanceConfig, build_engines
@@ -128,6 +129,7 @@ class AgentDeployment:
         memory: DeploymentHandle[Any],
         memory_timeout_s: float = 2.0,
         transport: Transport = "actor",
+        price: Price | None = None,
     ) -> None:
         spec = load_agent(Path(agents_dir) / name)
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
@@ -156,6 +158,7 @@ class AgentDeployment:
             targets,
             self._guard,
             builtin,
+            price,
         )
 
     def _enter(self, ctx: Context) -> Context:

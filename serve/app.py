@@ -203,6 +203,7 @@ def build_app(args: dict[str, Any]) -> Application:
                 memory,
                 fleet.memory.call_timeout_s,
                 fleet.transport,
+                fleet.models[m.model.backend].price,
             )
         )
     cards = {name: agent_card(spec) for name, spec in specs.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Any
 
 from opentelemetry import trace as otel
@@ -61,6 +62,9 @@ class Context:
     # The client's ``X-Request-ID`` (else the one Ray's proxy made), kept beside the
     # request id to correlate with the client's and Ray's own logs; never a key.
     correlation_id: str | None = None
+    # The most this call's subtree may spend, in USD (None: no limit from its caller): what
+    # the caller's purse had left when it delegated (serve/budget/purse.py).
+    allowance: Decimal | None = None
 
     @staticmethod
     def new(

@@ -22,6 +22,7 @@ __all__ = [
     "AgentUnavailable",
     "ApprovalRequired",
     "AuditUnavailable",
+    "BudgetExceeded",
     "ConfigError",
     "FleetError",
     "InvalidRequest",
@@ -131,6 +132,15 @@ class PolicyDenied(RequestError):
 
 def _rebuild_denied(message: str, decision_id: str, param: str | None, code: str | None) -> PolicyDenied:
     return PolicyDenied(message, decision_id=decision_id, param=param, code=code)
+
+
+class BudgetExceeded(RequestError):
+    """A budget cannot cover the next model call: refused before the engine is called.
+    ``param`` names the budget (``request:<agent>``; later ``tenant:acme:day``)."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "budget_exceeded"
 
 
 class NotFound(RequestError):

@@ -114,6 +114,7 @@ class Exchange:
             agent=card.name,
             agent_version=card.version,
             stats=result.stats,
+            cost_usd=result.usage.cost_usd,
         )
 
 

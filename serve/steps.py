@@ -10,6 +10,7 @@ counts, names the manifest declares (or scrubbed ones), statuses.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from decimal import Decimal
 from typing import Any, ClassVar, Literal
 
 __all__ = ["DelegationStep", "ModelCallStep", "OutcomeStep", "Step", "ToolCallStep", "ToolStatus"]
@@ -23,7 +24,8 @@ def _record(
     """The record of an agent's step: the request's keys, its kind, then its fields in order."""
     record: dict[str, Any] = {"time": time, "request_id": request_id, "tenant": tenant, "kind": step.kind}
     for f in fields(step):
-        record[f.name] = getattr(step, f.name)
+        value = getattr(step, f.name)
+        record[f.name] = str(value) if isinstance(value, Decimal) else value  # money stays exact in JSON
     return record
 
 
@@ -38,6 +40,7 @@ class ModelCallStep:
     completion_tokens: int
     tool_calls: int
     finish_reason: str
+    cost_usd: Decimal = Decimal(0)  # at the agent's backend's price
 
     def record(self, time: float, request_id: str, tenant: str) -> dict[str, Any]:
         return _record(self, time, request_id, tenant)

@@ -19,7 +19,14 @@ from opentelemetry import trace as otel
 
 from serve import telemetry
 from serve.context import Context
-from serve.errors import ApprovalRequired, InvalidToolArguments, RequestError, ToolDenied, ToolError
+from serve.errors import (
+    ApprovalRequired,
+    BudgetExceeded,
+    InvalidToolArguments,
+    RequestError,
+    ToolDenied,
+    ToolError,
+)
 from serve.governance.decisions import Refusal
 from serve.loop.guard import Guard
 from serve.loop.results import DelegateTarget, Stats
@@ -71,6 +78,10 @@ class ServerCalls:
         self.schemas = [t.openai_schema() for t in self._tools.values()] + [
             _delegate_schema(name, target.description) for name, target in delegates.items()
         ]
+
+    def delegations(self, calls: list[ToolCall]) -> int:
+        """How many of ``calls`` are delegations (each is handed a share of the budget)."""
+        return sum(c.function.name in self._delegates for c in calls)
 
     def reserves(self, name: str) -> bool:
         """Whether ``name`` is one of this agent's calls (a client tool may not take it)."""
@@ -203,6 +214,8 @@ class ServerCalls:
         request = ChatRequest(model=agent, messages=[UserMessage(role="user", content=args.task)])
         try:
             result = await delegate.call(request, ctx)
+        except BudgetExceeded:  # the request's budget is spent: the request ends, not the call
+            raise
         except RequestError as exc:
             raise ToolError(f"agent {agent!r} failed: {exc.message}") from None
         usage.add(result.usage)

@@ -31,11 +31,14 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Mapping
+from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 from opentelemetry import trace as otel
 
 from serve import telemetry
+from serve.budget import Hold, Price, Purse, prompt_bound
 from serve.context import Context
 from serve.errors import InvalidRequest, MaxTurnsExceeded
 from serve.loop.calls import ServerCalls
@@ -71,8 +74,10 @@ class AgentLoop:
         delegates: dict[str, DelegateTarget],
         guard: Guard,
         builtin: Mapping[str, Tool] | None = None,
+        price: Price | None = None,
     ) -> None:
         self.spec = spec
+        self._price = price  # of the agent's model backend (None: its calls cost nothing)
         self._guard = guard
         self.manifest = spec.manifest
         self._model = model
@@ -130,7 +135,7 @@ class AgentLoop:
         self, request: ChatRequest, ctx: Context, span: otel.Span, history: list[dict[str, Any]]
     ) -> AsyncGenerator[Event, None]:
         client_tools = self._client_tools(request)
-        state = self._start(request, history)
+        state = self._start(request, history, ctx)
         schemas = self._calls.schemas + [t.model_dump(exclude_none=True) for t in request.tools or []]
         first = 1
         routing = self._routes_first(request, state, client_tools)
@@ -150,7 +155,7 @@ class AgentLoop:
             state.seen = len(state.messages)
             content, calls, finish, spent = [], [], "stop", Usage()
             redactor = StreamRedactor() if self._guard.holds_output else None
-            model_request = self._model_request(request, state, schemas)
+            model_request, hold = self._reserve(state, self._model_request(request, state, schemas))
             model_span = self._model_span(span, model_request)
             try:
                 async for piece in self._model(model_request):
@@ -164,10 +169,11 @@ class AgentLoop:
                     if piece.usage:
                         spent.add(piece.usage)
             except BaseException as exc:
+                state.purse.release(hold)
                 _fail(model_span, exc)
                 raise
             state.pending = calls
-            said = await self._answered(ctx, state, "".join(content), finish, spent, (model_span, span))
+            said = await self._answered(ctx, state, "".join(content), finish, spent, (model_span, span), hold)
             rest = redactor.flush() if redactor else ""
             if rest:
                 yield ContentDelta(rest)
@@ -234,13 +240,16 @@ class AgentLoop:
         state.turn = 1
         state.stats.turns += 1
         names = list(self._routes)
-        model_request = ModelRequest(
-            agent=self.manifest.name,
-            messages=routing_messages(routing, self._routes, question),
-            choice=routes(routing, names),
-            max_tokens=ROUTING_MAX_TOKENS,
-            temperature=0.0,  # a classification: the client's sampling is for the answer
-            stream=False,
+        model_request, hold = self._reserve(
+            state,
+            ModelRequest(
+                agent=self.manifest.name,
+                messages=routing_messages(routing, self._routes, question),
+                choice=routes(routing, names),
+                max_tokens=ROUTING_MAX_TOKENS,
+                temperature=0.0,  # a classification: the client's sampling is for the answer
+                stream=False,
+            ),
         )
         model_span = self._model_span(span, model_request)
         content, calls, finish, spent = [], [], "stop", Usage()
@@ -252,20 +261,57 @@ class AgentLoop:
                 if piece.usage:
                     spent.add(piece.usage)
         except BaseException as exc:
+            state.purse.release(hold)
             _fail(model_span, exc)
             raise
         agent = chosen("".join(content), calls, names)
         state.pending = calls
-        await self._answered(ctx, state, "".join(content), finish, spent, (model_span, span))
+        await self._answered(ctx, state, "".join(content), finish, spent, (model_span, span), hold)
         state.pending = []
         return agent
 
-    def _start(self, request: ChatRequest, history: list[dict[str, Any]]) -> LoopState:
+    def _start(self, request: ChatRequest, history: list[dict[str, Any]], ctx: Context) -> LoopState:
         choice = request.tool_choice
         tool_choice: Any = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice or "auto"
         system = {"role": "system", "content": self._prompt.render(request.metadata)}
         asked = request.conversation()
-        return LoopState(messages=[system, *history, *asked], asked=asked, tool_choice=tool_choice)
+        return LoopState(
+            messages=[system, *history, *asked],
+            asked=asked,
+            tool_choice=tool_choice,
+            purse=self._purse(request, ctx),
+        )
+
+    def _purse(self, request: ChatRequest, ctx: Context) -> Purse:
+        """What this run may spend: the manifest's per-request cap, within the caller's
+        allowance. A ``max_tokens`` the cap could never pay for is the client's error."""
+        cap = self.manifest.policies.cost.per_request_usd
+        limit = request.completion_limit
+        if cap is not None and limit and self._price and self._price.cost(0, limit) > cap:
+            raise InvalidRequest(
+                f"max_tokens={limit} could never fit agent {self.manifest.name!r}'s budget of "
+                f"{cap} USD per request ({self._price.cost(0, limit)} USD at its completion price)",
+                param="max_tokens",
+            )
+        binds_caller = ctx.allowance is not None and (cap is None or ctx.allowance < cap)
+        owner = ctx.chain[0] if binds_caller and ctx.chain else self.manifest.name
+        return Purse.of(cap, ctx.allowance, f"request:{owner}")
+
+    def _reserve(self, state: LoopState, request: ModelRequest) -> tuple[ModelRequest, Hold]:
+        """Hold a model call's worst case (its prompt's bound, then ``max_tokens``) before
+        the engine is called. A call with no ``max_tokens`` gets what the budget still pays
+        for; one that cannot fit is refused (:class:`BudgetExceeded`)."""
+        price, purse = self._price, state.purse
+        if price is None:
+            return request, purse.hold(Decimal(0))
+        prompt = price.cost(prompt_bound(request.messages, request.tools), 0)
+        left = purse.available
+        if request.max_tokens is None and left is not None:
+            fits = price.completion_tokens_within(left - prompt)
+            if fits is not None:
+                request = request.model_copy(update={"max_tokens": max(fits, 1)})
+        completion = price.cost(0, request.max_tokens) if request.max_tokens else Decimal(0)
+        return request, purse.hold(prompt + completion)
 
     async def _answered(
         self,
@@ -275,9 +321,14 @@ class AgentLoop:
         finish: str,
         spent: Usage,
         spans: tuple[otel.Span, otel.Span],
+        hold: Hold,
     ) -> str:
-        """A model call is over: its span, usage and step; what the client may see of its text."""
+        """A model call is over: its span, usage, cost and step; what the client may see of its text."""
         model_span, span = spans
+        spent.cost_usd = (
+            self._price.cost(spent.prompt_tokens, spent.completion_tokens) if self._price else Decimal(0)
+        )
+        state.purse.settle(hold, spent.cost_usd)
         model_span.set_attributes(
             {
                 "gen_ai.usage.input_tokens": spent.prompt_tokens,
@@ -294,6 +345,7 @@ class AgentLoop:
             spent.completion_tokens,
             len(state.pending),
             finish,
+            spent.cost_usd,
         )
         self._guard.step(ctx, step)
         said = await self._guard.model_output(ctx, content, state.turn) if content else ""
@@ -308,7 +360,18 @@ class AgentLoop:
         """Run the turn's server-side calls; their results go to the model next turn."""
         calls = state.pending
         state.messages.append(_assistant(said, calls))
-        results = await self._calls.run_all(calls, ctx, state.stats, state.usage, span)
+        # Each delegation is handed an even share of what is left; what it reports it
+        # spent (its whole subtree) is settled here.
+        purse, delegations = state.purse, self._calls.delegations(calls)
+        share = purse.available / delegations if delegations and purse.available is not None else None
+        hold = purse.hold(share * delegations if share is not None else Decimal(0))
+        spent_before = state.usage.cost_usd
+        try:
+            results = await self._calls.run_all(
+                calls, replace(ctx, allowance=share), state.stats, state.usage, span
+            )
+        finally:
+            purse.settle(hold, state.usage.cost_usd - spent_before)
         state.messages.extend(
             {"role": "tool", "tool_call_id": c.id, "content": r} for c, r in zip(calls, results, strict=True)
         )

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, TypeAdapter
 
+from serve.budget.purse import Purse
 from serve.loop.results import Stats
 from serve.protocol import ToolCall, Usage
 
@@ -58,6 +59,9 @@ class LoopState:
     pending: Annotated[
         list[ToolCall], Field(description="The calls the model asked for this turn, not yet answered.")
     ] = field(default_factory=list)
+    purse: Annotated[
+        Purse, Field(description="What the request may still spend here, and what it spent and holds.")
+    ] = field(default_factory=Purse)
 
     def text(self) -> str:
         """Everything the model said, as one answer."""

@@ -7,6 +7,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.budget.price import Price
 from serve.protocol import ResponseFormat, ToolCall, Usage
 
 __all__ = ["BackendSettings", "ModelBackend", "ModelChunk", "ModelReply", "ModelRequest", "collect"]
@@ -21,6 +22,11 @@ class BackendSettings(BaseModel):
         default=False,
         description="Run the backend inside each agent replica instead of as its own shared "
         "deployment (saves one handle hop; for backends that hold no engine).",
+    )
+    price: Price | None = Field(
+        default=None,
+        description="What its tokens cost (USD per million; strings, read as Decimal). Unset: "
+        "its calls cost nothing, and only a budget of 0 refuses them.",
     )
 
 

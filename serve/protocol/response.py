@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -37,8 +38,13 @@ EXTENSION_KEY = "fleet"
 
 
 class Usage(BaseModel):
+    """Tokens a call (or a request tree) used, and what they cost: the engines' own counts,
+    priced by each agent at its backend's price. ``cost_usd`` is not part of OpenAI's
+    ``usage``: it is reported as ``fleet.cost_usd``."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
 
     @property
     def total_tokens(self) -> int:
@@ -47,8 +53,9 @@ class Usage(BaseModel):
     def add(self, other: Usage) -> None:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.cost_usd += other.cost_usd
 
-    def wire(self) -> dict[str, int]:
+    def wire(self) -> dict[str, int]:  # OpenAI's fields only
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -139,6 +146,7 @@ def extension(
     agent_version: str,
     stats: RunStats,
     correlation_id: str | None = None,
+    cost_usd: Decimal = Decimal(0),
 ) -> dict[str, Any]:
     """Fleet's own fields of a completion (the ``fleet`` key): its ids and what the run did."""
     return {
@@ -155,6 +163,7 @@ def extension(
         "policy_denials": stats.denials,
         "escalations": stats.escalations,
         "delegations": stats.delegations,
+        "cost_usd": f"{cost_usd:f}",
     }
 
 
@@ -217,6 +226,8 @@ def error_response(
     headers = dict(extra or {})
     if exc.status in (429, 503):
         headers["retry-after"] = str(retry_after)
+    if exc.status == 402:  # the official client would retry some statuses by itself
+        headers["x-should-retry"] = "false"
     if isinstance(exc, PolicyDenied):
         headers["x-fleet-decision-id"] = exc.decision_id
     if exc.status == 401:

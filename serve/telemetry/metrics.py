@@ -45,6 +45,7 @@ EXPORTED = {
     "ray_fleet_time_to_first_token_seconds": "Time to the first streamed content (histogram).",
     "ray_fleet_tokens_total": "Model tokens, by agent, version and direction (input/output).",
     "ray_fleet_model_calls_total": "Model calls by agent, version and finish reason.",
+    "ray_fleet_cost_usd_total": "What model calls cost, in USD at each backend's price, by agent and version.",
     "ray_fleet_tool_calls_total": "Tool calls by agent, version, tool and status (ok/error/invalid/denied/escalated).",
     "ray_fleet_policy_decisions_total": "Policy decisions by agent, point, outcome and enforcement.",
     "ray_fleet_delegations_total": "Delegations by agent and target.",
@@ -86,6 +87,7 @@ class _Instruments:
         self.tokens = Counter(
             "fleet_tokens", EXPORTED["ray_fleet_tokens_total"], ("agent", "version", "direction")
         )
+        self.cost = Counter("fleet_cost_usd", EXPORTED["ray_fleet_cost_usd_total"], ("agent", "version"))
         self.model_calls = Counter(
             "fleet_model_calls",
             EXPORTED["ray_fleet_model_calls_total"],
@@ -231,6 +233,9 @@ class MetricsSink:
             ):  # a backend may report no usage: the tally skips a count of 0
                 self._tally.inc(self._m.tokens, count, {**version, "direction": direction})
             self._tally.inc(self._m.model_calls, 1, {**version, "finish_reason": step.finish_reason})
+            self._tally.inc(
+                self._m.cost, float(step.cost_usd), version
+            )  # a gauge of money: float is Prometheus's
         elif isinstance(step, ToolCallStep):
             # A name the manifest does not declare is a tool the model made up: invalid,
             # whatever the policy then said of it (the response counts it so too).

@@ -191,6 +191,7 @@ def test_a_completion_is_the_openai_object_with_the_fleet_extension(serve_with: 
             "policy_denials": 0,
             "escalations": 0,
             "delegations": [],
+            "cost_usd": "0",
         }
         ((request, ctx),) = agent.asked
         assert request.model == AGENT and ctx.request_id == request_id and ctx.correlation_id == "req_unit1"

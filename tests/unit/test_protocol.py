@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -469,6 +470,7 @@ def test_the_extension_names_the_request_the_agent_and_what_the_run_did() -> Non
         agent="a",
         agent_version="1.0.0",
         stats=Ran(),
+        cost_usd=Decimal("0.000123"),
     )
     assert ext == {
         "request_id": "req_1",
@@ -484,6 +486,7 @@ def test_the_extension_names_the_request_the_agent_and_what_the_run_did() -> Non
         "policy_denials": 1,
         "escalations": 0,
         "delegations": ["hr"],
+        "cost_usd": "0.000123",  # a string: JSON numbers are floats to most clients
     }
 
 

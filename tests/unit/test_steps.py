@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import pytest
 
@@ -15,9 +16,10 @@ ENVELOPE = {"time": 1.5, "request_id": "req_1", "tenant": "acme"}
 def test_each_step_is_the_record_it_was_as_a_dict() -> None:
     cases = [
         (
-            ModelCallStep("clerk", 2, 11, 3, 1, "tool_calls"),
+            ModelCallStep("clerk", 2, 11, 3, 1, "tool_calls", Decimal("0.0000175")),
             {"kind": "model_call", "agent": "clerk", "turn": 2, "prompt_tokens": 11,
-             "completion_tokens": 3, "tool_calls": 1, "finish_reason": "tool_calls"},
+             "completion_tokens": 3, "tool_calls": 1, "finish_reason": "tool_calls",
+             "cost_usd": "0.0000175"},
         ),
         (
             ToolCallStep("clerk", "lookup", "denied", 0.0123),

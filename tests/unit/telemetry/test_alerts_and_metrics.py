@@ -7,6 +7,7 @@ import logging
 import re
 import threading
 import time
+from decimal import Decimal
 from typing import Any
 
 import promql_parser
@@ -109,7 +110,7 @@ def test_steps_are_counted_by_their_type_and_handed_on_as_records() -> None:
     sink = MetricsSink(inner, "tester", "1.0.0", ["lookup"])
     sink._tally = Recording()  # type: ignore[assignment]
     steps: list[Step] = [
-        ModelCallStep("tester", 1, 5, 2, 1, "tool_calls"),
+        ModelCallStep("tester", 1, 5, 2, 1, "tool_calls", Decimal("0.0012")),
         ToolCallStep("tester", "lookup", "ok", 0.1),
         ToolCallStep("tester", "made_up", "invalid", 0.0),  # a name the manifest does not declare
         ToolCallStep("tester", "made_up", "denied", 0.0),  # made up, then refused by a policy: still invalid
@@ -124,6 +125,7 @@ def test_steps_are_counted_by_their_type_and_handed_on_as_records() -> None:
         (m.tokens, 5, {**version, "direction": "input"}),
         (m.tokens, 2, {**version, "direction": "output"}),
         (m.model_calls, 1, {**version, "finish_reason": "tool_calls"}),
+        (m.cost, 0.0012, version),
         (m.tool_calls, 1, {**version, "tool": "lookup", "status": "ok"}),
         (m.tool_calls, 1, {**version, "tool": "unknown", "status": "invalid"}),
         (m.tool_calls, 1, {**version, "tool": "unknown", "status": "invalid"}),
