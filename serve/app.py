@@ -207,8 +207,10 @@ def build_app(args: dict[str, Any]) -> Application:
             )
         )
     cards = {name: agent_card(spec) for name, spec in specs.items()}
+    front = fleet.ingress
+    options = ingress_options(front.max_ongoing_requests, front.max_queued_requests, front.retry_after_s)
     return (
         _deployment(Ingress)
-        .options(**ingress_options(fleet.ingress.max_ongoing_requests))
+        .options(**options)
         .bind(cards, bound, fleet.ingress, fleet.governance, root, audit, fleet.transport)
     )

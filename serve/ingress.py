@@ -79,6 +79,12 @@ class IngressOptions(BaseModel):
     max_ongoing_requests: int = Field(
         default=512, gt=0, description="Requests one ingress replica holds at once (streams included)."
     )
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests each Ray Serve proxy queues while every ingress replica is full; one "
+        "more gets Ray's own 503 (plain text, with Retry-After). Unset: max_ongoing_requests.",
+    )
 
 
 @dataclass

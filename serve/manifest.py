@@ -163,6 +163,13 @@ class Autoscaling(Strict):
     max_ongoing_requests: int = Field(
         default=16, gt=0, description="Requests one replica takes at once before queueing."
     )
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests each caller (an ingress replica, a delegating agent's replica) queues "
+        "for this agent while all its replicas are full; one more is refused at once (503, "
+        "Retry-After). Unset: max_ongoing_requests, one replica's worth.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
@@ -176,7 +183,7 @@ class Autoscaling(Strict):
 
     def ray_config(self) -> dict[str, Any]:
         """The ``autoscaling_config`` dict for ``Deployment.options``."""
-        return self.model_dump(exclude={"max_ongoing_requests"}, exclude_none=True)
+        return self.model_dump(exclude={"max_ongoing_requests", "max_queued_requests"}, exclude_none=True)
 
 
 class MemoryUse(Strict):

@@ -1,7 +1,8 @@
 """Where Fleet's deployments run, and where the state they keep lives.
 
 The options each deployment is bound with (its CPU share, the head-node resource of the
-services that own files, replica counts and queue limits) and the paths of those files.
+services that own files, replica counts, requests in flight and queue bounds) and the
+paths of those files.
 :func:`serve.app.build_app` reads them here; a deploy config's ``deployments:`` section
 overrides any of them.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "memory_path",
     "model_deployment_options",
     "project_root",
+    "queue_bound",
 ]
 
 # Fleet's replicas wait on I/O (models, tools, handles); a whole CPU each would not let
@@ -45,6 +47,15 @@ AUDIT_ACTOR_OPTIONS = {"num_cpus": 0.1, "resources": {"node:__internal_head__": 
 MEMORY_ACTOR_OPTIONS = AUDIT_ACTOR_OPTIONS
 # Every request of the fleet passes through the one replica of each.
 SERVICE_MAX_ONGOING_REQUESTS = 1000
+
+
+def queue_bound(max_queued_requests: int | None, max_ongoing_requests: int) -> int:
+    """How many requests each caller queues for a deployment whose replicas are all full.
+
+    Unset, one replica's worth: a request let in waits at most about one replica's load
+    ahead of it; beyond that, Ray Serve refuses it at once (``BackPressureError``, a 503)
+    instead of letting it wait for the request timeout."""
+    return max_ongoing_requests if max_queued_requests is None else max_queued_requests
 
 
 def project_root() -> Path:
@@ -73,12 +84,14 @@ def model_deployment_options(name: str, config: BackendConfig) -> dict[str, Any]
             "name": f"model-{name}",
             "ray_actor_options": SERVICE_ACTOR_OPTIONS,
             "max_ongoing_requests": PROXY_MAX_ONGOING_REQUESTS,
+            "max_queued_requests": queue_bound(config.max_queued_requests, PROXY_MAX_ONGOING_REQUESTS),
         }
+    ongoing = 2 * config.max_num_seqs
     return {
         "name": f"model-{name}",
         "ray_actor_options": config.ray_actor_options(),
         # Scale on queue depth: a replica is "full" when its engine batch is; requests
-        # beyond twice that wait in the handle's queue instead of the engine's.
+        # beyond twice that wait in the handle's queue instead of the engine's, up to its bound.
         "autoscaling_config": {
             "min_replicas": 1,
             "max_replicas": 1,
@@ -86,7 +99,8 @@ def model_deployment_options(name: str, config: BackendConfig) -> dict[str, Any]
             "upscale_delay_s": 15,
             "downscale_delay_s": 600,
         },
-        "max_ongoing_requests": 2 * config.max_num_seqs,
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": queue_bound(config.max_queued_requests, ongoing),
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 30,
@@ -117,13 +131,22 @@ def agent_options(manifest: AgentManifest) -> dict[str, Any]:
         "name": manifest.name,
         "autoscaling_config": manifest.autoscaling.ray_config(),
         "max_ongoing_requests": manifest.autoscaling.max_ongoing_requests,
+        "max_queued_requests": queue_bound(
+            manifest.autoscaling.max_queued_requests, manifest.autoscaling.max_ongoing_requests
+        ),
         "ray_actor_options": AGENT_ACTOR_OPTIONS,
     }
 
 
-def ingress_options(max_ongoing_requests: int) -> dict[str, Any]:
+def ingress_options(
+    max_ongoing_requests: int, max_queued_requests: int | None, retry_after_s: int
+) -> dict[str, Any]:
+    """The ingress's deployment. A proxy whose queue for it is full answers Ray's own 503;
+    ``retry_after_s`` gives it the ``Retry-After`` of the ingress's own 503s."""
     return {
         "name": "ingress",
         "ray_actor_options": SERVICE_ACTOR_OPTIONS,
         "max_ongoing_requests": max_ongoing_requests,
+        "max_queued_requests": queue_bound(max_queued_requests, max_ongoing_requests),
+        "backpressure_config": {"retry_after_s": retry_after_s},
     }

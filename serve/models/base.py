@@ -28,6 +28,19 @@ class BackendSettings(BaseModel):
         description="What its tokens cost (USD per million; strings, read as Decimal). Unset: "
         "its calls cost nothing, and only a budget of 0 refuses them.",
     )
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Model calls each agent replica queues for the backend's deployment while its "
+        "replicas are full; one more is refused at once (503, Retry-After). Unset: the deployment's "
+        "max_ongoing_requests (2 x max_num_seqs for vllm, 512 otherwise). Not for inline backends.",
+    )
+
+    @model_validator(mode="after")
+    def _queue_needs_a_deployment(self) -> BackendSettings:
+        if self.inline and self.max_queued_requests is not None:
+            raise ValueError("max_queued_requests bounds a deployment's queue; an inline backend has none")
+        return self
 
 
 class ModelRequest(BaseModel):

@@ -98,6 +98,7 @@ def test_fleet_args_defaults() -> None:
     assert args.ingress.model_dump() == {
         "max_body_bytes": 1 << 20,
         "max_ongoing_requests": 512,
+        "max_queued_requests": None,
         "request_timeout_s": 300.0,
         "retry_after_s": 1,
     }
@@ -140,6 +141,25 @@ BROKEN_ARGS: list[tuple[str, dict[str, Any], str]] = [
         "bad-timeout",
         {"agents": ["orchestrator"], "models": {"default": SCRIPTED}, "ingress": {"request_timeout_s": 0}},
         "args.ingress.request_timeout_s: Input should be greater than 0",
+    ),
+    (
+        "empty-ingress-queue",
+        {"agents": ["orchestrator"], "models": {"default": SCRIPTED}, "ingress": {"max_queued_requests": 0}},
+        "args.ingress.max_queued_requests: Input should be greater than or equal to 1",
+    ),
+    (
+        "unbounded-model-queue",
+        {"agents": ["orchestrator"], "models": {"default": {**SCRIPTED, "max_queued_requests": -1}}},
+        "args.models.default.max_queued_requests: Input should be greater than or equal to 1",
+    ),
+    (
+        "inline-model-queue",
+        {
+            "agents": ["orchestrator"],
+            "models": {"default": {**SCRIPTED, "inline": True, "max_queued_requests": 8}},
+        },
+        "args.models.default: Value error, max_queued_requests bounds a deployment's queue; "
+        "an inline backend has none",
     ),
     (
         "unknown-auth",
@@ -277,6 +297,7 @@ def test_agent_card() -> None:
             "upscale_delay_s": 10.0,
             "downscale_delay_s": 300.0,
             "max_ongoing_requests": 32,
+            "max_queued_requests": None,
         },
         "max_turns": 4,
         "memory": {"session": True, "tools": False},
@@ -309,6 +330,25 @@ def test_build_app_hands_every_replica_its_configs_typed() -> None:
     assert memory.init_args[1] == fleet.memory.limits and isinstance(memory.init_args[1], MemoryLimits)
     for value in (cards, options, governance, fleet.models["default"], fleet.memory.limits):
         assert pickle.loads(pickle.dumps(value)) == value
+
+
+def test_build_app_bounds_the_queue_of_every_deployment_a_request_waits_for() -> None:
+    """The ingress (at Ray's proxy), each agent (at the ingress and its callers) and each
+    model deployment (at the agents): a request that finds one full is refused at once."""
+    args = copy.deepcopy(yaml.safe_load(TEST_APP_CONFIG.read_text(encoding="utf-8"))["args"])
+    args["ingress"]["max_queued_requests"] = 40
+    args["models"]["default"]["max_queued_requests"] = 30
+    fleet, _, specs = validate_fleet(args)
+    ingress = build_app(args)._bound_deployment
+    tester = ingress.init_args[1]["tester"]._bound_deployment
+    model = tester.init_args[2]._bound_deployment
+    assert ingress._deployment_config.max_queued_requests == 40
+    assert ingress._deployment_config.backpressure_config.retry_after_s == fleet.ingress.retry_after_s
+    assert (
+        tester._deployment_config.max_queued_requests
+        == specs["tester"].manifest.autoscaling.max_ongoing_requests
+    )
+    assert model._deployment_config.max_queued_requests == 30
 
 
 def test_policies_are_compiled_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:

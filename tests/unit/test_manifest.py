@@ -62,6 +62,7 @@ def test_manifest_defaults(tmp_path: Path) -> None:
     assert m.max_turns == 6
     assert m.policies.pii == "redact"
     assert (m.autoscaling.min_replicas, m.autoscaling.max_replicas) == (1, 1)
+    assert m.autoscaling.max_queued_requests is None  # deployed as max_ongoing_requests (serve.placement)
 
 
 def test_example_fleet_loads_in_delegation_order() -> None:
@@ -98,6 +99,18 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         {"autoscaling": {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 5}},
         "autoscaling",
         "initial_replicas must lie between min_replicas and max_replicas",
+    ),
+    (
+        "empty-queue",
+        {"autoscaling": {"max_queued_requests": 0}},
+        "autoscaling.max_queued_requests",
+        "Input should be greater than or equal to 1",
+    ),
+    (
+        "unbounded-queue",  # Ray's -1: Fleet's queues are bounded
+        {"autoscaling": {"max_queued_requests": -1}},
+        "autoscaling.max_queued_requests",
+        "Input should be greater than or equal to 1",
     ),
     ("bad-api-version", {"apiVersion": "fleet/v2"}, "apiVersion", "Input should be 'fleet/v1'"),
     ("bad-version", {"version": "1.0"}, "version", "String should match pattern"),
