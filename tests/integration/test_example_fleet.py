@@ -156,8 +156,11 @@ def test_each_agent_deployment_carries_its_manifest_autoscaling(fleet: Fleet) ->
         if "target_ongoing_requests" in manifest:
             assert auto["target_ongoing_requests"] == manifest["target_ongoing_requests"], name
         assert config["max_ongoing_requests"] == manifest["max_ongoing_requests"], name
-    # The ingress holds what its options say (512 by default), not Ray's default of 5.
-    assert deployments["ingress"]["deployment_config"]["max_ongoing_requests"] == 512
+        assert config["max_queued_requests"] == manifest["max_ongoing_requests"], name  # one replica's worth
+    # The ingress holds what its options say (512 by default), not Ray's default of 5, and
+    # each proxy queues as many for it.
+    ingress = deployments["ingress"]["deployment_config"]
+    assert (ingress["max_ongoing_requests"], ingress["max_queued_requests"]) == (512, 512)
 
 
 def test_health(api: httpx.Client) -> None:
