@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from ray.exceptions import ActorUnavailableError
+from ray.serve.exceptions import BackPressureError
 
-from serve.agent import AgentDeployment, model_caller
+from serve.agent import AgentDeployment, delegate_target, model_caller
 from serve.context import Context
-from serve.errors import ModelUnavailable
+from serve.errors import Overloaded
 from serve.governance.config import GovernanceConfig
 from serve.loop.results import AgentResult, ContentDelta, Finished
 from serve.models.base import ModelChunk, ModelRequest
@@ -160,37 +162,77 @@ def test_each_agent_counts_its_own_requests_and_latency_delegated_ones_too(tmp_p
     assert seen.latencies == [own] * 3
 
 
-class LostModel:
-    """A model deployment's handle whose replica is gone: Serve raises ActorUnavailableError."""
+class FailingModel:
+    """A model deployment's handle whose every call fails as Serve fails it: its replica gone
+    (``ActorUnavailableError``), or its queue at this caller full (``BackPressureError``)."""
 
     deployment_name = "model-default"
 
-    def __init__(self) -> None:
-        self.complete = SimpleNamespace(remote=self._lost)
-        self.stream = SimpleNamespace(remote=self._lost_stream)
+    def __init__(self, failure: Callable[[], Exception]) -> None:
+        self.failure = failure
+        self.complete = SimpleNamespace(remote=self._fail)
+        self.stream = SimpleNamespace(remote=self._fail_stream)
 
-    def options(self, **_: Any) -> LostModel:
+    def options(self, **_: Any) -> FailingModel:
         return self
 
-    async def _lost(self, request: ModelRequest) -> Any:
-        raise ActorUnavailableError("Actor is unavailable.", None)
+    async def _fail(self, request: ModelRequest) -> Any:
+        raise self.failure()
 
-    async def _lost_stream(self, request: ModelRequest) -> AsyncIterator[Any]:
-        raise ActorUnavailableError("Actor is unavailable.", None)
+    async def _fail_stream(self, request: ModelRequest) -> AsyncIterator[Any]:
+        raise self.failure()
         yield  # pragma: no cover
 
 
-def test_a_lost_model_replica_is_a_503_naming_the_model_deployment_and_is_counted(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("failure", "code", "message"),
+    [
+        (
+            lambda: ActorUnavailableError("Actor is unavailable.", None),
+            "model_unavailable",
+            "model deployment 'model-default' is unavailable: a replica is gone or restarting; retry later",
+        ),
+        (
+            lambda: BackPressureError(num_queued_requests=16, max_queued_requests=16),
+            "overloaded",
+            "model deployment 'model-default' is at capacity; retry later",
+        ),
+    ],
+    ids=["lost", "full"],
+)
+def test_a_model_deployment_that_cannot_take_the_call_is_a_503_naming_it_and_is_counted(
+    tmp_path: Path, failure: Callable[[], Exception], code: str, message: str
+) -> None:
     async def scenario() -> tuple[Any, list[Any], Counted]:
-        agent = worker(tmp_path, LostModel())
+        agent = worker(tmp_path, FailingModel(failure))
         seen = counting(agent)
         outcome = await agent.chat(ask(), Context.new())
         events = [e async for e in agent.stream(ask(stream=True), Context.new())]
         return outcome, events, seen
 
     outcome, events, seen = run(scenario())
-    message = "model deployment 'model-default' is unavailable: a replica is gone or restarting; retry later"
-    assert isinstance(outcome, ModelUnavailable) and outcome.status == 503 and outcome.message == message
-    (failure,) = events  # before any token: the ingress answers it as a status
-    assert isinstance(failure, ModelUnavailable) and failure.message == message
+    (first,) = events  # before any token: the ingress answers it as a status
+    for error in (outcome, first):
+        assert isinstance(error, Overloaded)
+        assert (error.status, error.code, error.message) == (503, code, message)
     assert [(c["status"], c["outcome"]) for c in seen.counts] == [("503", "error")] * 2
+
+
+class FullDelegate:
+    """A delegate's handle whose queue at this caller is full."""
+
+    def __init__(self) -> None:
+        self.chat = SimpleNamespace(remote=self._full)
+
+    async def _full(self, request: ChatRequest, ctx: Context) -> Any:
+        raise BackPressureError(num_queued_requests=8, max_queued_requests=8)
+
+
+def test_a_delegate_at_capacity_is_an_overloaded_503_for_the_loop() -> None:
+    """What the loop gets from the call (it tells the calling model, as of any failing delegate)."""
+    target = delegate_target(FullDelegate(), "helps", [], [], None)  # type: ignore[arg-type]
+    request = ChatRequest.model_validate({"model": "helper", "messages": [{"role": "user", "content": "x"}]})
+    with pytest.raises(Overloaded) as info:
+        run(target.call(request, Context.new()))
+    assert (info.value.status, info.value.code) == (503, "overloaded")
+    assert info.value.message == "agent 'helper' is at capacity; retry later"

@@ -126,6 +126,8 @@ GONE = "is unavailable: a replica is gone or restarting; retry later"
 # retry can fix is a 503; a model deployment's own failure a 502; anything else Fleet's bug.
 MAPPED = [
     ("agent", _full, 503, "overloaded", "agent 'tester' is at capacity; retry later"),
+    # A BackPressureError raised in a replica reaches its caller as a task error that is one too.
+    ("agent", lambda: _task(_full()).as_instanceof_cause(), 503, "overloaded", "agent 'tester' is at capacity; retry later"),
     ("agent", _unavailable, 503, "agent_unavailable", "agent 'tester' is not available yet; retry later"),
     ("agent", _lost, 503, "agent_unavailable", f"agent 'tester' {GONE}"),
     ("agent", _died, 503, "agent_unavailable", f"agent 'tester' {GONE}"),
@@ -167,6 +169,7 @@ MAPPED = [
     ),
     ("model", lambda: _task(ValueError("x")), 502, "model_error", "model deployment 'tester' failed: RayTaskError"),
     ("model", lambda: KeyError("k"), 500, "agent_error", "the call to model deployment 'tester' failed: KeyError"),
+    ("behind", _full, 503, "overloaded", "a deployment behind agent 'tester' is at capacity; retry later"),
     ("behind", _died, 503, "agent_unavailable", f"a deployment behind agent 'tester' {GONE}"),
     (
         "behind",
@@ -200,18 +203,32 @@ def test_a_failed_handle_call_maps_to_one_client_error(
     assert (error.status, error.code, error.message) == (status, code, message)
 
 
-def test_a_lost_replica_is_a_503_with_retry_after_and_a_bug_is_a_500_without() -> None:
+@pytest.mark.parametrize(
+    ("failure", "hop", "code"),
+    [
+        (_lost, "agent", "agent_unavailable"),
+        (_full, "agent", "overloaded"),  # the ingress's call to an agent whose queue is full
+        (_full, "delegate", "overloaded"),
+        (_full, "model", "overloaded"),
+        (_full, "behind", "overloaded"),
+    ],
+    ids=["lost", "full-agent", "full-delegate", "full-model", "full-behind"],
+)
+def test_a_failure_a_retry_can_fix_is_a_503_with_retry_after_and_a_bug_is_a_500_without(
+    failure: Callable[[], Exception], hop: Any, code: str
+) -> None:
     """What a client sees: a failure a retry can fix says when to retry; Fleet's own bug does not."""
     import json
 
     from serve.handles import handle_error
     from serve.protocol import error_response
 
-    gone = error_response(handle_error(_lost(), "tester"), retry_after=2)
-    assert (gone.status_code, gone.headers["retry-after"]) == (503, "2")
-    body = json.loads(bytes(gone.body))
-    assert body["error"]["code"] == "agent_unavailable" and body["error"]["type"] == "server_error"
-    assert "ActorUnavailableError" not in body["error"]["message"]  # Ray's name is not the client's business
+    retryable = error_response(handle_error(failure(), "tester", hop), retry_after=2)
+    assert (retryable.status_code, retryable.headers["retry-after"]) == (503, "2")
+    body = json.loads(bytes(retryable.body))
+    assert body["error"]["code"] == code and body["error"]["type"] == "server_error"
+    # Ray's words (ActorUnavailableError, its queue counts) are not the client's business.
+    assert not any(word in body["error"]["message"] for word in ("Error", "queued"))
     bug = error_response(handle_error(ValueError("x"), "tester"))
     assert bug.status_code == 500 and "retry-after" not in bug.headers
 

@@ -26,7 +26,7 @@ from serve.app import agent_card
 from serve.auth import TenantKey, hash_key
 from serve.cards import AgentCard
 from serve.context import Context
-from serve.errors import RequestError
+from serve.errors import Overloaded, RequestError
 from serve.governance.config import GovernanceConfig
 from serve.ingress import Ingress, IngressOptions, app
 from serve.loop.results import AgentResult, ContentDelta, Finished, Stats
@@ -243,16 +243,31 @@ def test_a_stream_is_sse_chunks_then_usage_then_done(serve_with: Any) -> None:
     run(scenario())
 
 
-def test_an_error_before_the_first_event_is_a_status_not_a_stream(serve_with: Any) -> None:
-    agent = FakeAgent(failure=BackPressureError(num_queued_requests=9, max_queued_requests=8))
-
+@pytest.mark.parametrize(
+    ("agent", "message"),
+    [
+        (  # the agent's queue at this ingress is full: Serve refuses the stream itself
+            FakeAgent(failure=BackPressureError(num_queued_requests=9, max_queued_requests=8)),
+            f"agent {AGENT!r} is at capacity; retry later",
+        ),
+        (  # the agent's call to its model found the model's queue full: its first event says so
+            FakeAgent(events=[Overloaded("model deployment 'model-default' is at capacity; retry later")]),
+            "model deployment 'model-default' is at capacity; retry later",
+        ),
+    ],
+    ids=["agent-full", "model-full"],
+)
+def test_an_error_before_the_first_event_is_a_status_not_a_stream(
+    serve_with: Any, agent: FakeAgent, message: str
+) -> None:
     async def scenario() -> None:
         fleet = serve_with(agent, IngressOptions(retry_after_s=7))
         response = await fleet.chat(stream=True)
         await fleet.settle()
         assert response.status_code == 503
         assert response.headers["retry-after"] == "7"
-        assert response.json()["error"]["message"] == f"agent {AGENT!r} is at capacity; retry later"
+        error = response.json()["error"]
+        assert (error["code"], error["message"]) == ("overloaded", message)
 
     run(scenario())
 
