@@ -16,7 +16,7 @@ td,th{border:1px solid #ccc;padding:.3rem .5rem;text-align:left;vertical-align:t
 <h1>Why: request {{ r.request_id }}</h1>
 <p>Tenant <b>{{ r.tenant }}</b>; agents: {{ r.agents | join(" → ") }}.
 {% if r.outcome %}Outcome: <b>HTTP {{ r.outcome.status }}</b>{% if r.outcome.code %} ({{ r.outcome.code }}){% endif %}{% if r.outcome.finish_reason %}, finish reason {{ r.outcome.finish_reason }}{% endif %}.{% endif %}
-Tokens: {{ r.usage.prompt_tokens }} in, {{ r.usage.completion_tokens }} out.</p>
+Tokens: {{ r.usage.prompt_tokens }} in, {{ r.usage.completion_tokens }} out; cost {{ r.usage.cost_usd }} USD.</p>
 <h2>Policy decisions</h2>
 <table><tr><th>#</th><th>Agent</th><th>Action</th><th>Outcome</th><th>Policy</th><th>Reasons</th><th>Decision</th></tr>
 {% for d in r.decisions %}<tr><td>{{ d.seq }}</td><td>{{ d.agent }}</td><td>{{ d.action }}</td>
@@ -24,8 +24,8 @@ Tokens: {{ r.usage.prompt_tokens }} in, {{ r.usage.completion_tokens }} out.</p>
 <td>{{ d.policy }} @ {{ d.policy_version }}</td><td>{{ d.reasons | join("; ") }}</td><td>{{ d.decision_id }}</td></tr>{% endfor %}
 </table>
 <h2>Model calls</h2>
-<table><tr><th>Agent</th><th>Turn</th><th>Prompt tokens</th><th>Completion tokens</th><th>Tool calls</th><th>Finish</th></tr>
-{% for m in r.model_calls %}<tr><td>{{ m.agent }}</td><td>{{ m.turn }}</td><td>{{ m.prompt_tokens }}</td><td>{{ m.completion_tokens }}</td><td>{{ m.tool_calls }}</td><td>{{ m.finish_reason }}</td></tr>{% endfor %}
+<table><tr><th>Agent</th><th>Turn</th><th>Prompt tokens</th><th>Completion tokens</th><th>Tool calls</th><th>Finish</th><th>Cost (USD)</th></tr>
+{% for m in r.model_calls %}<tr><td>{{ m.agent }}</td><td>{{ m.turn }}</td><td>{{ m.prompt_tokens }}</td><td>{{ m.completion_tokens }}</td><td>{{ m.tool_calls }}</td><td>{{ m.finish_reason }}</td><td>{{ m.cost_usd }}</td></tr>{% endfor %}
 </table>
 <h2>Tool calls and delegations</h2>
 <table><tr><th>Agent</th><th>Tool</th><th>Status</th><th>Seconds</th></tr>

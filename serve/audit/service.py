@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 from collections import OrderedDict
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
@@ -63,6 +64,8 @@ def explanation(
         "usage": {
             "prompt_tokens": sum(e.get("prompt_tokens", 0) for e in model_calls),
             "completion_tokens": sum(e.get("completion_tokens", 0) for e in model_calls),
+            # exact: the steps keep each call's cost as a decimal string
+            "cost_usd": f"{sum((Decimal(e.get('cost_usd', '0')) for e in model_calls), Decimal(0)):f}",
         },
         "tool_calls": [
             _without(e, "kind", "request_id", "tenant") for e in steps if e["kind"] == "tool_call"

@@ -46,12 +46,14 @@ def test_a_step_is_a_frozen_value() -> None:
 
 def test_the_explanation_reads_typed_steps_records() -> None:
     steps = [
-        ModelCallStep("clerk", 1, 5, 2, 1, "tool_calls").record(1.0, "r1", "acme"),
+        ModelCallStep("clerk", 1, 5, 2, 1, "tool_calls", Decimal("0.1")).record(1.0, "r1", "acme"),
         ToolCallStep("clerk", "lookup", "ok", 0.01).record(1.1, "r1", "acme"),
+        ModelCallStep("clerk", 2, 7, 1, 0, "stop", Decimal("0.2")).record(1.2, "r1", "acme"),
         OutcomeStep(200, finish_reason="stop").record(2.0, "r1", "acme"),
     ]
     report = explanation("r1", [], steps)
-    assert report["usage"] == {"prompt_tokens": 5, "completion_tokens": 2}
+    # the cost summed exactly (0.1 + 0.2 is not 0.30000000000000004)
+    assert report["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "cost_usd": "0.3"}
     assert report["tool_calls"] == [
         {"time": 1.1, "agent": "clerk", "tool": "lookup", "status": "ok", "duration_s": 0.01}
     ]

@@ -132,7 +132,7 @@ def test_explanation_report_and_its_page() -> None:
     report = explanation("r1", decisions, events)
     assert report["agents"] == ["boss", "helper"]
     assert [d["decision_id"] for d in report["decisions"]] == ["dec_1", "dec_2"]
-    assert report["usage"] == {"prompt_tokens": 8, "completion_tokens": 6}
+    assert report["usage"] == {"prompt_tokens": 8, "completion_tokens": 6, "cost_usd": "0"}
     assert report["delegations"] == [{"agent": "boss", "target": "helper", "time": 1.2}]
     assert report["outcome"] == {"agent": None, "status": 200, "time": 3.0}
     page = render_html(report)
