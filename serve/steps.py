@@ -25,7 +25,8 @@ def _record(
     record: dict[str, Any] = {"time": time, "request_id": request_id, "tenant": tenant, "kind": step.kind}
     for f in fields(step):
         value = getattr(step, f.name)
-        record[f.name] = str(value) if isinstance(value, Decimal) else value  # money stays exact in JSON
+        # Money stays exact in JSON, and reads as fleet.cost_usd does: 0.00000015, not 1.5E-7.
+        record[f.name] = f"{value:f}" if isinstance(value, Decimal) else value
     return record
 
 

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from serve.budget import Price
 from serve.context import Context
 from serve.governance.config import GovernanceConfig, build_engines
 from serve.governance.governor import Governor
@@ -194,7 +195,8 @@ def governed(
 
 
 class GovernedAgent:
-    """An agent's :class:`AgentLoop` under real governance (see :func:`governed`).
+    """An agent's :class:`AgentLoop` under real governance (see :func:`governed`), its model
+    calls priced at ``price`` (None: they cost nothing).
 
     :attr:`audit` keeps the decisions (``records``) and steps (``events``) of every
     request; a :class:`ScriptedModel` keeps what the model was asked.
@@ -211,11 +213,12 @@ class GovernedAgent:
         policies: Sequence[str] | None = None,
         shadow: Sequence[str] = (),
         root: Path = PROJECT_ROOT,
+        price: Price | None = None,
     ) -> None:
         by_name = dict(tools) if isinstance(tools, Mapping) else {t.name: t for t in tools}
         self.spec, self.model = spec, model
         self.guard, self.audit = governed(spec, policies=policies, shadow=shadow, root=root)
-        self.loop = AgentLoop(spec, by_name, model, dict(delegates or {}), self.guard, builtin)
+        self.loop = AgentLoop(spec, by_name, model, dict(delegates or {}), self.guard, builtin, price)
 
     def request(self, text: str, **extra: Any) -> ChatRequest:
         """A chat request to this agent with one user message (``extra``: other fields)."""

@@ -10,6 +10,7 @@ caller passed down (:attr:`serve.context.Context.allowance`).
 
 from __future__ import annotations
 
+import decimal
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -18,6 +19,8 @@ from serve.errors import BudgetExceeded
 __all__ = ["Hold", "Purse"]
 
 ZERO = Decimal(0)
+# Shares are rounded down: rounded to nearest, three shares of 0.05 (0.01666...67) are more than 0.05.
+_SHARES = decimal.Context(rounding=decimal.ROUND_DOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,12 @@ class Purse:
     def available(self) -> Decimal | None:
         """What may still be held (None: no limit)."""
         return None if self.limit is None else self.limit - self.spent - self.held
+
+    def share(self, ways: int) -> Decimal | None:
+        """An even share of what is left, for each of ``ways`` calls made at once (None: no
+        limit); rounded down, so that ``ways`` shares always fit."""
+        left = self.available
+        return None if left is None or ways < 1 else _SHARES.divide(left, ways)
 
     def hold(self, amount: Decimal) -> Hold:
         """Set ``amount`` aside, or refuse (:class:`BudgetExceeded`) if it does not fit."""

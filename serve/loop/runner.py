@@ -288,10 +288,11 @@ class AgentLoop:
         cap = self.manifest.policies.cost.per_request_usd
         limit = request.completion_limit
         if cap is not None and limit and self._price and self._price.cost(0, limit) > cap:
+            param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
             raise InvalidRequest(
-                f"max_tokens={limit} could never fit agent {self.manifest.name!r}'s budget of "
+                f"{param}={limit} could never fit the budget of agent {self.manifest.name!r}, "
                 f"{cap} USD per request ({self._price.cost(0, limit)} USD at its completion price)",
-                param="max_tokens",
+                param=param,
             )
         binds_caller = ctx.allowance is not None and (cap is None or ctx.allowance < cap)
         owner = ctx.chain[0] if binds_caller and ctx.chain else self.manifest.name
@@ -363,7 +364,7 @@ class AgentLoop:
         # Each delegation is handed an even share of what is left; what it reports it
         # spent (its whole subtree) is settled here.
         purse, delegations = state.purse, self._calls.delegations(calls)
-        share = purse.available / delegations if delegations and purse.available is not None else None
+        share = purse.share(delegations)
         hold = purse.hold(share * delegations if share is not None else Decimal(0))
         spent_before = state.usage.cost_usd
         try:

@@ -26,7 +26,7 @@ class BackendSettings(BaseModel):
     price: Price | None = Field(
         default=None,
         description="What its tokens cost (USD per million; strings, read as Decimal). Unset: "
-        "its calls cost nothing, and only a budget of 0 refuses them.",
+        "its calls cost nothing, and no budget refuses them.",
     )
     max_queued_requests: int | None = Field(
         default=None,
