@@ -8,6 +8,7 @@ import pytest
 
 from serve.errors import (
     AgentError,
+    BudgetExceeded,
     ConfigError,
     FleetError,
     InvalidRequest,
@@ -26,6 +27,7 @@ from serve.errors import (
 CLASSES: list[tuple[type[RequestError], int, str, str | None]] = [
     (RequestError, 500, "server_error", None),
     (InvalidRequest, 400, "invalid_request_error", None),
+    (BudgetExceeded, 402, "insufficient_quota", "budget_exceeded"),
     (NotFound, 404, "invalid_request_error", "not_found"),
     (PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
     (AgentError, 500, "server_error", "agent_error"),

@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 from collections.abc import Iterator
+from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,7 +27,7 @@ from serve.app import agent_card
 from serve.auth import TenantKey, hash_key
 from serve.cards import AgentCard
 from serve.context import Context
-from serve.errors import Overloaded, RequestError
+from serve.errors import BudgetExceeded, Overloaded, RequestError
 from serve.governance.config import GovernanceConfig
 from serve.ingress import Ingress, IngressOptions, app
 from serve.loop.results import AgentResult, ContentDelta, Finished, Stats
@@ -268,6 +269,51 @@ def test_an_error_before_the_first_event_is_a_status_not_a_stream(
         assert response.headers["retry-after"] == "7"
         error = response.json()["error"]
         assert (error["code"], error["message"]) == ("overloaded", message)
+
+    run(scenario())
+
+
+def test_a_request_tree_over_its_budget_is_a_402_the_client_should_not_retry(serve_with: Any) -> None:
+    spent = BudgetExceeded(
+        "the request:hr-policy-advisor budget of 0.01 USD cannot cover this call",
+        param="request:hr-policy-advisor",
+    )
+
+    async def scenario() -> None:
+        for stream in (False, True):  # refused before any output: a status, streamed or not
+            fleet = serve_with(FakeAgent(outcome=spent, events=[spent]))
+            response = await fleet.chat(stream=stream)
+            await fleet.settle()
+            assert response.status_code == 402
+            assert response.json() == {
+                "error": {
+                    "message": spent.message,
+                    "type": "insufficient_quota",
+                    "param": "request:hr-policy-advisor",
+                    "code": "budget_exceeded",
+                }
+            }
+            assert response.headers["x-should-retry"] == "false"  # the official clients retry some 4xx
+            assert "retry-after" not in response.headers and "x-fleet-request-id" in response.headers
+
+    run(scenario())
+
+
+def test_what_the_request_tree_cost_is_fleets_cost_usd_not_openais_usage(serve_with: Any) -> None:
+    usage = Usage(prompt_tokens=1, completion_tokens=0, cost_usd=Decimal("0.00000015"))
+    result = AgentResult("Hi", [], "stop", usage, Stats())
+
+    async def scenario() -> None:
+        fleet = serve_with(FakeAgent(outcome=result, events=[Finished(result)]))
+        body = (await fleet.chat()).json()
+        streamed = await fleet.chat(stream=True, stream_options={"include_usage": True})
+        await fleet.settle()
+        assert body["fleet"]["cost_usd"] == "0.00000015"  # plain notation, exact: not 1.5e-07
+        assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+        *chunks, _ = frames(streamed)
+        *_, final, usage_only = [json.loads(c) for c in chunks]
+        assert final["fleet"]["cost_usd"] == "0.00000015"
+        assert usage_only["usage"] == body["usage"]
 
     run(scenario())
 

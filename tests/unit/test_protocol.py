@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from serve.errors import InvalidRequest, Overloaded, PolicyDenied, RequestError, Timeout, Unauthorized
+from serve.errors import (
+    BudgetExceeded,
+    InvalidRequest,
+    Overloaded,
+    PolicyDenied,
+    RequestError,
+    Timeout,
+    Unauthorized,
+)
 from serve.protocol import (
     DONE,
     ChatRequest,
@@ -223,6 +231,14 @@ def test_usage() -> None:
     usage.add(Usage(prompt_tokens=1, completion_tokens=2))
     assert usage.total_tokens == 10
     assert usage.wire() == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+
+
+def test_a_usages_cost_adds_up_exactly_and_is_not_in_openais_usage() -> None:
+    usage = Usage(prompt_tokens=3, completion_tokens=4, cost_usd=Decimal("0.1"))
+    for _ in range(2):
+        usage.add(Usage(prompt_tokens=1, completion_tokens=1, cost_usd=Decimal("0.1")))  # a delegate's
+    assert usage.cost_usd == Decimal("0.3")  # 0.1 + 0.1 + 0.1 in floats is not
+    assert usage.wire() == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
 
 
 def test_completion_shape() -> None:
@@ -495,10 +511,12 @@ def test_the_extension_names_the_request_the_agent_and_what_the_run_did() -> Non
     [
         (InvalidRequest("bad", param="seed"), {}),
         (Unauthorized("no key"), {"www-authenticate": "Bearer"}),
+        # the official clients retry some statuses by themselves: a spent budget is not one to retry
+        (BudgetExceeded("spent", param="request:clerk"), {"x-should-retry": "false"}),
         (PolicyDenied("no", decision_id="dec_1"), {"x-fleet-decision-id": "dec_1"}),
         (Overloaded("full"), {"retry-after": "4"}),
     ],
-    ids=["400", "401", "403", "503"],
+    ids=["400", "401", "402", "403", "503"],
 )
 def test_an_error_response_is_the_envelope_with_its_status_and_headers(
     error: RequestError, headers: dict[str, str]

@@ -37,6 +37,15 @@ def test_each_step_is_the_record_it_was_as_a_dict() -> None:
         assert json.dumps(record) == json.dumps({**ENVELOPE, **fields})
 
 
+def test_a_model_calls_cost_is_an_exact_decimal_string_as_in_the_response() -> None:
+    # 1 prompt token at 0.15 USD per million: str() would say 1.5E-7; fleet.cost_usd says this
+    cases = [(Decimal("0.00000015"), "0.00000015"), (Decimal("0.0002187"), "0.0002187"), (Decimal(0), "0")]
+    for cost, shown in cases:
+        record = ModelCallStep("clerk", 1, 1, 0, 0, "stop", cost).record(1.5, "req_1", "acme")
+        assert record["cost_usd"] == shown and Decimal(record["cost_usd"]) == cost
+    assert ModelCallStep("clerk", 1, 1, 0, 0, "stop").record(1.5, "req_1", "acme")["cost_usd"] == "0"
+
+
 def test_a_step_is_a_frozen_value() -> None:
     step = DelegationStep("clerk", "helper")
     with pytest.raises(AttributeError):

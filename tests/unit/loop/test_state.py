@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from serve.budget import Price, Purse
 from serve.context import Context
 from serve.governance.decisions import Refusal
 from serve.loop.results import Stats
@@ -97,9 +99,14 @@ def test_a_state_taken_mid_loop_round_trips_through_json(
             yield piece
 
     folder = write_agent(
-        tmp_path, "clerk", tools=[{"name": "note", "scope": "notes.write"}], scopes=["notes.write"]
+        tmp_path,
+        "clerk",
+        tools=[{"name": "note", "scope": "notes.write"}],
+        scopes=["notes.write"],
+        policies={"cost": {"per_request_usd": "0.001"}},
     )
-    loop = AgentLoop(load_agent(folder), {"note": note}, model, {}, OpenGuard())
+    price = Price(prompt_usd_per_million=Decimal("0.15"), completion_usd_per_million=Decimal("0.60"))
+    loop = AgentLoop(load_agent(folder), {"note": note}, model, {}, OpenGuard(), price=price)
     request = ChatRequest.model_validate(
         {"model": "clerk", "messages": [{"role": "user", "content": "#note"}], "tool_choice": "required"}
     )
@@ -121,6 +128,10 @@ def test_a_state_taken_mid_loop_round_trips_through_json(
         {"role": "user", "content": "#note"}
     ]
     assert second.usage == in_call.usage != Usage()
+    # the purse, mid-call: the call's worst case held; then what it cost spent
+    assert (first.purse.spent, first.purse.limit) == (Decimal(0), Decimal("0.001")) and first.purse.held > 0
+    assert in_call.purse.held == 0 and in_call.purse.spent == in_call.usage.cost_usd > 0
+    assert second.purse.spent == in_call.purse.spent and second.purse.held > 0
 
 
 def test_a_state_is_strict_about_what_it_reads() -> None:
@@ -134,3 +145,22 @@ def test_a_state_is_strict_about_what_it_reads() -> None:
         LoopState.from_json(json.dumps({**data, "seen": -1}))
     with pytest.raises(ValueError, match="turns"):
         LoopState.from_json(json.dumps({**data, "stats": {**data["stats"], "turns": "many"}}))
+
+
+def test_a_states_purse_round_trips_with_its_money_exact() -> None:
+    state = LoopState(
+        messages=[{"role": "user", "content": "hi"}],
+        asked=[{"role": "user", "content": "hi"}],
+        usage=Usage(prompt_tokens=1234, completion_tokens=56, cost_usd=Decimal("0.0002187")),
+        purse=Purse(Decimal("0.001"), "request:boss", spent=Decimal("0.0002187"), held=Decimal("1.5E-7")),
+    )
+    dumped = state.to_json()
+    data = json.loads(dumped)
+    assert data["purse"] == {"limit": "0.001", "name": "request:boss", "spent": "0.0002187", "held": "1.5E-7"}
+    assert data["usage"]["cost_usd"] == "0.0002187"  # strings: a JSON number would be a float
+    back = LoopState.from_json(dumped)
+    assert back == state
+    assert back.purse.available == Decimal("0.00078115")  # exactly what it was, not a float's
+    assert LoopState.from_json(LoopState(messages=[], asked=[]).to_json()).purse == Purse()  # no limit
+    with pytest.raises(ValueError, match="spent"):
+        LoopState.from_json(json.dumps({**data, "purse": {**data["purse"], "spent": "lots"}}))

@@ -1,0 +1,249 @@
+"""The loop's spending: each model call priced at the backend's price and summed over the
+request tree, the manifest's ``policies.cost.per_request_usd`` held before every model call,
+and delegates handed an even share of what is left."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serve.budget import Price, prompt_bound
+from serve.context import Context
+from serve.errors import BudgetExceeded, InvalidRequest, ModelError, RequestError
+from serve.loop.results import AgentResult, DelegateTarget, Stats
+from serve.manifest import load_agent
+from serve.models.base import ModelRequest
+from serve.protocol import ChatRequest, Usage
+from serve.testing import GovernedAgent, ScriptedModel, echo, rule, tool_call
+from tests.unit.conftest import run, write_agent
+
+PRICE = Price(prompt_usd_per_million=Decimal("0.15"), completion_usd_per_million=Decimal("0.60"))
+# Prompts free: what a call may cost is its max_tokens alone, whatever its prompt.
+COMPLETIONS_ONLY = Price(prompt_usd_per_million=Decimal(0), completion_usd_per_million=Decimal("0.60"))
+
+
+def _delegations(*agents: str) -> dict[str, Any]:
+    return {"tool_calls": [{"name": f"delegate_to_{a}", "arguments": {"task": f"ask {a}"}} for a in agents]}
+
+
+SCRIPT = [
+    rule("#echo", tool_call("echo", text="hi"), "echo said: {tool_result}"),
+    rule("#delegate", tool_call("delegate_to_helper", task="{input}"), "helper said: {tool_result}"),
+    rule("#two", _delegations("helper", "auditor"), "both answered"),
+    rule("#three", _delegations("helper", "auditor", "scribe"), "all answered"),
+    rule("", "a plain answer"),
+]
+
+
+class Delegate:
+    """A delegate agent that reports what its subtree cost (or fails), keeping its calls."""
+
+    def __init__(self, cost: str = "0", error: RequestError | None = None) -> None:
+        self.cost, self.error = Decimal(cost), error
+        self.asked: list[Context] = []
+
+    async def __call__(self, request: ChatRequest, ctx: Context) -> AgentResult:
+        self.asked.append(ctx)
+        if self.error is not None:
+            raise self.error
+        usage = Usage(prompt_tokens=7, completion_tokens=3, cost_usd=self.cost)
+        return AgentResult("on it", [], "stop", usage, Stats())
+
+
+class Clerk:
+    """The agent ``clerk`` (one tool, three delegates) under real policies, on the script."""
+
+    def __init__(self, tmp_path: Path, cap: str | None, price: Price | None = PRICE, **delegates: Delegate):
+        cost = {} if cap is None else {"per_request_usd": cap}
+        folder = write_agent(
+            tmp_path,
+            "clerk",
+            tools=[{"name": "echo", "scope": "test.run"}],
+            delegates=["helper", "auditor", "scribe"],
+            scopes=["test.run"],
+            policies={"cost": cost},
+            max_turns=3,
+        )
+        self.delegates = {name: delegates.get(name) or Delegate() for name in ("helper", "auditor", "scribe")}
+        targets = {name: DelegateTarget(f"The {name}.", d) for name, d in self.delegates.items()}
+        self.model = ScriptedModel(SCRIPT)
+        self.agent = GovernedAgent(load_agent(folder), self.model, [echo], targets, price=price)
+
+    @property
+    def asked(self) -> list[ModelRequest]:
+        """Every request the model was given."""
+        return self.model.requests
+
+    def ask(self, text: str, ctx: Context | None = None, **extra: Any) -> AgentResult:
+        return run(self.agent.ask(text, ctx, **extra))
+
+    def refused(self, text: str, error: type[RequestError] = BudgetExceeded, **extra: Any) -> RequestError:
+        with pytest.raises(error) as raised:
+            self.ask(text, **extra)
+        return raised.value
+
+    def steps(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.agent.audit.events if e.get("kind") == kind]
+
+    def costs(self) -> list[Decimal]:
+        """What each model call cost, at the price, from the tokens its step reports."""
+        return [PRICE.cost(s["prompt_tokens"], s["completion_tokens"]) for s in self.steps("model_call")]
+
+
+def worst_case(price: Price, request: ModelRequest, max_tokens: int) -> Decimal:
+    """What the loop holds for a call: its prompt's bound and ``max_tokens`` of completion."""
+    return price.cost(prompt_bound(request.messages, request.tools), max_tokens)
+
+
+# --- cost -------------------------------------------------------------------------------
+
+
+def test_a_request_costs_the_sum_of_its_model_calls_at_the_backends_price(tmp_path: Path) -> None:
+    clerk = Clerk(tmp_path, cap=None)
+    result = clerk.ask("#echo")
+    assert result.content == "echo said: hi"
+    first, second = clerk.costs()
+    assert first > 0 and second > 0
+    assert result.usage.cost_usd == first + second
+    # each model_call step carries its own cost, as an exact decimal string
+    assert [s["cost_usd"] for s in clerk.steps("model_call")] == [f"{first:f}", f"{second:f}"]
+
+
+def test_without_a_price_no_budget_is_enforced_and_nothing_costs(tmp_path: Path) -> None:
+    clerk = Clerk(tmp_path, cap="0", price=None)
+    result = clerk.ask("#echo", Context("req_free", ("clerk",), allowance=Decimal(0)))
+    assert result.content == "echo said: hi"
+    assert result.usage.cost_usd == 0 and result.usage.total_tokens > 0
+    assert [s["cost_usd"] for s in clerk.steps("model_call")] == ["0", "0"]
+    assert [r.max_tokens for r in clerk.asked] == [None, None]  # nothing to cap them at
+
+
+# --- the per-request budget -------------------------------------------------------------
+
+
+def test_a_call_that_does_not_fit_the_budget_is_refused_before_the_model_is_called(tmp_path: Path) -> None:
+    clerk = Clerk(tmp_path, cap="0.00001")  # less than the first prompt's bound costs
+    error = clerk.refused("#echo")
+    assert error.param == "request:clerk" and error.status == 402
+    assert "the request:clerk budget of 0.00001 USD cannot cover this call" in error.message
+    assert clerk.asked == [] and clerk.steps("model_call") == []
+
+
+def test_a_turn_that_no_longer_fits_ends_the_request_after_the_tool_ran(tmp_path: Path) -> None:
+    clerk = Clerk(tmp_path, cap="0.000006", price=COMPLETIONS_ONLY)  # ten completion tokens
+    error = clerk.refused("#echo", max_tokens=10)  # the first call holds all ten, and spends some
+    assert error.param == "request:clerk"
+    (first,) = clerk.asked  # the second call was never made
+    assert first.max_tokens == 10
+    (model_call,) = clerk.steps("model_call")
+    assert model_call["completion_tokens"] > 0
+    assert [(s["tool"], s["status"]) for s in clerk.steps("tool_call")] == [("echo", "ok")]
+
+
+def test_a_max_tokens_the_budget_could_never_pay_for_is_the_clients_error(tmp_path: Path) -> None:
+    clerk = Clerk(tmp_path, cap="0.00006")  # a hundred completion tokens, and no prompt
+    for field in ("max_tokens", "max_completion_tokens"):
+        error = clerk.refused("#echo", InvalidRequest, **{field: 101})
+        assert error.param == field and error.status == 400
+        assert error.message == (
+            f"{field}=101 could never fit the budget of agent 'clerk', 0.00006 USD per request "
+            "(0.0000606 USD at its completion price)"
+        )
+    assert clerk.asked == []
+    # a hundred fit the cap alone: with the prompt on top, that call is over budget, not invalid
+    assert clerk.refused("#echo", max_tokens=100).param == "request:clerk"
+
+
+def test_without_max_tokens_a_call_may_write_what_the_budget_still_pays_for(tmp_path: Path) -> None:
+    cap = Decimal("0.001")
+    clerk = Clerk(tmp_path, cap=str(cap))
+    assert clerk.ask("#echo").content == "echo said: hi"
+    first, second = clerk.asked
+    spent_first, _ = clerk.costs()
+    for spent, request in ((Decimal(0), first), (spent_first, second)):
+        assert request.max_tokens is not None
+        # the most completion tokens that fit beside its prompt's bound and what was spent
+        assert spent + worst_case(PRICE, request, request.max_tokens) <= cap
+        assert spent + worst_case(PRICE, request, request.max_tokens + 1) > cap
+    assert second.max_tokens < first.max_tokens  # type: ignore[operator]
+
+
+def test_a_max_tokens_within_the_budget_is_the_calls_own(tmp_path: Path) -> None:
+    clerk = Clerk(tmp_path, cap="0.001")
+    clerk.ask("#echo", max_tokens=5)
+    assert [r.max_tokens for r in clerk.asked] == [5, 5]
+
+
+# --- delegations ------------------------------------------------------------------------
+
+
+def test_a_delegate_is_handed_what_is_left_and_what_it_spent_is_the_callers_too(tmp_path: Path) -> None:
+    cap = Decimal("0.001")
+    helper = Delegate(cost="0.0001")
+    clerk = Clerk(tmp_path, cap=str(cap), helper=helper)
+    result = clerk.ask("#delegate")
+    assert result.content == "helper said: on it"
+    first, second = clerk.costs()
+    (ctx,) = helper.asked
+    assert ctx.allowance == cap - first
+    assert result.usage.cost_usd == first + Decimal("0.0001") + second
+    # the next call may write only what is left after the delegate's spending
+    after = clerk.asked[1]
+    assert after.max_tokens is not None
+    spent = first + Decimal("0.0001")
+    assert spent + worst_case(PRICE, after, after.max_tokens) <= cap
+    assert spent + worst_case(PRICE, after, after.max_tokens + 1) > cap
+
+
+def test_delegations_made_at_once_get_an_even_share_each(tmp_path: Path) -> None:
+    cap = Decimal("0.001")
+    clerk = Clerk(tmp_path, cap=str(cap))
+    assert clerk.ask("#two").content == "both answered"
+    (first, _) = clerk.costs()
+    shares = [d.asked[0].allowance for d in (clerk.delegates["helper"], clerk.delegates["auditor"])]
+    assert shares == [(cap - first) / 2] * 2
+    assert clerk.delegates["scribe"].asked == []
+
+
+def test_shares_that_do_not_divide_evenly_still_fit_together(tmp_path: Path) -> None:
+    # 0.05 / 3, rounded to nearest, is 0.01666...67: three of them are more than 0.05
+    clerk = Clerk(tmp_path, cap=None, price=None)
+    result = clerk.ask("#three", Context("req_split", ("boss", "clerk"), allowance=Decimal("0.05")))
+    assert result.content == "all answered"
+    (share,) = {d.asked[0].allowance for d in clerk.delegates.values()}
+    assert share is not None and 3 * share <= Decimal("0.05")
+    assert Decimal("0.05") - 3 * share < Decimal("1e-20")
+
+
+def test_a_delegate_out_of_budget_ends_the_callers_request(tmp_path: Path) -> None:
+    spent = BudgetExceeded(
+        "the request:clerk budget of 0.001 USD cannot cover this call", param="request:clerk"
+    )
+    clerk = Clerk(tmp_path, cap="0.001", helper=Delegate(error=spent))
+    assert clerk.refused("#delegate") is spent
+    assert len(clerk.asked) == 1  # the model is not told, as it would be of another failure
+    assert [s["target"] for s in clerk.steps("delegation")] == ["helper"]
+
+
+def test_a_delegate_that_fails_otherwise_is_a_tool_error_the_model_is_told(tmp_path: Path) -> None:
+    clerk = Clerk(tmp_path, cap="0.001", helper=Delegate(error=ModelError("engine down")))
+    result = clerk.ask("#delegate")
+    assert result.content == "helper said: error: agent 'helper' failed: engine down"
+    assert result.stats.tool_failures == 1
+
+
+def test_a_delegates_refusal_names_the_budget_that_binds(tmp_path: Path) -> None:
+    clerk = Clerk(tmp_path, cap="0.001")
+    delegated = Context("req_tree", ("boss", "clerk"), allowance=Decimal("0.00001"))
+    with pytest.raises(BudgetExceeded) as boss:  # the caller's allowance is the lesser
+        clerk.ask("#echo", delegated)
+    assert boss.value.param == "request:boss"
+    assert "the request:boss budget of 0.00001 USD" in boss.value.message
+    generous = Context("req_tree", ("boss", "clerk"), allowance=Decimal("0.0001"))
+    clerk = Clerk(tmp_path / "again", cap="0.00001")
+    with pytest.raises(BudgetExceeded) as own:  # the agent's own cap is the lesser
+        clerk.ask("#echo", generous)
+    assert own.value.param == "request:clerk"
