@@ -41,6 +41,7 @@ from serve.models.vllm.decoding import (
     ParserDecoder,
     RepetitionGuard,
     TextDecoder,
+    repeating_unit,
 )
 from serve.models.vllm.prompting import (
     answer_schema,
@@ -261,6 +262,18 @@ class VLLMBackend:
             min_chars=stop.min_chars, max_period=stop.max_period, min_repeats=stop.min_repeats
         )
 
+    def _unlooped(self, text: str) -> str:
+        """``text`` without the rounds of the loop it ends in but the first."""
+        stop = self.config.repetition_stop
+        assert stop is not None  # only a guard ends a reply with "repetition"
+        limits = {"min_chars": stop.min_chars, "max_period": stop.max_period, "min_repeats": stop.min_repeats}
+        unit = repeating_unit(text, **limits)
+        if unit is None:  # the loop was in the raw text only (a JSON answer's escapes)
+            return text
+        while text.endswith(unit * 2):
+            text = text[: -len(unit)]
+        return text
+
     def _effective(self, request: ModelRequest) -> ModelRequest:
         limit = self.config.max_tool_rounds
         if request.tool_choice == "auto" and limit is not None and tool_rounds(request.messages) >= limit:
@@ -278,6 +291,9 @@ class VLLMBackend:
         usage = Usage(prompt_tokens=prompt_len)
         finish = "stop"
         looping = self._repetition_guard()
+        # Nobody reads a unary reply as it is generated: it is held, so that a loop the
+        # guard ends can be cut back to its first round before anyone sees it.
+        held: list[str] | None = None if request.stream else []
         generator = self._engine.generate(engine_input, params, f"fleet-{uuid.uuid4().hex}")
         try:
             # aclosing: a consumer that stops early (client gone, task cancelled) closes
@@ -289,7 +305,10 @@ class VLLMBackend:
                     usage.completion_tokens += len(piece.token_ids)
                     finish = piece.finish_reason or finish
                     if content := decoder.feed(piece.text, piece.token_ids):
-                        yield ModelChunk(content=content)
+                        if held is None:
+                            yield ModelChunk(content=content)
+                        else:
+                            held.append(content)
                     if looping is not None and looping.feed(piece.text):
                         finish = "repetition"  # leaving the loop aborts the request in the engine
                         break
@@ -297,6 +316,9 @@ class VLLMBackend:
             _reraise(exc)
         if finish not in _FINISH:  # "abort" or "error"
             raise ModelError(f"the vLLM engine ended the request: {finish}")
+        if held:
+            text = "".join(held)
+            yield ModelChunk(content=self._unlooped(text) if finish == "repetition" else text)
         calls = decoder.finish(truncated=_FINISH[finish] == "length")
         if request.parallel_tool_calls is False:  # a parser may find several
             calls = calls[:1]

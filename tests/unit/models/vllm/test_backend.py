@@ -283,6 +283,18 @@ def test_a_reply_fallen_into_a_loop_ends_at_once_and_the_engine_stops(vllm: Any)
     assert got[-1].usage is not None and got[-1].usage.completion_tokens == 17
 
 
+def test_a_unary_reply_that_loops_keeps_one_round_of_the_loop(vllm: Any) -> None:
+    """Nobody reads a unary reply as it is generated (a delegate's, say): the backend holds
+    it, and the loop the guard ended is cut back to its first round."""
+    engine = FakeEngine(["The balance is 25 days", *["-debt"] * 200])
+    got = run(chunks(backend(engine), ask(stream=False)))
+    assert [c.content for c in got if c.content] == ["The balance is 25 days-debt"]
+    assert got[-1].finish_reason == "length" and engine.closed
+    # A reply that does not loop is the engine's text, whole.
+    plain = run(chunks(backend(FakeEngine(["Paris", " is", " the capital."])), ask(stream=False)))
+    assert "".join(c.content for c in plain) == "Paris is the capital." and plain[-1].finish_reason == "stop"
+
+
 def test_a_call_whose_arguments_loop_is_no_call(vllm: Any) -> None:
     engine = FakeEngine(['{"name": "get_weather", "arguments": {"city": "', *["Oslo "] * 40, '"}}'])
     reply = run(collect(backend(engine).stream(ask(tools=[WEATHER], tool_choice="required"))))
