@@ -21,7 +21,10 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve import telemetry
 from serve.audit.client import AuditClient
+from serve.auth import key_budgets
 from serve.budget import Price
+from serve.budget.client import AgentLedger, LedgerClient
+from serve.budget.config import BudgetsConfig
 from serve.context import Context
 from serve.errors import MemoryUnavailable, RequestError
 from serve.governance.config import GovernanceConfig, build_engines
@@ -130,6 +133,8 @@ class AgentDeployment:
         memory_timeout_s: float = 2.0,
         transport: Transport = "actor",
         price: Price | None = None,
+        ledger: DeploymentHandle[Any] | None = None,
+        budgets: BudgetsConfig | None = None,
     ) -> None:
         spec = load_agent(Path(agents_dir) / name)
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
@@ -159,6 +164,15 @@ class AgentDeployment:
             self._guard,
             builtin,
             price,
+            None
+            if ledger is None
+            else AgentLedger(
+                LedgerClient(ledger, (budgets or BudgetsConfig()).call_timeout_s),
+                name,
+                spec.manifest.policies.cost.per_day_usd,
+                budgets or BudgetsConfig(),
+                key_budgets(config.tenants),
+            ),
         )
 
     def _enter(self, ctx: Context) -> Context:

@@ -19,6 +19,8 @@ from ray.serve.deployment import Deployment
 from serve.agent import AgentDeployment
 from serve.audit.service import AuditService
 from serve.auth import is_loopback, resolve_keys
+from serve.budget.config import BudgetsConfig
+from serve.budget.service import BudgetService
 from serve.cards import AgentCard
 from serve.errors import ConfigError, field_path
 from serve.governance.config import GovernanceConfig, build_engines
@@ -33,6 +35,8 @@ from serve.placement import (
     agent_options,
     audit_options,
     audit_path,
+    budget_options,
+    budget_path,
     ingress_options,
     memory_options,
     memory_path,
@@ -61,6 +65,10 @@ class FleetArgs(BaseModel):
     )
     memory: MemoryConfig = Field(
         default_factory=MemoryConfig, description="Sessions, shared context and long-term memory."
+    )
+    budgets: BudgetsConfig = Field(
+        default_factory=BudgetsConfig,
+        description="The ledger of spend per day and month: tenants' caps (keys' are beside each key).",
     )
     transport: Transport = Field(
         default="grpc",
@@ -186,6 +194,19 @@ def build_app(args: dict[str, Any]) -> Application:
         .options(**memory_options())
         .bind(str(memory_path(fleet.memory)), fleet.memory.limits)
     )
+    # The ledger, when any budget per day or month is set (an agent's, a tenant's, a key's).
+    budgeted = (
+        any(s.manifest.policies.cost.per_day_usd is not None for s in specs.values())
+        or bool(fleet.budgets.tenants)
+        or any(t.budget is not None for t in tenants)
+    )
+    ledger = (
+        _deployment(BudgetService)
+        .options(**budget_options())
+        .bind(str(budget_path(fleet.budgets)), fleet.budgets.lease_s, fleet.budgets.test_clock)
+        if budgeted
+        else None
+    )
     bound: dict[str, Any] = {}
     for name in delegation_order(specs):
         m = specs[name].manifest
@@ -204,6 +225,8 @@ def build_app(args: dict[str, Any]) -> Application:
                 fleet.memory.call_timeout_s,
                 fleet.transport,
                 fleet.models[m.model.backend].price,
+                ledger,
+                fleet.budgets,
             )
         )
     cards = {name: agent_card(spec) for name, spec in specs.items()}
@@ -212,5 +235,7 @@ def build_app(args: dict[str, Any]) -> Application:
     return (
         _deployment(Ingress)
         .options(**options)
-        .bind(cards, bound, fleet.ingress, fleet.governance, root, audit, fleet.transport)
+        .bind(
+            cards, bound, fleet.ingress, fleet.governance, root, audit, fleet.transport, ledger, fleet.budgets
+        )
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from serve.budget.config import BudgetLimits
 from serve.context import ANONYMOUS_ID
 from serve.errors import ConfigError, Unauthorized
 from serve.manifest import Strict
@@ -62,6 +63,9 @@ class TenantKey(Strict):
     roles: list[str] = Field(default_factory=list, description="Roles policies see for this key.")
     scopes: list[str] | None = Field(
         default=None, description="Most scopes an agent may use for this key (default: no limit)."
+    )
+    budget: BudgetLimits | None = Field(
+        default=None, description="What this key may spend per UTC day and month (the ledger enforces it)."
     )
 
     @model_validator(mode="after")
@@ -146,6 +150,15 @@ def identify(authorization: str | None, tenants: list[TenantKey]) -> tuple[Princ
         tenant=found.tenant, roles=list(found.roles), authenticated=True, scopes=found.scopes
     )
     return principal, f"{found.tenant}:{presented[:PRINCIPAL_ID_HEX]}"
+
+
+def key_budgets(tenants: list[TenantKey]) -> dict[str, BudgetLimits]:
+    """Each key's own caps by its principal id (``<tenant>:<16 hex>``), as :func:`identify` names it."""
+    return {
+        f"{t.tenant}:{t.key_sha256[:PRINCIPAL_ID_HEX]}": t.budget
+        for t in tenants
+        if t.budget is not None and t.key_sha256 is not None
+    }
 
 
 def authenticate(authorization: str | None, tenants: list[TenantKey]) -> Principal:

@@ -23,6 +23,7 @@ __all__ = [
     "ApprovalRequired",
     "AuditUnavailable",
     "BudgetExceeded",
+    "BudgetUnavailable",
     "ConfigError",
     "FleetError",
     "InvalidRequest",
@@ -141,6 +142,34 @@ class BudgetExceeded(RequestError):
     status = 402
     type = "insufficient_quota"
     code = "budget_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ):
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s  # until the budget's period resets (None: it never does)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_budget, (self.message, self.param, self.code, self.retry_after_s))
+
+
+def _rebuild_budget(
+    message: str, param: str | None, code: str | None, retry_after_s: int | None
+) -> BudgetExceeded:
+    return BudgetExceeded(message, param=param, code=code, retry_after_s=retry_after_s)
+
+
+class BudgetUnavailable(RequestError):
+    """The ledger did not answer in time (its replica restarting): retry."""
+
+    status = 503
+    type = "server_error"
+    code = "budget_unavailable"
 
 
 class NotFound(RequestError):

@@ -27,7 +27,9 @@ from starlette.exceptions import HTTPException
 
 from serve import telemetry
 from serve.audit.client import AuditClient
-from serve.auth import authenticate, identify
+from serve.auth import authenticate, identify, key_budgets
+from serve.budget.config import BudgetsConfig
+from serve.budget.usage import budget_limits, with_remaining
 from serve.cards import AgentCard
 from serve.context import Carried, Context
 from serve.errors import (
@@ -211,8 +213,12 @@ class Ingress:
         root: str,
         audit: DeploymentHandle[Any],
         transport: Transport = "actor",
+        ledger: DeploymentHandle[Any] | None = None,
+        budgets: BudgetsConfig | None = None,
     ) -> None:
         self._cards = cards
+        self._ledger = ledger
+        self._limits = budget_limits(cards, budgets or BudgetsConfig(), key_budgets(config.tenants))
         self._wire = {name: card.wire() for name, card in cards.items()}
         self._agents = {name: over(handle, transport) for name, handle in agents.items()}
         self._options = options
@@ -281,6 +287,17 @@ class Ingress:
         if card is None:
             raise NotFound(f"The model {name!r} does not exist", param="model", code="model_not_found")
         return card
+
+    @app.get("/v1/usage")
+    async def usage(self, request: Request) -> dict[str, Any]:
+        """Spend, held and remaining per budget and period: a tenant's own (its keys'
+        included); role ``admin`` sees every budget, agents' too."""
+        principal = authenticate(request.headers.get("authorization"), self._tenants)
+        rows: list[dict[str, str]] = [] if self._ledger is None else await self._ledger.usage.remote("")
+        if "admin" not in principal.roles:
+            mine = (f"tenant:{principal.tenant}:", f"key:{principal.tenant}:")
+            rows = [r for r in rows if r["budget"].startswith(mine)]
+        return {"object": "list", "data": [with_remaining(r, self._limits) for r in rows]}
 
     @app.get("/v1/requests/{request_id}/explain")
     async def explain(self, request_id: str, request: Request) -> Response:

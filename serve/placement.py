@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.audit.config import AuditConfig
+from serve.budget.config import BudgetsConfig
 from serve.manifest import AgentManifest
 from serve.memory.store import MemoryConfig
 from serve.models import BackendConfig, VLLMConfig
@@ -72,6 +73,11 @@ def audit_path(config: AuditConfig) -> Path:
     return _state(config.path)
 
 
+def budget_path(config: BudgetsConfig) -> Path:
+    """The ledger's file."""
+    return _state(config.path)
+
+
 def memory_path(config: MemoryConfig) -> Path:
     """The memory store's file."""
     return _state(config.path)
@@ -110,6 +116,16 @@ def model_deployment_options(name: str, config: BackendConfig) -> dict[str, Any]
 def audit_options() -> dict[str, Any]:
     return {
         "name": "audit",
+        "num_replicas": 1,
+        "ray_actor_options": AUDIT_ACTOR_OPTIONS,
+        "max_ongoing_requests": SERVICE_MAX_ONGOING_REQUESTS,
+    }
+
+
+def budget_options() -> dict[str, Any]:
+    """The ledger: one replica, placed as the other state services (the head's disk)."""
+    return {
+        "name": "budget",
         "num_replicas": 1,
         "ray_actor_options": AUDIT_ACTOR_OPTIONS,
         "max_ongoing_requests": SERVICE_MAX_ONGOING_REQUESTS,

@@ -39,6 +39,7 @@ from opentelemetry import trace as otel
 
 from serve import telemetry
 from serve.budget import Hold, Price, Purse, prompt_bound
+from serve.budget.client import AgentLedger, LedgerHold
 from serve.context import Context
 from serve.errors import InvalidRequest, MaxTurnsExceeded
 from serve.loop.calls import ServerCalls
@@ -64,6 +65,10 @@ from serve.tools import Tool
 
 __all__ = ["AgentLoop"]
 
+# A model call with no max_tokens, where a budget per day or month applies, is bounded so
+# that its worst case can be reserved: 4096 tokens (a long answer on any model here).
+UNBOUNDED_CALL_TOKENS = 4096
+
 
 class AgentLoop:
     def __init__(
@@ -75,9 +80,11 @@ class AgentLoop:
         guard: Guard,
         builtin: Mapping[str, Tool] | None = None,
         price: Price | None = None,
+        ledger: AgentLedger | None = None,
     ) -> None:
         self.spec = spec
         self._price = price  # of the agent's model backend (None: its calls cost nothing)
+        self._ledger = ledger  # the cluster's budgets per day and month (None: none apply)
         self._guard = guard
         self.manifest = spec.manifest
         self._model = model
@@ -155,7 +162,9 @@ class AgentLoop:
             state.seen = len(state.messages)
             content, calls, finish, spent = [], [], "stop", Usage()
             redactor = StreamRedactor() if self._guard.holds_output else None
-            model_request, hold = self._reserve(state, self._model_request(request, state, schemas))
+            model_request, hold, held = await self._reserve(
+                ctx, state, self._model_request(request, state, schemas)
+            )
             model_span = self._model_span(span, model_request)
             try:
                 async for piece in self._model(model_request):
@@ -169,11 +178,13 @@ class AgentLoop:
                     if piece.usage:
                         spent.add(piece.usage)
             except BaseException as exc:
-                state.purse.release(hold)
                 _fail(model_span, exc)
+                await self._release(state, hold, held)
                 raise
             state.pending = calls
-            said = await self._answered(ctx, state, "".join(content), finish, spent, (model_span, span), hold)
+            said = await self._answered(
+                ctx, state, "".join(content), finish, spent, (model_span, span), (hold, held)
+            )
             rest = redactor.flush() if redactor else ""
             if rest:
                 yield ContentDelta(rest)
@@ -240,7 +251,8 @@ class AgentLoop:
         state.turn = 1
         state.stats.turns += 1
         names = list(self._routes)
-        model_request, hold = self._reserve(
+        model_request, hold, held = await self._reserve(
+            ctx,
             state,
             ModelRequest(
                 agent=self.manifest.name,
@@ -261,12 +273,12 @@ class AgentLoop:
                 if piece.usage:
                     spent.add(piece.usage)
         except BaseException as exc:
-            state.purse.release(hold)
             _fail(model_span, exc)
+            await self._release(state, hold, held)
             raise
         agent = chosen("".join(content), calls, names)
         state.pending = calls
-        await self._answered(ctx, state, "".join(content), finish, spent, (model_span, span), hold)
+        await self._answered(ctx, state, "".join(content), finish, spent, (model_span, span), (hold, held))
         state.pending = []
         return agent
 
@@ -298,7 +310,43 @@ class AgentLoop:
         owner = ctx.chain[0] if binds_caller and ctx.chain else self.manifest.name
         return Purse.of(cap, ctx.allowance, f"request:{owner}")
 
-    def _reserve(self, state: LoopState, request: ModelRequest) -> tuple[ModelRequest, Hold]:
+    async def _reserve(
+        self, ctx: Context, state: LoopState, request: ModelRequest
+    ) -> tuple[ModelRequest, Hold, LedgerHold | None]:
+        """Hold a model call's worst case in the request's purse, then in the cluster's
+        ledger against every budget per day and month it counts toward (one round trip)."""
+        request, hold = self._hold(state, request)
+        lines = self._ledger.lines(ctx) if self._ledger is not None and self._price is not None else []
+        if not lines:
+            return request, hold, None
+        assert self._ledger is not None and self._price is not None
+        if request.max_tokens is None:  # the ledger's budgets need a worst case too
+            request = request.model_copy(update={"max_tokens": UNBOUNDED_CALL_TOKENS})
+            state.purse.release(hold)
+            hold = state.purse.hold(self._worst(request))
+        try:
+            return request, hold, await self._ledger.client.reserve(lines, hold.amount)
+        except BaseException:
+            state.purse.release(hold)
+            raise
+
+    async def _settle(self, state: LoopState, hold: Hold, held: LedgerHold | None, cost: Decimal) -> None:
+        state.purse.settle(hold, cost)
+        if held is not None and self._ledger is not None:
+            await self._ledger.client.settle(held, cost)
+
+    async def _release(self, state: LoopState, hold: Hold, held: LedgerHold | None) -> None:
+        state.purse.release(hold)
+        if held is not None and self._ledger is not None:
+            with contextlib.suppress(Exception):  # its lease ends it anyway
+                await self._ledger.client.release(held)
+
+    def _worst(self, request: ModelRequest) -> Decimal:
+        assert self._price is not None
+        completion = self._price.cost(0, request.max_tokens) if request.max_tokens else Decimal(0)
+        return self._price.cost(prompt_bound(request.messages, request.tools), 0) + completion
+
+    def _hold(self, state: LoopState, request: ModelRequest) -> tuple[ModelRequest, Hold]:
         """Hold a model call's worst case (its prompt's bound, then ``max_tokens``) before
         the engine is called. A call with no ``max_tokens`` gets what the budget still pays
         for; one that cannot fit is refused (:class:`BudgetExceeded`)."""
@@ -322,14 +370,14 @@ class AgentLoop:
         finish: str,
         spent: Usage,
         spans: tuple[otel.Span, otel.Span],
-        hold: Hold,
+        holds: tuple[Hold, LedgerHold | None],
     ) -> str:
         """A model call is over: its span, usage, cost and step; what the client may see of its text."""
         model_span, span = spans
         spent.cost_usd = (
             self._price.cost(spent.prompt_tokens, spent.completion_tokens) if self._price else Decimal(0)
         )
-        state.purse.settle(hold, spent.cost_usd)
+        await self._settle(state, *holds, spent.cost_usd)
         model_span.set_attributes(
             {
                 "gen_ai.usage.input_tokens": spent.prompt_tokens,

@@ -228,6 +228,9 @@ def error_response(
         headers["retry-after"] = str(retry_after)
     if exc.status == 402:  # the official client would retry some statuses by itself
         headers["x-should-retry"] = "false"
+        reset = getattr(exc, "retry_after_s", None)
+        if reset is not None:  # when the budget's period begins again
+            headers["retry-after"] = str(reset)
     if isinstance(exc, PolicyDenied):
         headers["x-fleet-decision-id"] = exc.decision_id
     if exc.status == 401:

@@ -30,6 +30,7 @@ QA_KEY = "fk-test-qa"  # role qa: tester, helper, relay
 ACME_KEY = "fk-test-acme"  # role employee: not the test agents
 LIMITED_KEY = "fk-test-limited"  # role qa, but its key grants no scopes
 QA2_KEY = "fk-test-qa2"  # role qa, another tenant (qa2): memory isolation
+SPENDER_KEY = "fk-test-spender"  # role qa, a tenant with a daily budget (test_budget_http)
 
 
 def free_port() -> int:
@@ -84,6 +85,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     audit_log = work / "audit" / "fleet-test.jsonl"
     test_app["args"]["governance"]["audit"]["path"] = str(audit_log)
     test_app["args"]["memory"]["path"] = str(work / "memory" / "fleet-test.db")
+    test_app["args"]["budgets"]["path"] = str(work / "budget" / "fleet-test.db")
     config["applications"].append(test_app)
     config_path = work / "deploy.yaml"
     config_path.write_text(yaml.safe_dump(config))

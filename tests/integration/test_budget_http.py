@@ -5,13 +5,16 @@ spend 0.01 USD a request)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
 
 import httpx
+import pytest
 
 from serve.budget import Price
-from tests.integration.conftest import QA_KEY, Fleet
+from tests.integration.conftest import QA_KEY, SPENDER_KEY, Fleet
 
 PRICE = Price(prompt_usd_per_million=Decimal("2.00"), completion_usd_per_million=Decimal("8.00"))
 LONG = "word " * 1200  # 6 KB: its prompt's bound alone costs more than helper's 0.01 USD
@@ -64,3 +67,61 @@ def test_a_max_tokens_the_budget_could_never_pay_is_a_400_naming_it(fleet: Fleet
     r = post(fleet, "helper", "ping", max_tokens=5000)  # 5000 x 8 USD/M = 0.04 USD > 0.01
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "max_tokens"
+
+
+# --- the cluster's ledger: a tenant's budget per day (fleet-test.yaml: spender, 0.008 USD) ---
+
+# A keeper call's worst case is 0.00702 (its prompt's bound): one hold at a time fits.
+SPENDER_DAY = Decimal("0.008")
+
+
+def _spend(fleet: Fleet) -> httpx.Response:
+    body = {"model": "keeper", "messages": [{"role": "user", "content": "#spend"}], "max_tokens": 16}
+    with fleet.client(fleet.test_url, SPENDER_KEY) as client:
+        return client.post("/v1/chat/completions", json=body)
+
+
+def _usage(fleet: Fleet, key: str) -> list[dict[str, Any]]:
+    with fleet.client(fleet.test_url, key) as client:
+        r = client.get("/v1/usage")
+    assert r.status_code == 200, r.text
+    return list(r.json()["data"])
+
+
+def test_a_tenants_day_is_never_overspent_across_replicas_and_resets_at_midnight(fleet: Fleet) -> None:
+    from ray import serve as rayserve
+
+    if fleet.ray_address is None:
+        pytest.skip("needs the test run's own cluster (its driver moves the ledger's clock)")
+    # 60 requests, 12 at a time, at keeper's two replicas: every one reserves against one ledger.
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: _spend(fleet), range(60)))
+    statuses = Counter(a.status_code for a in answers)
+    assert set(statuses) <= {200, 402}, statuses
+    assert statuses[200] >= 1 and statuses[402] >= 1, statuses  # the day fit some, not all at once
+    for refused in (a for a in answers if a.status_code == 402):
+        error = refused.json()["error"]
+        assert (error["code"], error["param"]) == ("budget_exceeded", "tenant:spender:day")
+        assert refused.headers["x-should-retry"] == "false"
+        assert 0 < int(refused.headers["retry-after"]) <= 86_400  # until the next UTC midnight
+    reported = sum(
+        (Decimal(a.json()["fleet"]["cost_usd"]) for a in answers if a.status_code == 200), Decimal(0)
+    )
+    [day] = [u for u in _usage(fleet, SPENDER_KEY) if u["budget"] == "tenant:spender:day"]
+    assert Decimal(day["spent_usd"]) == reported > 0  # no drift: the ledger holds what the answers cost
+    assert Decimal(day["spent_usd"]) <= SPENDER_DAY and day["held_usd"] == "0"  # never overspent
+    assert day["limit_usd"] == "0.008"
+    # Asked one after another, the day runs out: a refusal comes, and the cap still holds.
+    for _ in range(200):  # about 45 at 0.000022 each
+        last = _spend(fleet)
+        if last.status_code == 402:
+            break
+    assert last.status_code == 402, last.text
+    [day] = [u for u in _usage(fleet, SPENDER_KEY) if u["budget"] == "tenant:spender:day"]
+    assert Decimal(day["spent_usd"]) <= SPENDER_DAY
+    # Another tenant sees none of it.
+    assert all(not u["budget"].startswith("tenant:spender") for u in _usage(fleet, QA_KEY))
+    # The next UTC day: the tenant may spend again.
+    seconds = int(last.headers["retry-after"]) + 1
+    rayserve.get_deployment_handle("budget", app_name="fleet-test").advance.remote(seconds).result()
+    assert _spend(fleet).status_code == 200

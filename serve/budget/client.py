@@ -1,0 +1,95 @@
+"""An agent's view of the ledger: reserve a model call's worst case against every budget
+it counts toward in one round trip, settle it after (serve/budget/service.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from serve.budget.config import BudgetLimits, BudgetsConfig
+from serve.budget.store import Line, Refusal
+from serve.context import Context
+from serve.errors import BudgetExceeded, BudgetUnavailable
+
+__all__ = ["AgentLedger", "LedgerClient", "LedgerHold", "budget_lines"]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerHold:
+    rid: str
+    keys: tuple[tuple[str, str], ...]
+
+
+def _limits(budget: str, limits: BudgetLimits | None) -> list[Line]:
+    if limits is None:
+        return []
+    caps = (("day", limits.per_day_usd), ("month", limits.per_month_usd))
+    return [Line(budget, kind, cap) for kind, cap in caps if cap is not None]  # type: ignore[arg-type]
+
+
+def budget_lines(
+    agent: str,
+    per_day: Decimal | None,
+    config: BudgetsConfig,
+    keys: Mapping[str, BudgetLimits],
+    ctx: Context,
+) -> list[Line]:
+    """Every budget a model call of ``agent`` counts toward, for the request in ``ctx``:
+    the agent's per day, its tenant's and its key's per day and month. ``keys``: each
+    key's caps by its principal id (``<tenant>:<16 hex>``)."""
+    lines = [Line(f"agent:{agent}", "day", per_day)] if per_day is not None else []
+    principal = ctx.principal
+    if principal is not None and principal.authenticated:
+        lines += _limits(f"tenant:{principal.tenant}", config.tenants.get(principal.tenant))
+        lines += _limits(f"key:{ctx.principal_id}", keys.get(ctx.principal_id))
+    return lines
+
+
+class LedgerClient:
+    def __init__(self, handle: Any, timeout_s: float) -> None:
+        self._handle = handle
+        self._timeout = timeout_s
+
+    async def reserve(self, lines: Sequence[Line], amount: Decimal) -> LedgerHold:
+        """Hold ``amount`` against every line, or refuse (402 naming the budget that cannot)."""
+        rid = uuid.uuid4().hex
+        got = await self._call("reserve", rid, list(lines), amount)
+        if isinstance(got, Refusal):
+            raise BudgetExceeded(
+                f"the {got.budget} budget of {got.limit} USD cannot cover this call "
+                f"({amount:f} USD at worst; {got.left:f} USD left until it resets)",
+                param=got.budget,
+                retry_after_s=got.retry_after_s,
+            )
+        return LedgerHold(rid, tuple(got))
+
+    async def settle(self, hold: LedgerHold, cost: Decimal) -> None:
+        await self._call("settle", hold.rid, cost, list(hold.keys))
+
+    async def release(self, hold: LedgerHold) -> None:
+        await self._call("release", hold.rid)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await getattr(self._handle, method).remote(*args)
+        except (TimeoutError, Exception) as exc:
+            raise BudgetUnavailable(f"the budget ledger did not answer ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class AgentLedger:
+    """The ledger as one agent's loop uses it: the budgets of a request, and the client."""
+
+    client: LedgerClient
+    agent: str
+    per_day: Decimal | None
+    config: BudgetsConfig
+    keys: Mapping[str, BudgetLimits]
+
+    def lines(self, ctx: Context) -> list[Line]:
+        return budget_lines(self.agent, self.per_day, self.config, self.keys, ctx)

@@ -1,0 +1,47 @@
+"""The deploy config's budget settings: what tenants and keys may spend per day and month."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["BudgetLimits", "BudgetsConfig"]
+
+
+class BudgetLimits(BaseModel):
+    """Spending caps in USD (strings, read as Decimal), per UTC calendar day and month."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_day_usd: Decimal | None = Field(default=None, ge=0, description="Cap per UTC day.")
+    per_month_usd: Decimal | None = Field(default=None, ge=0, description="Cap per UTC calendar month.")
+
+
+class BudgetsConfig(BaseModel):
+    """The deploy config's ``budgets`` section: the cluster's one ledger."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(
+        default="var/budget/ledger.db",
+        description="SQLite file of the ledger's settled spend (relative: project root).",
+    )
+    tenants: dict[str, BudgetLimits] = Field(
+        default_factory=dict,
+        description="Caps per tenant (all its keys together), by tenant name; a key's own caps "
+        "are `budget` beside it in `governance.tenants`.",
+    )
+    lease_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long a reservation lives unless settled: one a dead replica held is "
+        "released after this (keep it above the longest model call).",
+    )
+    call_timeout_s: float = Field(
+        default=2.0, gt=0, description="How long an agent waits for the ledger (then: 503)."
+    )
+    test_clock: bool = Field(
+        default=False,
+        description="Let a test move the ledger's clock (`advance`): for tests of period boundaries only.",
+    )

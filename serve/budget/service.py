@@ -1,0 +1,53 @@
+"""The ``budget`` deployment: the cluster's one ledger, one replica, reached by every agent.
+
+Every model call of every replica reserves against the same counters here, and settles
+after; settled spend is in SQLite and survives a restart of the ledger or the
+application. Reservations live in memory with a lease: one whose holder died is gone
+once its lease ends (or at once, if the ledger restarts), so a lost replica cannot leave
+refusals behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from pathlib import Path
+
+from serve.budget.store import Line, Refusal, SqliteLedger
+from serve.errors import InvalidRequest
+from serve.telemetry import logs
+
+__all__ = ["BudgetService"]
+
+
+class BudgetService:
+    def __init__(
+        self, path: str, lease_s: float, test_clock: bool = False, clock: Callable[[], float] = time.time
+    ):
+        logs.route_to_serve()
+        self._offset = 0.0
+        self._test_clock = test_clock
+        self._ledger = SqliteLedger(Path(path), lambda: clock() + self._offset)
+        self._lease_s = lease_s
+
+    async def reserve(
+        self, rid: str, lines: Sequence[Line], amount: Decimal
+    ) -> Refusal | tuple[tuple[str, str], ...]:
+        return self._ledger.reserve(rid, lines, amount, self._lease_s)
+
+    async def settle(self, rid: str, cost: Decimal, keys: Sequence[tuple[str, str]]) -> None:
+        self._ledger.settle(rid, cost, keys)
+
+    async def release(self, rid: str) -> None:
+        self._ledger.release(rid)
+
+    async def usage(self, prefix: str = "") -> list[dict[str, str]]:
+        return self._ledger.usage(prefix)
+
+    async def advance(self, seconds: float) -> float:
+        """Move the ledger's clock (``budgets.test_clock`` only): a test's period boundary."""
+        if not self._test_clock:
+            raise InvalidRequest("the ledger's clock moves only with budgets.test_clock: true")
+        self._offset += seconds
+        return time.time() + self._offset

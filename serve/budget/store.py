@@ -1,0 +1,147 @@
+"""The ledger's store: settled spend per budget and period (SQLite), and the reservations
+held against it (in memory: a restarted ledger has none, so none can be left behind).
+
+Periods are UTC calendar days and months, named by their dates (``2026-12-02``,
+``2026-12``): a new period starts at its boundary exactly, with nothing to reset.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["Line", "Refusal", "Reservation", "SqliteLedger", "period"]
+
+Period = Literal["day", "month"]
+ZERO = Decimal(0)
+
+
+def period(kind: Period, now: float) -> tuple[str, float]:
+    """The period ``now`` (epoch seconds) falls in: its name, and when it ends."""
+    today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    if kind == "day":
+        start, label = today, today.isoformat()
+        end = start + dt.timedelta(days=1)
+    else:
+        start, label = today.replace(day=1), today.strftime("%Y-%m")
+        end = (start + dt.timedelta(days=32)).replace(day=1)
+    ends = dt.datetime(end.year, end.month, end.day, tzinfo=dt.UTC).timestamp()
+    return label, ends
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One budget a call counts toward: ``tenant:acme:day`` with its cap."""
+
+    budget: str  # e.g. "tenant:acme", "key:acme:1f2e...", "agent:hr-policy-advisor"
+    kind: Period
+    limit: Decimal
+
+    @property
+    def name(self) -> str:
+        return f"{self.budget}:{self.kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The budget that could not cover a reservation, and when it resets."""
+
+    budget: str
+    limit: Decimal
+    left: Decimal
+    retry_after_s: int
+
+
+@dataclass(slots=True)
+class Reservation:
+    amount: Decimal
+    keys: tuple[tuple[str, str], ...]  # (budget name, period) of each line it counts toward
+    expires: float
+
+
+class SqliteLedger:
+    """Spend and reservations; one writer (the ledger service), so no locking beyond SQLite's."""
+
+    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS spend (budget TEXT, period TEXT, spent TEXT NOT NULL, "
+            "PRIMARY KEY (budget, period))"
+        )
+        self._clock = clock
+        self._held: dict[str, Reservation] = {}
+
+    def spent(self, budget: str, label: str) -> Decimal:
+        row = self._db.execute(
+            "SELECT spent FROM spend WHERE budget = ? AND period = ?", (budget, label)
+        ).fetchone()
+        return Decimal(row[0]) if row else ZERO
+
+    def held(self, budget: str, label: str) -> Decimal:
+        return sum((r.amount for r in self._held.values() if (budget, label) in r.keys), ZERO)
+
+    def reserve(
+        self, rid: str, lines: Sequence[Line], amount: Decimal, lease_s: float
+    ) -> Refusal | tuple[tuple[str, str], ...]:
+        """Hold ``amount`` against every line, or none of them: the (budget, period) pairs it
+        counts toward, or the first line that cannot cover it."""
+        now = self._clock()
+        self._expire(now)
+        keys = []
+        for line in lines:
+            label, ends = period(line.kind, now)
+            left = line.limit - self.spent(line.name, label) - self.held(line.name, label)
+            if amount > left:
+                return Refusal(line.name, line.limit, max(left, ZERO), max(int(-(-(ends - now) // 1)), 1))
+            keys.append((line.name, label))
+        self._held[rid] = Reservation(amount, tuple(keys), now + lease_s)
+        return tuple(keys)
+
+    def reserve_keys(self, rid: str) -> tuple[tuple[str, str], ...]:
+        """The (budget, period) pairs a live reservation counts toward."""
+        reservation = self._held.get(rid)
+        return reservation.keys if reservation else ()
+
+    def settle(self, rid: str, cost: Decimal, keys: Sequence[tuple[str, str]]) -> None:
+        """The call cost ``cost``: charged to the periods it was reserved in (``keys``, which
+        the holder keeps: a reservation that expired, or a ledger restarted since, is charged
+        all the same, since the engine did the work)."""
+        self._held.pop(rid, None)
+        if cost <= 0:
+            return
+        with self._db:
+            for budget, label in keys:
+                self._db.execute(
+                    "INSERT INTO spend (budget, period, spent) VALUES (?, ?, ?) "
+                    "ON CONFLICT (budget, period) DO UPDATE SET spent = ?",
+                    (budget, label, f"{cost:f}", f"{self.spent(budget, label) + cost:f}"),
+                )
+
+    def release(self, rid: str) -> None:
+        self._held.pop(rid, None)
+
+    def usage(self, prefix: str = "") -> list[dict[str, str]]:
+        """Settled spend and held amounts per budget and period, of budgets under ``prefix``."""
+        self._expire(self._clock())
+        rows = self._db.execute(
+            "SELECT budget, period, spent FROM spend WHERE budget LIKE ? ORDER BY budget, period",
+            (prefix.replace("%", r"\%") + "%",),
+        ).fetchall()
+        return [
+            {"budget": b, "period": p, "spent_usd": f"{Decimal(s):f}", "held_usd": f"{self.held(b, p):f}"}
+            for b, p, s in rows
+        ]
+
+    def _expire(self, now: float) -> None:
+        for rid in [rid for rid, r in self._held.items() if r.expires <= now]:
+            del self._held[rid]
+
+    def close(self) -> None:
+        self._db.close()
