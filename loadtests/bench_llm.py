@@ -139,7 +139,7 @@ class ServeEngine:
                 if piece.content:
                     yield f"data: {json.dumps({'choices': [{'delta': {'content': piece.content}}]})}\n\n"
                 if piece.usage:
-                    yield f"data: {json.dumps({'usage': piece.usage.model_dump()})}\n\n"
+                    yield f"data: {json.dumps({'usage': piece.usage.wire()})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
