@@ -28,7 +28,8 @@ class BudgetService:
         logs.route_to_serve()
         self._offset = 0.0
         self._test_clock = test_clock
-        self._ledger = SqliteLedger(Path(path), lambda: clock() + self._offset)
+        self._clock = clock
+        self._ledger = SqliteLedger(Path(path), self._now)
         self._lease_s = lease_s
 
     async def reserve(
@@ -50,4 +51,7 @@ class BudgetService:
         if not self._test_clock:
             raise InvalidRequest("the ledger's clock moves only with budgets.test_clock: true")
         self._offset += seconds
-        return time.time() + self._offset
+        return self._now()
+
+    def _now(self) -> float:
+        return self._clock() + self._offset

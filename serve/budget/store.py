@@ -116,7 +116,8 @@ class SqliteLedger:
         self._held.pop(rid, None)
         if cost <= 0:
             return
-        with self._db:
+        with self._db:  # autocommit otherwise: every line's charge lands, or none does
+            self._db.execute("BEGIN")
             for budget, label in keys:
                 self._db.execute(
                     "INSERT INTO spend (budget, period, spent) VALUES (?, ?, ?) "
@@ -131,8 +132,8 @@ class SqliteLedger:
         """Settled spend and held amounts per budget and period, of budgets under ``prefix``."""
         self._expire(self._clock())
         rows = self._db.execute(
-            "SELECT budget, period, spent FROM spend WHERE budget LIKE ? ORDER BY budget, period",
-            (prefix.replace("%", r"\%") + "%",),
+            "SELECT budget, period, spent FROM spend WHERE substr(budget, 1, ?) = ? ORDER BY budget, period",
+            (len(prefix), prefix),
         ).fetchall()
         return [
             {"budget": b, "period": p, "spent_usd": f"{Decimal(s):f}", "held_usd": f"{self.held(b, p):f}"}
