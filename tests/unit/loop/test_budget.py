@@ -4,6 +4,8 @@ and delegates handed an even share of what is left."""
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -11,13 +13,18 @@ from typing import Any
 import pytest
 
 from serve.budget import Price, prompt_bound
+from serve.budget.client import AgentLedger, LedgerClient
+from serve.budget.config import BudgetsConfig
+from serve.budget.store import Line
 from serve.context import Context
-from serve.errors import BudgetExceeded, InvalidRequest, ModelError, RequestError
+from serve.errors import BudgetExceeded, BudgetUnavailable, InvalidRequest, ModelError, RequestError
 from serve.loop.results import AgentResult, DelegateTarget, Stats
+from serve.loop.runner import UNBOUNDED_CALL_TOKENS, AgentLoop
 from serve.manifest import load_agent
-from serve.models.base import ModelRequest
+from serve.models.base import ModelChunk, ModelRequest
 from serve.protocol import ChatRequest, Usage
 from serve.testing import GovernedAgent, ScriptedModel, echo, rule, tool_call
+from tests.unit.budget.fakes import Clock, FakeHandle, service
 from tests.unit.conftest import run, write_agent
 
 PRICE = Price(prompt_usd_per_million=Decimal("0.15"), completion_usd_per_million=Decimal("0.60"))
@@ -247,3 +254,136 @@ def test_a_delegates_refusal_names_the_budget_that_binds(tmp_path: Path) -> None
     with pytest.raises(BudgetExceeded) as own:  # the agent's own cap is the lesser
         clerk.ask("#echo", generous)
     assert own.value.param == "request:clerk"
+
+
+# --- the cluster's ledger: budgets per day and month ------------------------------------
+
+NOON = dt.datetime(2026, 12, 2, 12, tzinfo=dt.UTC).timestamp()
+TODAY = "2026-12-02"
+
+
+class Keeper:
+    """The agent ``keeper`` with a budget per day in a real ledger (a :class:`BudgetService`
+    on SQLite behind a fake handle), priced at ``price``, on the script."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        per_day: str,
+        price: Price | None = PRICE,
+        model: Any = None,
+        cap: str | None = None,
+    ) -> None:
+        folder = write_agent(
+            tmp_path,
+            "keeper",
+            tools=[{"name": "echo", "scope": "test.run"}],
+            scopes=["test.run"],
+            policies={"cost": {"per_day_usd": per_day} | ({} if cap is None else {"per_request_usd": cap})},
+            max_turns=3,
+        )
+        self.handle = FakeHandle(service(tmp_path, Clock(NOON)))
+        self.ledger = AgentLedger(
+            LedgerClient(self.handle, 2.0), "keeper", Decimal(per_day), BudgetsConfig(), {}
+        )
+        self.model = ScriptedModel(SCRIPT)
+        spec = load_agent(folder)
+        agent = GovernedAgent(spec, model or self.model, [echo], price=price)
+        self.loop = AgentLoop(
+            spec, {"echo": echo}, model or self.model, {}, agent.guard, None, price, self.ledger
+        )
+        self.request = agent.request
+
+    def ask(self, text: str, **extra: Any) -> AgentResult:
+        return run(self.loop.run(self.request(text, **extra), Context("req_day"), None))
+
+    def calls(self, name: str) -> list[tuple[Any, ...]]:
+        return [args for called, args in self.handle.calls if called == name]
+
+    def held(self) -> Decimal:
+        return self.handle.service._ledger.held("agent:keeper:day", TODAY)  # type: ignore[no-any-return]
+
+    def spent(self) -> Decimal:
+        return self.handle.service._ledger.spent("agent:keeper:day", TODAY)  # type: ignore[no-any-return]
+
+
+def test_each_model_call_reserves_its_worst_case_in_the_ledger_and_settles_to_its_cost(
+    tmp_path: Path,
+) -> None:
+    keeper = Keeper(tmp_path, per_day="1")
+    result = keeper.ask("#echo", max_tokens=20)
+    assert result.content == "echo said: hi"
+    reserves, settles = keeper.calls("reserve"), keeper.calls("settle")
+    assert [args[1] for args in reserves] == [[Line("agent:keeper", "day", Decimal("1"))]] * 2
+    assert [args[2] for args in reserves] == [worst_case(PRICE, r, 20) for r in keeper.model.requests]
+    assert [args[0] for args in settles] == [args[0] for args in reserves]  # each its own reservation
+    assert sum(args[1] for args in settles) == result.usage.cost_usd > 0
+    assert all(args[2] == [("agent:keeper:day", TODAY)] for args in settles)
+    assert keeper.spent() == result.usage.cost_usd and keeper.held() == 0
+    assert keeper.calls("release") == []
+
+
+def test_a_refusal_of_the_ledger_is_a_402_before_the_model_is_called_and_frees_the_purse(
+    tmp_path: Path,
+) -> None:
+    keeper = Keeper(tmp_path, per_day="0.00001", cap="0.5")  # less than the prompt's bound
+    request = keeper.request("#echo", max_tokens=20)
+    ctx = Context("req_day")
+    state = keeper.loop._start(request, [], ctx)
+    model_request = ModelRequest(agent="keeper", messages=state.messages, max_tokens=20)
+    with pytest.raises(BudgetExceeded) as refused:
+        run(keeper.loop._reserve(ctx, state, model_request))
+    assert refused.value.param == "agent:keeper:day" and refused.value.retry_after_s == 12 * 3600
+    assert state.purse.held == 0 and state.purse.spent == 0
+    # the same through the loop: the model is never called, and nothing is held or spent
+    with pytest.raises(BudgetExceeded) as again:
+        keeper.ask("#echo", max_tokens=20)
+    assert again.value.param == "agent:keeper:day"
+    assert keeper.model.requests == [] and keeper.held() == 0 and keeper.spent() == 0
+
+
+class FailingModel:
+    def __init__(self) -> None:
+        self.requests: list[ModelRequest] = []
+
+    async def __call__(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        self.requests.append(request)
+        raise ModelError("engine down")
+        yield  # an async generator, as the loop's model is
+
+
+def test_a_model_call_that_fails_releases_its_ledger_hold(tmp_path: Path) -> None:
+    model = FailingModel()
+    keeper = Keeper(tmp_path, per_day="1", model=model)
+    with pytest.raises(ModelError):
+        keeper.ask("#echo", max_tokens=20)
+    assert len(model.requests) == 1
+    ((rid, _, amount),) = keeper.calls("reserve")
+    assert amount > 0 and keeper.calls("release") == [(rid,)]
+    assert keeper.calls("settle") == [] and keeper.held() == 0 and keeper.spent() == 0
+
+
+def test_a_call_without_max_tokens_is_bounded_so_that_the_ledger_can_hold_its_worst_case(
+    tmp_path: Path,
+) -> None:
+    keeper = Keeper(tmp_path, per_day="1")  # no per-request cap: nothing else bounds it
+    keeper.ask("#echo")
+    assert [r.max_tokens for r in keeper.model.requests] == [UNBOUNDED_CALL_TOKENS] * 2
+    assert [args[2] for args in keeper.calls("reserve")] == [
+        worst_case(PRICE, r, UNBOUNDED_CALL_TOKENS) for r in keeper.model.requests
+    ]
+
+
+def test_without_a_price_the_ledger_is_not_asked(tmp_path: Path) -> None:
+    keeper = Keeper(tmp_path, per_day="0", price=None)
+    assert keeper.ask("#echo").content == "echo said: hi"
+    assert keeper.handle.calls == []
+    assert [r.max_tokens for r in keeper.model.requests] == [None, None]
+
+
+def test_a_ledger_that_does_not_answer_is_a_503_before_the_model_is_called(tmp_path: Path) -> None:
+    keeper = Keeper(tmp_path, per_day="1")
+    keeper.handle.fail["reserve"] = RuntimeError("replica restarting")
+    with pytest.raises(BudgetUnavailable):
+        keeper.ask("#echo", max_tokens=20)
+    assert keeper.model.requests == []
