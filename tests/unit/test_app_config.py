@@ -62,7 +62,7 @@ def test_integration_test_config_validates() -> None:
     app = yaml.safe_load(TEST_APP_CONFIG.read_text(encoding="utf-8"))
     fleet, agents_dir, specs = validate_fleet(app["args"])
     assert agents_dir == ROOT / "tests" / "integration" / "agents"
-    assert list(specs) == ["tester", "helper", "relay", "keeper", "reader"]
+    assert list(specs) == ["tester", "helper", "relay", "keeper", "reader", "frugal"]
     assert specs["relay"].manifest.model.backend == "upstream"
     assert fleet.ingress.request_timeout_s == 8
     assert fleet.models["default"].words_per_chunk == 1
