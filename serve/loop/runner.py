@@ -315,12 +315,15 @@ class AgentLoop:
     ) -> tuple[ModelRequest, Hold, LedgerHold | None]:
         """Hold a model call's worst case in the request's purse, then in the cluster's
         ledger against every budget per day and month it counts toward (one round trip)."""
+        asked = request.max_tokens  # before the purse bounds it by what it still pays for
         request, hold = self._hold(state, request)
         lines = self._ledger.lines(ctx) if self._ledger is not None and self._price is not None else []
         if not lines:
             return request, hold, None
         assert self._ledger is not None and self._price is not None
-        if request.max_tokens is None:  # the ledger's budgets need a worst case too
+        if asked is None and (request.max_tokens is None or request.max_tokens > UNBOUNDED_CALL_TOKENS):
+            # The ledger's budgets need a worst case too: a call left unbounded (or bounded
+            # by the purse only, by all it still pays for) gets UNBOUNDED_CALL_TOKENS.
             request = request.model_copy(update={"max_tokens": UNBOUNDED_CALL_TOKENS})
             state.purse.release(hold)
             hold = state.purse.hold(self._worst(request))

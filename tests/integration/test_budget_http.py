@@ -125,3 +125,19 @@ def test_a_tenants_day_is_never_overspent_across_replicas_and_resets_at_midnight
     seconds = int(last.headers["retry-after"]) + 1
     rayserve.get_deployment_handle("budget", app_name="fleet-test").advance.remote(seconds).result()
     assert _spend(fleet).status_code == 200
+
+
+def test_without_keys_the_one_user_sees_every_budget(fleet: Fleet) -> None:
+    """The example fleet (configs/scripted.yaml) has no keys: its agents' days are shown."""
+    body = {
+        "model": "hr-policy-advisor",
+        "messages": [{"role": "user", "content": "Leave balance of E1001?"}],
+    }
+    with httpx.Client(base_url=fleet.url, timeout=60) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        rows = client.get("/v1/usage").json()["data"]
+    [day] = [r for r in rows if r["budget"] == "agent:hr-policy-advisor:day"]
+    assert Decimal(day["spent_usd"]) > 0 and day["limit_usd"] == "25"  # its manifest's per_day_usd
+    assert Decimal(day["remaining_usd"]) == Decimal("25") - Decimal(day["spent_usd"]) - Decimal(
+        day["held_usd"]
+    )

@@ -374,6 +374,20 @@ def test_a_call_without_max_tokens_is_bounded_so_that_the_ledger_can_hold_its_wo
     ]
 
 
+def test_the_ledger_holds_no_more_than_the_unbounded_call_even_when_the_purse_pays_for_more(
+    tmp_path: Path,
+) -> None:
+    # 1 USD a request pays for 125,000 completion tokens: the purse alone would let the
+    # call have them all, and the day budget would be asked to hold them.
+    keeper = Keeper(tmp_path, per_day="10", cap="1")
+    keeper.ask("#echo")
+    assert [r.max_tokens for r in keeper.model.requests] == [UNBOUNDED_CALL_TOKENS] * 2
+    # A client's own max_tokens is kept, above the bound too.
+    asked = Keeper(tmp_path / "asked", per_day="10", cap="1")
+    asked.ask("#echo", max_tokens=5000)
+    assert [r.max_tokens for r in asked.model.requests] == [5000, 5000]
+
+
 def test_without_a_price_the_ledger_is_not_asked(tmp_path: Path) -> None:
     keeper = Keeper(tmp_path, per_day="0", price=None)
     assert keeper.ask("#echo").content == "echo said: hi"
