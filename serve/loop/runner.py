@@ -65,8 +65,8 @@ from serve.tools import Tool
 
 __all__ = ["AgentLoop"]
 
-# A model call with no max_tokens, where a budget per day or month applies, is bounded so
-# that its worst case can be reserved: 4096 tokens (a long answer on any model here).
+# A model call with no max_tokens, where a budget applies, is bounded so that its worst
+# case can be held: 4096 tokens (a long answer on any model here).
 UNBOUNDED_CALL_TOKENS = 4096
 
 
@@ -360,8 +360,8 @@ class AgentLoop:
         left = purse.available
         if request.max_tokens is None and left is not None:
             fits = price.completion_tokens_within(left - prompt)
-            if fits is not None:
-                request = request.model_copy(update={"max_tokens": max(fits, 1)})
+            if fits is not None:  # no more than a long answer: an upstream refuses more than its model's
+                request = request.model_copy(update={"max_tokens": min(max(fits, 1), UNBOUNDED_CALL_TOKENS)})
         completion = price.cost(0, request.max_tokens) if request.max_tokens else Decimal(0)
         return request, purse.hold(prompt + completion)
 

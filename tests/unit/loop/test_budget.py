@@ -178,6 +178,13 @@ def test_without_max_tokens_a_call_may_write_what_the_budget_still_pays_for(tmp_
     assert second.max_tokens < first.max_tokens  # type: ignore[operator]
 
 
+def test_a_budget_that_pays_for_more_than_a_long_answer_bounds_the_call_at_one(tmp_path: Path) -> None:
+    # 1 USD pays for 125,000 completion tokens, more than an upstream's model may be asked for
+    clerk = Clerk(tmp_path, cap="1")
+    clerk.ask("#echo")
+    assert [r.max_tokens for r in clerk.asked] == [UNBOUNDED_CALL_TOKENS] * 2
+
+
 def test_a_max_tokens_within_the_budget_is_the_calls_own(tmp_path: Path) -> None:
     clerk = Clerk(tmp_path, cap="0.001")
     clerk.ask("#echo", max_tokens=5)
