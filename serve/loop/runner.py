@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -68,6 +68,17 @@ __all__ = ["AgentLoop"]
 # A model call with no max_tokens, where a budget applies, is bounded so that its worst
 # case can be held: 4096 tokens (a long answer on any model here).
 UNBOUNDED_CALL_TOKENS = 4096
+
+
+@dataclass(slots=True)
+class _Reply:
+    """One model call's reply, collected as it comes (:meth:`AgentLoop._model_call`)."""
+
+    content: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+    finish: str = "stop"
+    spent: Usage = field(default_factory=Usage)
+    said: str = ""  # what the client may see of it, once the output policy decided
 
 
 class AgentLoop:
@@ -160,31 +171,14 @@ class AgentLoop:
             state.stats.turns += 1
             await self._guard.model_input(ctx, state.messages[state.seen :], turn)
             state.seen = len(state.messages)
-            content, calls, finish, spent = [], [], "stop", Usage()
-            redactor = StreamRedactor() if self._guard.holds_output else None
-            model_request, hold, held = await self._reserve(
-                ctx, state, self._model_request(request, state, schemas)
-            )
-            model_span = self._model_span(span, model_request)
-            try:
-                async for piece in self._model(model_request):
-                    if piece.content:
-                        content.append(piece.content)
-                        safe = redactor.feed(piece.content) if redactor else piece.content
-                        if safe:
-                            yield ContentDelta(safe)
-                    calls.extend(piece.tool_calls)
-                    finish = piece.finish_reason or finish
-                    if piece.usage:
-                        spent.add(piece.usage)
-            except BaseException as exc:
-                _fail(model_span, exc)
-                await self._release(state, hold, held)
-                raise
-            state.pending = calls
-            said = await self._answered(
-                ctx, state, "".join(content), finish, spent, (model_span, span), (hold, held)
-            )
+            reply, redactor = _Reply(), StreamRedactor() if self._guard.holds_output else None
+            call = self._model_call(ctx, state, span, self._model_request(request, state, schemas), reply)
+            async with contextlib.aclosing(call) as texts:
+                async for text in texts:
+                    safe = redactor.feed(text) if redactor else text
+                    if safe:
+                        yield ContentDelta(safe)
+            said, finish = reply.said, reply.finish
             rest = redactor.flush() if redactor else ""
             if rest:
                 yield ContentDelta(rest)
@@ -251,36 +245,46 @@ class AgentLoop:
         state.turn = 1
         state.stats.turns += 1
         names = list(self._routes)
-        model_request, hold, held = await self._reserve(
-            ctx,
-            state,
-            ModelRequest(
-                agent=self.manifest.name,
-                messages=routing_messages(routing, self._routes, question),
-                choice=routes(routing, names),
-                max_tokens=ROUTING_MAX_TOKENS,
-                temperature=0.0,  # a classification: the client's sampling is for the answer
-                stream=False,
-            ),
+        model_request = ModelRequest(
+            agent=self.manifest.name,
+            messages=routing_messages(routing, self._routes, question),
+            choice=routes(routing, names),
+            max_tokens=ROUTING_MAX_TOKENS,
+            temperature=0.0,  # a classification: the client's sampling is for the answer
+            stream=False,
         )
-        model_span = self._model_span(span, model_request)
-        content, calls, finish, spent = [], [], "stop", Usage()
+        reply = _Reply()
+        async with contextlib.aclosing(self._model_call(ctx, state, span, model_request, reply)) as texts:
+            async for _ in texts:
+                pass
+        state.pending = []
+        return chosen("".join(reply.content), reply.calls, names)
+
+    async def _model_call(
+        self, ctx: Context, state: LoopState, span: otel.Span, request: ModelRequest, reply: _Reply
+    ) -> AsyncGenerator[str, None]:
+        """One model call: held in the budgets, traced, its pieces collected into ``reply``
+        (its text yielded as it comes), then answered: settled, recorded, decided on."""
+        request, hold, held = await self._reserve(ctx, state, request)
+        model_span = self._model_span(span, request)
         try:
-            async for piece in self._model(model_request):
-                content.append(piece.content)
-                calls.extend(piece.tool_calls)
-                finish = piece.finish_reason or finish
+            async for piece in self._model(request):
+                if piece.content:
+                    reply.content.append(piece.content)
+                    yield piece.content
+                reply.calls.extend(piece.tool_calls)
+                reply.finish = piece.finish_reason or reply.finish
                 if piece.usage:
-                    spent.add(piece.usage)
+                    reply.spent.add(piece.usage)
         except BaseException as exc:
             _fail(model_span, exc)
             await self._release(state, hold, held)
             raise
-        agent = chosen("".join(content), calls, names)
-        state.pending = calls
-        await self._answered(ctx, state, "".join(content), finish, spent, (model_span, span), (hold, held))
-        state.pending = []
-        return agent
+        state.pending = reply.calls
+        content = "".join(reply.content)
+        reply.said = await self._answered(
+            ctx, state, content, reply.finish, reply.spent, (model_span, span), (hold, held)
+        )
 
     def _start(self, request: ChatRequest, history: list[dict[str, Any]], ctx: Context) -> LoopState:
         choice = request.tool_choice
