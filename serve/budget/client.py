@@ -1,9 +1,15 @@
 """An agent's view of the ledger: reserve a model call's worst case against every budget
-it counts toward in one round trip, settle it after (serve/budget/service.py)."""
+it counts toward in one round trip, settle it after (serve/budget/service.py).
+
+Only the reservation is on the request's path. A settlement goes to the ledger in the
+background and is retried until it lands: until then the reservation (the call's worst
+case, never less than its cost) keeps counting, so a budget is never under-counted, and
+a ledger that is slow or restarting neither delays nor fails an answer already made."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +22,10 @@ from serve.context import Context
 from serve.errors import BudgetExceeded, BudgetUnavailable
 
 __all__ = ["AgentLedger", "LedgerClient", "LedgerHold", "budget_lines"]
+
+log = logging.getLogger(__name__)
+# Waits between tries of a settlement the ledger did not take (its replica restarting).
+_SETTLE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +60,11 @@ def budget_lines(
 
 
 class LedgerClient:
-    def __init__(self, handle: Any, timeout_s: float) -> None:
+    def __init__(self, handle: Any, timeout_s: float, settle_for_s: float = 240.0) -> None:
         self._handle = handle
         self._timeout = timeout_s
+        self._settle_for_s = settle_for_s  # how long a settlement is retried before it is given up
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def reserve(self, lines: Sequence[Line], amount: Decimal) -> LedgerHold:
         """Hold ``amount`` against every line, or refuse (402 naming the budget that cannot)."""
@@ -67,8 +79,34 @@ class LedgerClient:
             )
         return LedgerHold(rid, tuple(got))
 
-    async def settle(self, hold: LedgerHold, cost: Decimal) -> None:
-        await self._call("settle", hold.rid, cost, list(hold.keys))
+    def settle(self, hold: LedgerHold, cost: Decimal) -> None:
+        """Charge ``cost`` for the call ``hold`` reserved: sent in the background, retried
+        until the ledger takes it (a settlement is idempotent: it ends its reservation)."""
+        task = asyncio.get_running_loop().create_task(self._settle(hold, cost))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def drain(self) -> None:
+        """Wait for the settlements on their way (a replica shutting down, a test)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+    async def _settle(self, hold: LedgerHold, cost: Decimal) -> None:
+        loop = asyncio.get_running_loop()
+        give_up, waits = loop.time() + self._settle_for_s, iter(_SETTLE_BACKOFF_S)
+        while True:
+            try:
+                await self._call("settle", hold.rid, cost, list(hold.keys))
+                return
+            except BudgetUnavailable:
+                wait = next(waits, _SETTLE_BACKOFF_S[-1])
+                if loop.time() + wait > give_up:
+                    break
+                await asyncio.sleep(wait)
+        log.error(
+            "a settlement never reached the budget ledger",
+            extra={"reservation": hold.rid, "cost_usd": f"{cost:f}", "budgets": [k for k, _ in hold.keys]},
+        )
 
     async def release(self, hold: LedgerHold) -> None:
         await self._call("release", hold.rid)

@@ -19,6 +19,7 @@ __all__ = ["Line", "Refusal", "Reservation", "SqliteLedger", "period"]
 
 Period = Literal["day", "month"]
 ZERO = Decimal(0)
+_SETTLED_KEPT_S = 86_400.0
 
 
 def period(kind: Period, now: float) -> tuple[str, float]:
@@ -75,8 +76,12 @@ class SqliteLedger:
             "CREATE TABLE IF NOT EXISTS spend (budget TEXT, period TEXT, spent TEXT NOT NULL, "
             "PRIMARY KEY (budget, period))"
         )
+        # Reservations settled, so that a settlement sent again (its answer was lost) is not
+        # charged twice; kept a day (a settlement is retried for minutes at most).
+        self._db.execute("CREATE TABLE IF NOT EXISTS settled (rid TEXT PRIMARY KEY, at REAL NOT NULL)")
         self._clock = clock
         self._held: dict[str, Reservation] = {}
+        self._pruned = 0.0
 
     def spent(self, budget: str, label: str) -> Decimal:
         row = self._db.execute(
@@ -112,32 +117,46 @@ class SqliteLedger:
     def settle(self, rid: str, cost: Decimal, keys: Sequence[tuple[str, str]]) -> None:
         """The call cost ``cost``: charged to the periods it was reserved in (``keys``, which
         the holder keeps: a reservation that expired, or a ledger restarted since, is charged
-        all the same, since the engine did the work)."""
+        all the same, since the engine did the work). Once per reservation: the same
+        settlement sent again changes nothing."""
         self._held.pop(rid, None)
         if cost <= 0:
             return
+        now = self._clock()
         with self._db:  # autocommit otherwise: every line's charge lands, or none does
             self._db.execute("BEGIN")
+            if self._db.execute("INSERT OR IGNORE INTO settled VALUES (?, ?)", (rid, now)).rowcount == 0:
+                return  # settled before
             for budget, label in keys:
                 self._db.execute(
                     "INSERT INTO spend (budget, period, spent) VALUES (?, ?, ?) "
                     "ON CONFLICT (budget, period) DO UPDATE SET spent = ?",
                     (budget, label, f"{cost:f}", f"{self.spent(budget, label) + cost:f}"),
                 )
+            if now >= self._pruned + _SETTLED_KEPT_S / 24:
+                self._db.execute("DELETE FROM settled WHERE at < ?", (now - _SETTLED_KEPT_S,))
+                self._pruned = now
 
     def release(self, rid: str) -> None:
         self._held.pop(rid, None)
 
     def usage(self, prefix: str = "") -> list[dict[str, str]]:
-        """Settled spend and held amounts per budget and period, of budgets under ``prefix``."""
+        """Settled spend and held amounts per budget and period, of budgets under ``prefix``
+        (one that only holds so far included)."""
         self._expire(self._clock())
         rows = self._db.execute(
-            "SELECT budget, period, spent FROM spend WHERE substr(budget, 1, ?) = ? ORDER BY budget, period",
-            (len(prefix), prefix),
+            "SELECT budget, period, spent FROM spend WHERE substr(budget, 1, ?) = ?", (len(prefix), prefix)
         ).fetchall()
+        spent = {(b, p): Decimal(s) for b, p, s in rows}
+        held = {key for r in self._held.values() for key in r.keys if key[0].startswith(prefix)}
         return [
-            {"budget": b, "period": p, "spent_usd": f"{Decimal(s):f}", "held_usd": f"{self.held(b, p):f}"}
-            for b, p, s in rows
+            {
+                "budget": b,
+                "period": p,
+                "spent_usd": f"{spent.get((b, p), ZERO):f}",
+                "held_usd": f"{self.held(b, p):f}",
+            }
+            for b, p in sorted(spent.keys() | held)
         ]
 
     def _expire(self, now: float) -> None:

@@ -28,6 +28,7 @@ call to the next is one :class:`~serve.loop.state.LoopState`, a value.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Mapping
@@ -276,6 +277,13 @@ class AgentLoop:
                 reply.finish = piece.finish_reason or reply.finish
                 if piece.usage:
                     reply.spent.add(piece.usage)
+        except (GeneratorExit, asyncio.CancelledError) as exc:
+            # Stopped before its end (the client went away mid-stream): the engine worked
+            # until now, and its counts come only at the end, so the call is charged its
+            # prompt's bound and a token for every piece that came (``_cut_short``).
+            _fail(model_span, exc)
+            self._settle(state, hold, held, self._cut_short(request, reply))
+            raise
         except BaseException as exc:
             _fail(model_span, exc)
             await self._release(state, hold, held)
@@ -337,10 +345,22 @@ class AgentLoop:
             state.purse.release(hold)
             raise
 
-    async def _settle(self, state: LoopState, hold: Hold, held: LedgerHold | None, cost: Decimal) -> None:
+    def _settle(self, state: LoopState, hold: Hold, held: LedgerHold | None, cost: Decimal) -> None:
         state.purse.settle(hold, cost)
         if held is not None and self._ledger is not None:
-            await self._ledger.client.settle(held, cost)
+            self._ledger.client.settle(held, cost)  # in the background: the answer does not wait
+
+    def _cut_short(self, request: ModelRequest, reply: _Reply) -> Decimal:
+        """What a call stopped before its end cost, at most what it held: the engine's
+        counts if they came, else its prompt's bound and a token per piece received."""
+        if self._price is None:
+            return Decimal(0)
+        if reply.spent.prompt_tokens or reply.spent.completion_tokens:
+            return self._price.cost(reply.spent.prompt_tokens, reply.spent.completion_tokens)
+        pieces = len(reply.content) + len(reply.calls)
+        return self._price.cost(prompt_bound(request.messages, request.tools), 0) + self._price.cost(
+            0, min(pieces, request.max_tokens or pieces)
+        )
 
     async def _release(self, state: LoopState, hold: Hold, held: LedgerHold | None) -> None:
         state.purse.release(hold)
@@ -384,7 +404,7 @@ class AgentLoop:
         spent.cost_usd = (
             self._price.cost(spent.prompt_tokens, spent.completion_tokens) if self._price else Decimal(0)
         )
-        await self._settle(state, *holds, spent.cost_usd)
+        self._settle(state, *holds, spent.cost_usd)
         model_span.set_attributes(
             {
                 "gen_ai.usage.input_tokens": spent.prompt_tokens,

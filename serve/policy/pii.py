@@ -86,7 +86,8 @@ _DETECTORS: tuple[tuple[PiiKind, re.Pattern[str], Callable[[str], bool]], ...] =
         re.compile(r"[A-Z](?<![A-Za-z0-9].)[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"),
         _iban,
     ),
-    ("card", re.compile(r"\d(?<![\d-].)(?:[ -]?\d){12,18}(?![\d-])"), _luhn),
+    # A card number stands alone: digits inside a word (a hex id, a hash) are not one.
+    ("card", re.compile(r"\d(?<![\w-].)(?:[ -]?\d){12,18}(?![\w-])"), _luhn),
     ("ssn", re.compile(r"\d(?<![\d-].)\d{2}-\d{2}-\d{4}(?![\d-])"), _ssn),
     (
         "phone",

@@ -249,3 +249,29 @@ def test_usage_under_a_prefix_takes_it_literally(ledger: SqliteLedger) -> None:
         ledger.settle(budget, Decimal("0.1"), keys)
     assert [r["budget"] for r in ledger.usage("tenant:a_")] == ["tenant:a_c:day"]
     assert [r["budget"] for r in ledger.usage("tenant:a%")] == ["tenant:a%:day"]
+
+
+def test_a_settlement_sent_again_is_charged_once_even_by_a_restarted_ledger(
+    tmp_path: Path, clock: Clock
+) -> None:
+    path = tmp_path / "ledger.db"
+    first = SqliteLedger(path, clock)
+    keys = first.reserve("r1", [DAY], Decimal("0.5"), 60)
+    assert not isinstance(keys, Refusal)
+    first.settle("r1", Decimal("0.2"), keys)
+    first.settle("r1", Decimal("0.2"), keys)  # its answer was lost: the client sent it again
+    first.close()
+    again = SqliteLedger(path, clock)
+    again.settle("r1", Decimal("0.2"), keys)
+    assert spent(again, DAY, "2026-12-02") == Decimal("0.2")
+    again.settle("r2", Decimal("0.2"), keys)  # another reservation is charged
+    assert spent(again, DAY, "2026-12-02") == Decimal("0.4")
+
+
+def test_settlements_are_remembered_a_day_then_forgotten(tmp_path: Path, clock: Clock) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.db", clock)
+    ledger.settle("old", Decimal("0.1"), [("tenant:acme:day", "2026-12-02")])
+    clock.now += 86_400 + 3_601  # past a day, and past the next pruning
+    ledger.settle("new", Decimal("0.1"), [("tenant:acme:day", "2026-12-03")])
+    rids = [r for (r,) in ledger._db.execute("SELECT rid FROM settled").fetchall()]
+    assert rids == ["new"]

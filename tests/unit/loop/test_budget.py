@@ -4,6 +4,7 @@ and delegates handed an even share of what is left."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -302,7 +303,13 @@ class Keeper:
         self.request = agent.request
 
     def ask(self, text: str, **extra: Any) -> AgentResult:
-        return run(self.loop.run(self.request(text, **extra), Context("req_day"), None))
+        async def asked() -> AgentResult:
+            try:
+                return await self.loop.run(self.request(text, **extra), Context("req_day"), None)
+            finally:
+                await self.ledger.client.drain()  # settlements go in the background
+
+        return run(asked())
 
     def calls(self, name: str) -> list[tuple[Any, ...]]:
         return [args for called, args in self.handle.calls if called == name]
@@ -408,3 +415,42 @@ def test_a_ledger_that_does_not_answer_is_a_503_before_the_model_is_called(tmp_p
     with pytest.raises(BudgetUnavailable):
         keeper.ask("#echo", max_tokens=20)
     assert keeper.model.requests == []
+
+
+class Talker:
+    """A model that streams ``pieces`` words, then its usage, as an engine does."""
+
+    def __init__(self, pieces: int) -> None:
+        self.pieces = pieces
+        self.requests: list[ModelRequest] = []
+
+    async def __call__(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        self.requests.append(request)
+        for _ in range(self.pieces):
+            yield ModelChunk(content="word ")
+        yield ModelChunk(finish_reason="stop", usage=Usage(prompt_tokens=9, completion_tokens=self.pieces))
+
+
+def test_a_call_the_client_left_mid_stream_is_charged_its_prompts_bound_and_the_pieces_it_got(
+    tmp_path: Path,
+) -> None:
+    model = Talker(pieces=10)
+    keeper = Keeper(tmp_path, per_day="1", model=model)
+
+    async def leave_after(pieces: int) -> None:
+        events = keeper.loop.events(keeper.request("hello", max_tokens=50), Context("req_gone"))
+        async with contextlib.aclosing(events) as stream:
+            got = 0
+            async for _ in stream:
+                got += 1
+                if got == pieces:
+                    break  # the client went away: the stream is closed under the call
+        await keeper.ledger.client.drain()
+
+    run(leave_after(3))
+    [request] = model.requests
+    ((rid, _, held),) = keeper.calls("reserve")
+    ((settled, cost, _),) = keeper.calls("settle")
+    assert settled == rid and keeper.calls("release") == []
+    assert cost == PRICE.cost(prompt_bound(request.messages, request.tools), 3) < held
+    assert keeper.spent() == cost and keeper.held() == 0

@@ -36,15 +36,24 @@ def test_each_kind_is_found(text: str, kind: str) -> None:
     "text",
     [
         "4111 1111 1111 1112",  # fails Luhn
-        "DE89 3704 0044 0532 0130 01",  # fails mod-97
+        "DE89 3704 0044 0532 0130 02",  # fails mod-97 (and its digits fail Luhn)
         "000-12-3456",  # no SSN has area 000
         "999.1.1.1",  # not an IP
         "SKU-1001 E1001 order 2024-11-23",
         "version 3.11 on port 8000",
+        "dec_9e7515c3d7bf2e9e5948166257704b93",  # a decision id whose digits pass Luhn: inside a word
     ],
 )
 def test_look_alikes_are_not_pii(text: str) -> None:
     assert scan(text) == []
+
+
+def test_a_card_number_stands_alone() -> None:
+    # digits inside a word are not a card, however they add up: an id, a hash
+    assert scan("dec_9e7515c3d7bf2e9e5948166257704b93 and x4111111111111111") == []
+    # a broken IBAN is not one, but a run of digits in it that passes Luhn on its own is a card
+    [finding] = scan("DE89 3704 0044 0532 0130 01")
+    assert (finding.kind, finding.start) == ("card", 5)
 
 
 def test_redact_replaces_each_finding_by_its_kind() -> None:
