@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 
+from serve.budget.gauge import UsedRatio
 from serve.budget.store import Line, Refusal, SqliteLedger
 from serve.errors import InvalidRequest
 from serve.telemetry import logs
@@ -31,17 +32,23 @@ class BudgetService:
         self._clock = clock
         self._ledger = SqliteLedger(Path(path), self._now)
         self._lease_s = lease_s
+        self._used = UsedRatio(self._ledger, self._now)  # ray_fleet_budget_used_ratio
 
     async def reserve(
         self, rid: str, lines: Sequence[Line], amount: Decimal
     ) -> Refusal | tuple[tuple[str, str], ...]:
-        return self._ledger.reserve(rid, lines, amount, self._lease_s)
+        got = self._ledger.reserve(rid, lines, amount, self._lease_s)
+        self._used.track(lines)
+        return got
 
     async def settle(self, rid: str, cost: Decimal, keys: Sequence[tuple[str, str]]) -> None:
         self._ledger.settle(rid, cost, keys)
+        self._used.update(budget for budget, _ in keys)
 
     async def release(self, rid: str) -> None:
+        keys = self._ledger.reserve_keys(rid)
         self._ledger.release(rid)
+        self._used.update(budget for budget, _ in keys)
 
     async def usage(self, prefix: str = "") -> list[dict[str, str]]:
         return self._ledger.usage(prefix)

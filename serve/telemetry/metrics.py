@@ -49,6 +49,10 @@ EXPORTED = {
     "ray_fleet_tool_calls_total": "Tool calls by agent, version, tool and status (ok/error/invalid/denied/escalated).",
     "ray_fleet_policy_decisions_total": "Policy decisions by agent, point, outcome and enforcement.",
     "ray_fleet_delegations_total": "Delegations by agent and target.",
+    "ray_fleet_budget_used_ratio": (
+        "What each budget has used of its current period's limit, (spent + held) / limit, by budget "
+        "(tenant:acme:day, key:<tenant>:<16 hex>:month, agent:<name>:day), set by the ledger."
+    ),
     "ray_fleet_memory_items": "Items the memory service holds, by store (sessions, context, facts, artifacts).",
     "ray_fleet_memory_bytes": "Bytes the memory service holds, by store.",
     "ray_fleet_memory_evictions_total": "Items evicted at the limits or by age since the service started, by store.",
