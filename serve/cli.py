@@ -28,7 +28,7 @@ from serve.manifest import load_agent, manifest_json_schema
 from serve.placement import audit_path, project_root
 from serve.policy.schema import policy_input_json_schema
 from serve.settings import settings
-from serve.telemetry.alerts import alert_rules, dashboard
+from serve.telemetry.alerts import SOFT_THRESHOLD, alert_rules, dashboard
 from serve.tools import load_tools
 
 __all__ = ["main", "serve_details", "validate_config", "wait_running"]
@@ -108,13 +108,18 @@ def schema(output: Path | None, policy_input: bool) -> None:
         output.write_text(text, encoding="utf-8")
 
 
-def _specs_of(config: Path) -> dict[str, Any]:
+def _fleet_of(config: Path) -> tuple[dict[str, Any], float]:
+    """The agents of a deploy config's Fleet applications, and the budgets' soft threshold
+    (the lowest, if its applications set several)."""
     raw = yaml.safe_load(config.read_text(encoding="utf-8"))
     specs: dict[str, Any] = {}
+    thresholds = []
     for app in raw.get("applications", []):
         if app.get("import_path") == BUILDER:
-            specs.update(validate_fleet(app.get("args") or {})[2])
-    return specs
+            fleet, _, agents = validate_fleet(app.get("args") or {})
+            specs.update(agents)
+            thresholds.append(fleet.budgets.soft_threshold)
+    return specs, min(thresholds, default=SOFT_THRESHOLD)
 
 
 def _write(doc: Any, output: Path | None, as_yaml: bool) -> None:
@@ -131,8 +136,8 @@ def _write(doc: Any, output: Path | None, as_yaml: bool) -> None:
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None)
 def alerts(config: Path, output: Path | None) -> None:
-    """Prometheus alerting rules from the agents' SLAs (and tool-quality rules)."""
-    _write(alert_rules(_specs_of(config)), output, as_yaml=True)
+    """Prometheus alerting rules from the agents' SLAs (and tool-quality and budget rules)."""
+    _write(alert_rules(*_fleet_of(config)), output, as_yaml=True)
 
 
 @main.command("dashboard")
@@ -142,7 +147,7 @@ def alerts(config: Path, output: Path | None) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None)
 def dashboard_command(config: Path, output: Path | None) -> None:
     """A Grafana dashboard of the fleet (JSON)."""
-    _write(dashboard(_specs_of(config)), output, as_yaml=False)
+    _write(dashboard(*_fleet_of(config)), output, as_yaml=False)
 
 
 @main.group()

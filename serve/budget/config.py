@@ -41,6 +41,13 @@ class BudgetsConfig(BaseModel):
     call_timeout_s: float = Field(
         default=2.0, gt=0, description="How long an agent waits for the ledger (then: 503)."
     )
+    soft_threshold: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="The used fraction of a budget (spent + held over its limit) at which "
+        "`fleet alerts` warns (FleetBudgetNearlySpent) and the dashboard draws its line.",
+    )
     test_clock: bool = Field(
         default=False,
         description="Let a test move the ledger's clock (`advance`): for tests of period boundaries only.",

@@ -5,6 +5,8 @@ the quality rules every agent gets (tool-failure rate, invalid-tool-call rate, l
 spikes against the agent's own last hour). Latency is the agent's own (``hop="agent"``:
 every call it serves, a delegate's included); availability fails on either view, the
 agent's or the ingress's (which also sees an agent whose replicas could not be reached).
+A fleet-wide group warns when a budget's used fraction (``ray_fleet_budget_used_ratio``)
+passes the deploy config's ``budgets.soft_threshold``, and pages when it is all used.
 ``fleet dashboard`` writes the fleet view.
 Both use only metrics Fleet exports (:data:`serve.telemetry.metrics.EXPORTED`) and Ray Serve's
 replica gauge.
@@ -22,6 +24,9 @@ __all__ = ["RAY_SERVE_METRICS", "alert_rules", "dashboard", "metric_names"]
 RAY_SERVE_METRICS = {"ray_serve_deployment_replica_healthy"}
 TOOL_FAILURE_RATE = 0.10  # of tool calls, over 10 minutes
 INVALID_TOOL_CALL_RATE = 0.05  # unknown tools or arguments that fail the schema
+SOFT_THRESHOLD = 0.8  # budgets.soft_threshold's default
+# One series per budget: the ledger's one replica sets it (two, briefly, if it moved).
+USED_RATIO = "max by (budget) (ray_fleet_budget_used_ratio)"
 
 
 def metric_names(expr: str) -> set[str]:
@@ -94,19 +99,37 @@ def _agent_rules(spec: AgentSpec) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def alert_rules(specs: dict[str, AgentSpec]) -> dict[str, Any]:
-    """A Prometheus rules file: one group per agent."""
-    return {"groups": [{"name": f"fleet-{n}", "rules": _agent_rules(specs[n])} for n in sorted(specs)]}
+def _budget_rules(soft_threshold: float) -> list[dict[str, Any]]:
+    # {{ $labels.budget }} is filled in by Prometheus: one alert per budget.
+    return [
+        _rule(
+            "FleetBudgetNearlySpent", f"{USED_RATIO} >= {soft_threshold:g}", "2m", {}, "warning",
+            f"{{{{ $labels.budget }}}}: {{{{ $value | humanizePercentage }}}} of its limit spent or held "
+            f"(soft threshold {soft_threshold:.0%})",
+        ),
+        _rule(
+            "FleetBudgetSpent", f"{USED_RATIO} >= 1", "1m", {}, "critical",
+            "{{ $labels.budget }}: its limit is spent; calls that count toward it get 402 until it resets",
+        ),
+    ]  # fmt: skip
 
 
-def _panel(pid: int, title: str, exprs: list[tuple[str, str]], unit: str, x: int, y: int) -> dict[str, Any]:
+def alert_rules(specs: dict[str, AgentSpec], soft_threshold: float = SOFT_THRESHOLD) -> dict[str, Any]:
+    """A Prometheus rules file: one group per agent, and the budgets' group."""
+    groups = [{"name": f"fleet-{n}", "rules": _agent_rules(specs[n])} for n in sorted(specs)]
+    return {"groups": [*groups, {"name": "fleet-budgets", "rules": _budget_rules(soft_threshold)}]}
+
+
+def _panel(
+    pid: int, title: str, exprs: list[tuple[str, str]], unit: str, x: int, y: int, **defaults: Any
+) -> dict[str, Any]:
     return {
         "id": pid,
         "type": "timeseries",
         "title": title,
         "datasource": {"type": "prometheus", "uid": "${datasource}"},
         "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": unit, **defaults}, "overrides": []},
         "targets": [
             {"refId": chr(65 + i), "expr": e, "legendFormat": legend} for i, (e, legend) in enumerate(exprs)
         ],
@@ -151,9 +174,26 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
 ]  # fmt: skip
 
 
-def dashboard(specs: dict[str, AgentSpec]) -> dict[str, Any]:
+def _budget_panel(pid: int, x: int, y: int, soft_threshold: float) -> dict[str, Any]:
+    """Used fraction per budget, the soft threshold and the limit drawn as lines."""
+    steps = [
+        {"color": "green", "value": None},
+        {"color": "orange", "value": soft_threshold},
+        {"color": "red", "value": 1},
+    ]
+    return _panel(
+        pid, f"Budgets: used of limit (spent + held; soft threshold {soft_threshold:.0%})",
+        [(USED_RATIO, "{{budget}}")], "percentunit", x, y,
+        thresholds={"mode": "absolute", "steps": steps},
+        custom={"thresholdsStyle": {"mode": "line"}},
+    )  # fmt: skip
+
+
+def dashboard(specs: dict[str, AgentSpec], soft_threshold: float = SOFT_THRESHOLD) -> dict[str, Any]:
     """A Grafana dashboard of the fleet, with an agent selector."""
     panels = [_panel(i + 1, t, e, u, 12 * (i % 2), 8 * (i // 2)) for i, (t, e, u) in enumerate(PANELS)]
+    n = len(panels)
+    panels.append(_budget_panel(n + 1, 12 * (n % 2), 8 * (n // 2), soft_threshold))
     return {
         "title": "Fleet",
         "uid": "fleet-agents",

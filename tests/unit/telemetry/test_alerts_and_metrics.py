@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import promql_parser
@@ -26,17 +27,21 @@ DASHBOARD = ROOT / "configs" / "grafana-dashboard.json"
 KNOWN = set(EXPORTED) | RAY_SERVE_METRICS
 
 
-def specs() -> dict[str, Any]:
-    from serve.cli import _specs_of
+def fleet_of(config: Path = ROOT / "configs" / "local.yaml") -> tuple[dict[str, Any], float]:
+    from serve.cli import _fleet_of
 
-    return _specs_of(ROOT / "configs" / "local.yaml")
+    return _fleet_of(config)
+
+
+def specs() -> dict[str, Any]:
+    return fleet_of()[0]
 
 
 def test_committed_rules_and_dashboard_are_current() -> None:
-    assert yaml.safe_load(RULES.read_text()) == alert_rules(specs())
-    assert json.loads(DASHBOARD.read_text()) == dashboard(specs())
+    assert yaml.safe_load(RULES.read_text()) == alert_rules(*fleet_of())
+    assert json.loads(DASHBOARD.read_text()) == dashboard(*fleet_of())
     result = CliRunner().invoke(main, ["alerts"])
-    assert yaml.safe_load(result.output) == alert_rules(specs())
+    assert yaml.safe_load(result.output) == alert_rules(*fleet_of())
 
 
 def test_rules_are_a_valid_prometheus_rules_file() -> None:
@@ -51,7 +56,7 @@ def test_rules_are_a_valid_prometheus_rules_file() -> None:
             assert metric_names(rule["expr"]) <= KNOWN, rule["expr"]
             names.add((group["name"], rule["alert"]))
     agents = {s for s in specs()}
-    assert {g for g, _ in names} == {f"fleet-{a}" for a in agents}
+    assert {g for g, _ in names} == {f"fleet-{a}" for a in agents} | {"fleet-budgets"}
 
 
 def test_sla_targets_become_thresholds() -> None:
@@ -61,6 +66,44 @@ def test_sla_targets_become_thresholds() -> None:
     assert hr["FleetAgentLatencySLO"]["expr"].endswith(f"> {manifest.sla.p95_latency_ms / 1000:g}")
     assert hr["FleetAgentAvailabilitySLO"]["expr"].endswith(f"> {1 - manifest.sla.availability:.6g}")
     assert {"FleetAgentToolFailures", "FleetAgentInvalidToolCalls", "FleetAgentLatencySpike"} <= set(hr)
+
+
+def test_a_budget_warns_at_the_soft_threshold_and_pages_when_spent() -> None:
+    assert fleet_of()[1] == 0.8  # local.yaml keeps budgets.soft_threshold's default
+    groups = {g["name"]: g["rules"] for g in yaml.safe_load(RULES.read_text())["groups"]}
+    rules = {r["alert"]: r for r in groups["fleet-budgets"]}
+    near, spent = rules["FleetBudgetNearlySpent"], rules["FleetBudgetSpent"]
+    assert near["expr"] == "max by (budget) (ray_fleet_budget_used_ratio) >= 0.8"
+    assert (near["labels"]["severity"], near["for"]) == ("warning", "2m")
+    assert "{{ $labels.budget }}" in near["annotations"]["summary"]
+    assert spent["expr"] == "max by (budget) (ray_fleet_budget_used_ratio) >= 1"
+    assert (spent["labels"]["severity"], spent["for"]) == ("critical", "1m")
+
+
+def test_the_soft_threshold_comes_from_the_deploy_config(tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    config["applications"][0]["args"].setdefault("budgets", {})["soft_threshold"] = 0.65
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["alerts", "--config", str(path)])
+    rules = {r["alert"]: r for g in yaml.safe_load(result.output)["groups"] for r in g["rules"]}
+    assert rules["FleetBudgetNearlySpent"]["expr"].endswith(">= 0.65")
+    assert "(soft threshold 65%)" in rules["FleetBudgetNearlySpent"]["annotations"]["summary"]
+    result = CliRunner().invoke(main, ["dashboard", "--config", str(path)])
+    panel = json.loads(result.output)["panels"][-1]
+    assert [s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]] == [None, 0.65, 1]
+
+
+def test_the_dashboard_shows_each_budgets_used_ratio_against_the_threshold() -> None:
+    panel = json.loads(DASHBOARD.read_text())["panels"][-1]
+    assert panel["title"] == "Budgets: used of limit (spent + held; soft threshold 80%)"
+    assert panel["targets"] == [
+        {"refId": "A", "expr": "max by (budget) (ray_fleet_budget_used_ratio)", "legendFormat": "{{budget}}"}
+    ]
+    defaults = panel["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "percentunit"
+    assert defaults["custom"] == {"thresholdsStyle": {"mode": "line"}}
+    assert [s["value"] for s in defaults["thresholds"]["steps"]] == [None, 0.8, 1]
 
 
 def test_dashboard_queries_parse_and_use_exported_metrics() -> None:
@@ -75,6 +118,7 @@ def test_dashboard_queries_parse_and_use_exported_metrics() -> None:
         "ray_fleet_requests_total",
         "ray_fleet_tool_calls_total",
         "ray_fleet_policy_decisions_total",
+        "ray_fleet_budget_used_ratio",
     } <= used
     assert "ray_serve_deployment_replica_healthy" in used
 
