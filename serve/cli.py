@@ -1,4 +1,5 @@
-"""``fleet``: validate agents and configs, export the manifest schema, bring a fleet up.
+"""``fleet``: validate agents and configs, export the manifest schema, bring a fleet up,
+show a tenant's spend (``fleet usage``).
 
 ``fleet up`` is what the README's first command runs: it starts a local Ray cluster
 (unless a dashboard already answers at ``FLEET_DASHBOARD_ADDRESS``), deploys the config with ``serve deploy`` (the
@@ -13,10 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 import yaml
 from pydantic import ValidationError
 
@@ -148,6 +151,78 @@ def alerts(config: Path, output: Path | None) -> None:
 def dashboard_command(config: Path, output: Path | None) -> None:
     """A Grafana dashboard of the fleet (JSON)."""
     _write(dashboard(*_fleet_of(config)), output, as_yaml=False)
+
+
+USAGE_COLUMNS = ("budget", "period", "spent USD", "held USD", "limit USD", "remaining USD", "% used")
+
+
+def _usage_url(url: str) -> str:
+    """``--url`` names the fleet (``http://host:8000``), or its OpenAI base URL (``.../v1``)."""
+    return url.rstrip("/").removesuffix("/v1") + "/v1/usage"
+
+
+def _fetch_usage(url: str, api_key: str | None) -> dict[str, Any]:
+    """``GET /v1/usage``'s body; a one-line error if no answer or an error came back."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=10.0)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"could not reach Fleet at {url}: {exc or type(exc).__name__}") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
+        return body
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and "message" in error:  # the OpenAI error envelope
+        why = f"{error.get('code') or error.get('type')}: {error['message']}"
+    else:
+        why = response.text.strip()[:200] or "no body"
+    raise click.ClickException(f"{url} answered HTTP {response.status_code} ({why})")
+
+
+def _used(row: dict[str, Any]) -> str:
+    if row.get("limit_usd") is None:
+        return "-"
+    limit, used = Decimal(row["limit_usd"]), Decimal(row["spent_usd"]) + Decimal(row["held_usd"])
+    return "100.0" if limit <= 0 else f"{used / limit * 100:.1f}"
+
+
+def _usage_table(rows: list[dict[str, Any]]) -> str:
+    """Budget and period left-aligned, amounts (USD, exact as the ledger has them) right-aligned."""
+    amounts = ("spent_usd", "held_usd", "limit_usd", "remaining_usd")
+    cells = [[r["budget"], r["period"], *(r.get(a) or "-" for a in amounts), _used(r)] for r in rows]
+    table = [list(USAGE_COLUMNS), *cells]
+    widths = [max(map(len, column)) for column in zip(*table, strict=True)]
+
+    def line(row: list[str]) -> str:
+        cols = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        return "  ".join(cols).rstrip()
+
+    return "\n".join(map(line, table))
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="The fleet's address.")
+@click.option(
+    "--api-key",
+    envvar=["FLEET_API_KEY", "OPENAI_API_KEY"],
+    show_envvar=True,
+    default=None,
+    help="A tenant's key (sent as a bearer key); none if the fleet has no keys.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the response as JSON instead of a table.")
+def usage(url: str, api_key: str | None, as_json: bool) -> None:
+    """Spend, held and remaining per budget and period (GET /v1/usage): a tenant's own, or
+    every budget with a key of role admin."""
+    body = _fetch_usage(_usage_url(url), api_key)
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+    elif not body["data"]:
+        click.echo("no budget has been charged yet")
+    else:
+        click.echo(_usage_table(body["data"]))
 
 
 @main.group()
