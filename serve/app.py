@@ -231,7 +231,9 @@ def build_app(args: dict[str, Any]) -> Application:
         )
     cards = {name: agent_card(spec) for name, spec in specs.items()}
     front = fleet.ingress
-    options = ingress_options(front.max_ongoing_requests, front.max_queued_requests, front.retry_after_s)
+    options = ingress_options(
+        front.max_ongoing_requests, front.max_queued_requests, front.retry_after_s, front.num_replicas
+    )
     return (
         _deployment(Ingress)
         .options(**options)

@@ -39,6 +39,7 @@ __all__ = [
     "PayloadTooLarge",
     "PolicyDenied",
     "PolicyFailure",
+    "RateLimitExceeded",
     "RequestError",
     "Signal",
     "Timeout",
@@ -162,6 +163,37 @@ def _rebuild_budget(
     message: str, param: str | None, code: str | None, retry_after_s: int | None
 ) -> BudgetExceeded:
     return BudgetExceeded(message, param=param, code=code, retry_after_s=retry_after_s)
+
+
+class RateLimitExceeded(RequestError):
+    """A rate limit per minute refuses the request (429). ``type`` says which kind
+    (``requests`` or ``tokens``, as the OpenAI API does), ``param`` which limit."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "requests",
+        retry_after_s: float = 1.0,
+    ):
+        super().__init__(message, param=param, code=code)
+        self.type = kind
+        self.retry_after_s = retry_after_s  # until the window has room for one more
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_rate, (self.message, self.param, self.code, self.type, self.retry_after_s))
+
+
+def _rebuild_rate(
+    message: str, param: str | None, code: str | None, kind: str, retry_after_s: float
+) -> RateLimitExceeded:
+    return RateLimitExceeded(message, param=param, code=code, kind=kind, retry_after_s=retry_after_s)
 
 
 class BudgetUnavailable(RequestError):

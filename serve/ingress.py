@@ -28,17 +28,21 @@ from starlette.exceptions import HTTPException
 from serve import telemetry
 from serve.audit.client import AuditClient
 from serve.auth import authenticate, identify, key_budgets
+from serve.budget.client import rate_lines
 from serve.budget.config import BudgetsConfig
+from serve.budget.rates import RateLimited, RateState, duration
 from serve.budget.usage import budget_limits, with_remaining
 from serve.cards import AgentCard
 from serve.context import Carried, Context
 from serve.errors import (
     AgentError,
     AuditUnavailable,
+    BudgetUnavailable,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
     PolicyDenied,
+    RateLimitExceeded,
     RequestError,
     Timeout,
 )
@@ -78,6 +82,9 @@ class IngressOptions(BaseModel):
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="Largest request body (413 above).")
     request_timeout_s: float = Field(default=300.0, gt=0, description="Deadline per request (504 after).")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After sent with 503.")
+    num_replicas: int = Field(
+        default=1, ge=1, description="Ingress replicas (each node's proxy spreads requests among them)."
+    )
     max_ongoing_requests: int = Field(
         default=512, gt=0, description="Requests one ingress replica holds at once (streams included)."
     )
@@ -102,6 +109,8 @@ class Exchange:
     # The ingress's audit records, handed to the agent with the call; kept until the
     # agent is known to have them (then it ships them with its own).
     carried: Carried = field(default_factory=Carried)
+    rated: tuple[str, ...] = ()  # the rate limits it counts toward (its tokens too, once known)
+    rate_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*
 
     @property
     def trace_id(self) -> str | None:
@@ -110,6 +119,7 @@ class Exchange:
     def headers(self) -> dict[str, str]:
         tid = self.trace_id
         ids = {"x-fleet-request-id": self.ctx.request_id} if self.ctx is not None else {}
+        ids |= self.rate_headers
         return {**ids, "x-fleet-trace-id": tid} if tid else ids
 
     def extension(self, card: AgentCard, result: AgentResult) -> dict[str, Any]:
@@ -200,6 +210,27 @@ def _final_chunks(
     )
 
 
+def rate_headers(states: tuple[RateState, ...]) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers of the OpenAI API, from the tightest limit of each kind."""
+    headers = {}
+    for state in states:
+        headers[f"x-ratelimit-limit-{state.kind}"] = str(state.limit)
+        headers[f"x-ratelimit-remaining-{state.kind}"] = str(state.remaining)
+        headers[f"x-ratelimit-reset-{state.kind}"] = duration(state.reset_s)
+    return headers
+
+
+def rate_refusal(refused: RateLimited) -> RateLimitExceeded:
+    per = "requests per minute (RPM)" if refused.kind == "requests" else "tokens per minute (TPM)"
+    return RateLimitExceeded(
+        f"Rate limit reached for {refused.budget} on {per}: limit {refused.limit}. "
+        f"Please try again in {duration(refused.retry_after_s)}.",
+        param=f"{refused.budget}:{'rpm' if refused.kind == 'requests' else 'tpm'}",
+        kind=refused.kind,
+        retry_after_s=refused.retry_after_s,
+    )
+
+
 # Everything the class uses must be defined above it: the ingress decorator freezes
 # (pickles) the FastAPI app when the class is defined.
 @rayserve.ingress(app)
@@ -218,7 +249,10 @@ class Ingress:
     ) -> None:
         self._cards = cards
         self._ledger = ledger
-        self._limits = budget_limits(cards, budgets or BudgetsConfig(), key_budgets(config.tenants))
+        self._budgets = budgets or BudgetsConfig()
+        self._key_limits = key_budgets(config.tenants)
+        self._limits = budget_limits(cards, self._budgets, self._key_limits)
+        self._counting: set[asyncio.Task[None]] = set()  # tokens on their way to the ledger
         self._wire = {name: card.wire() for name, card in cards.items()}
         self._agents = {name: over(handle, transport) for name, handle in agents.items()}
         self._options = options
@@ -326,6 +360,41 @@ class Ingress:
             f"not allowed to call {card.name!r}: {reasons}", decision_id=decision.id, param="model"
         )
 
+    async def _rate(self, ex: Exchange, ctx: Context) -> None:
+        """Count the request against its tenant's and key's rate limits (one ledger round
+        trip, only where a limit is set), or refuse it: 429 with ``Retry-After``."""
+        lines = rate_lines(self._budgets, self._key_limits, ctx)
+        if not lines or self._ledger is None:
+            return
+        try:
+            async with asyncio.timeout(self._budgets.call_timeout_s):
+                got = await self._ledger.admit.remote(lines)
+        except Exception as exc:
+            raise BudgetUnavailable(f"the budget ledger did not answer ({type(exc).__name__})") from None
+        if isinstance(got, RateLimited):
+            ex.rate_headers = rate_headers(got.states)
+            raise rate_refusal(got)
+        ex.rated = tuple(line.budget for line in lines if line.tokens_per_minute is not None)
+        ex.rate_headers = rate_headers(got)
+
+    def _count(self, ex: Exchange, result: AgentResult) -> None:
+        """The tokens a rated request used count toward its tokens per minute: sent to the
+        ledger in the background (the answer does not wait for it)."""
+        tokens = result.usage.prompt_tokens + result.usage.completion_tokens
+        if not ex.rated or tokens <= 0 or self._ledger is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._send_count(ex.rated, tokens))
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
+
+    async def _send_count(self, budgets: tuple[str, ...], tokens: int) -> None:
+        assert self._ledger is not None
+        try:
+            async with asyncio.timeout(self._budgets.call_timeout_s):
+                await self._ledger.count.remote(list(budgets), tokens)
+        except Exception as exc:  # a minute's tokens under-counted: say so, nothing else is lost
+            log.warning("tokens not counted toward a rate limit", extra={"error": type(exc).__name__})
+
     def _finish(self, ex: Exchange, status: int, **fields: Any) -> None:
         """The one place a chat completion ends: outcome step, metrics, span."""
         ex.done = True
@@ -368,6 +437,7 @@ class Ingress:
             card = self._card(chat.model)
             ex.agent = chat.model
             ex.span.set_attribute("gen_ai.agent.name", chat.model)
+            await self._rate(ex, ctx)
             ex.carried = await self._admit(ctx, card)
             # The agent ships the admission record with its own and commits them before it
             # answers: the request's one audit round trip.
@@ -376,6 +446,7 @@ class Ingress:
             if chat.stream:
                 return await self._stream(chat, card, handle, ex)
             result = await self._call(handle, chat, ex)
+            self._count(ex, result)
             self._finish(ex, 200, finish_reason=result.finish_reason)
         except RequestError as exc:
             # The agent may not have them: commit them here (the service writes each once).
@@ -471,6 +542,7 @@ class Ingress:
                     yield out.content(event.text)
                 elif isinstance(event, Finished):
                     done = True
+                    self._count(ex, event.result)
                     self._finish(ex, 200, finish_reason=event.result.finish_reason)
                     for text in _final_chunks(out, chat, card, ex, event.result):
                         yield text

@@ -155,12 +155,13 @@ def agent_options(manifest: AgentManifest) -> dict[str, Any]:
 
 
 def ingress_options(
-    max_ongoing_requests: int, max_queued_requests: int | None, retry_after_s: int
+    max_ongoing_requests: int, max_queued_requests: int | None, retry_after_s: int, num_replicas: int = 1
 ) -> dict[str, Any]:
     """The ingress's deployment. A proxy whose queue for it is full answers Ray's own 503;
     ``retry_after_s`` gives it the ``Retry-After`` of the ingress's own 503s."""
     return {
         "name": "ingress",
+        "num_replicas": num_replicas,
         "ray_actor_options": SERVICE_ACTOR_OPTIONS,
         "max_ongoing_requests": max_ongoing_requests,
         "max_queued_requests": queue_bound(max_queued_requests, max_ongoing_requests),

@@ -17,11 +17,12 @@ from decimal import Decimal
 from typing import Any
 
 from serve.budget.config import BudgetLimits, BudgetsConfig
+from serve.budget.rates import RateLine
 from serve.budget.store import Line, Refusal
 from serve.context import Context
 from serve.errors import BudgetExceeded, BudgetUnavailable
 
-__all__ = ["AgentLedger", "LedgerClient", "LedgerHold", "budget_lines"]
+__all__ = ["AgentLedger", "LedgerClient", "LedgerHold", "budget_lines", "rate_lines"]
 
 log = logging.getLogger(__name__)
 # Waits between tries of a settlement the ledger did not take (its replica restarting).
@@ -56,6 +57,21 @@ def budget_lines(
     if principal is not None and principal.authenticated:
         lines += _limits(f"tenant:{principal.tenant}", config.tenants.get(principal.tenant))
         lines += _limits(f"key:{ctx.principal_id}", keys.get(ctx.principal_id))
+    return lines
+
+
+def rate_lines(config: BudgetsConfig, keys: Mapping[str, BudgetLimits], ctx: Context) -> list[RateLine]:
+    """The rate limits a request counts toward: its tenant's and its key's, where set."""
+    principal = ctx.principal
+    if principal is None or not principal.authenticated:
+        return []
+    lines = []
+    for budget, limits in (
+        (f"tenant:{principal.tenant}", config.tenants.get(principal.tenant)),
+        (f"key:{ctx.principal_id}", keys.get(ctx.principal_id or "")),
+    ):
+        if limits is not None and limits.rated:
+            lines.append(RateLine(budget, limits.requests_per_minute, limits.tokens_per_minute))
     return lines
 
 

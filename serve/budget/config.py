@@ -10,12 +10,26 @@ __all__ = ["BudgetLimits", "BudgetsConfig"]
 
 
 class BudgetLimits(BaseModel):
-    """Spending caps in USD (strings, read as Decimal), per UTC calendar day and month."""
+    """What a tenant or a key may use: spending caps in USD (strings, read as Decimal) per
+    UTC calendar day and month, and rate limits per minute (a sliding window)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     per_day_usd: Decimal | None = Field(default=None, ge=0, description="Cap per UTC day.")
     per_month_usd: Decimal | None = Field(default=None, ge=0, description="Cap per UTC calendar month.")
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, description="Chat completions admitted in any 60 s (429 beyond)."
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens (prompt and completion, whole request trees) used in any 60 s: a request "
+        "is admitted while fewer were used (429 otherwise).",
+    )
+
+    @property
+    def rated(self) -> bool:
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
 
 
 class BudgetsConfig(BaseModel):

@@ -15,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from serve.budget.gauge import UsedRatio
+from serve.budget.rates import RateLimited, RateLine, RateState, RateWindows
 from serve.budget.store import Line, Refusal, SqliteLedger
 from serve.errors import InvalidRequest
 from serve.telemetry import logs
@@ -33,6 +34,7 @@ class BudgetService:
         self._ledger = SqliteLedger(Path(path), self._now)
         self._lease_s = lease_s
         self._used = UsedRatio(self._ledger, self._now)  # ray_fleet_budget_used_ratio
+        self._rates = RateWindows(self._now)
 
     async def reserve(
         self, rid: str, lines: Sequence[Line], amount: Decimal
@@ -49,6 +51,14 @@ class BudgetService:
         keys = self._ledger.reserve_keys(rid)
         self._ledger.release(rid)
         self._used.update(budget for budget, _ in keys)
+
+    async def admit(self, lines: Sequence[RateLine]) -> RateLimited | tuple[RateState, ...]:
+        """Count a request against its rate limits, or refuse it (serve/budget/rates.py)."""
+        return self._rates.admit(lines)
+
+    async def count(self, budgets: Sequence[str], tokens: int) -> None:
+        """The tokens an admitted request used, for its tokens-per-minute limits."""
+        self._rates.count(budgets, tokens)
 
     async def usage(self, prefix: str = "") -> list[dict[str, str]]:
         return self._ledger.usage(prefix)

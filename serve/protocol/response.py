@@ -8,6 +8,7 @@ error leaves as the OpenAI envelope with its status and headers (:func:`error_re
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -225,7 +226,8 @@ def error_response(
     """The OpenAI error envelope of ``exc``, with its status and the headers it calls for."""
     headers = dict(extra or {})
     if exc.status in (429, 503):
-        headers["retry-after"] = str(retry_after)
+        wait = getattr(exc, "retry_after_s", None)  # a rate limit's: when one more fits
+        headers["retry-after"] = str(retry_after if wait is None else max(math.ceil(wait), 1))
     if exc.status == 402:  # the official client would retry some statuses by itself
         headers["x-should-retry"] = "false"
         reset = getattr(exc, "retry_after_s", None)

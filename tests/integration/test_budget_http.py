@@ -15,7 +15,7 @@ import pytest
 
 from serve.budget import Price
 from serve.testing import wait_until
-from tests.integration.conftest import QA_KEY, SPENDER_KEY, Fleet
+from tests.integration.conftest import HASTY_KEY, QA_KEY, SPENDER_KEY, Fleet
 
 PRICE = Price(prompt_usd_per_million=Decimal("2.00"), completion_usd_per_million=Decimal("8.00"))
 LONG = "word " * 1200  # 6 KB: its prompt's bound alone costs more than frugal's 0.01 USD
@@ -158,3 +158,44 @@ def test_without_keys_the_one_user_sees_every_budget(fleet: Fleet) -> None:
     assert Decimal(day["remaining_usd"]) == Decimal("25") - Decimal(day["spent_usd"]) - Decimal(
         day["held_usd"]
     )
+
+
+# --- rate limits: hasty may send 3 requests a minute (fleet-test.yaml) -----------------
+
+
+def test_a_burst_over_a_tenants_requests_per_minute_is_refused_then_passes_after_retry_after(
+    fleet: Fleet,
+) -> None:
+    from ray import serve as rayserve
+
+    if fleet.ray_address is None:
+        pytest.skip("needs the test run's own cluster (its driver moves the ledger's clock)")
+    body = {"model": "tester", "messages": [{"role": "user", "content": "hello"}]}
+
+    def ask(_: int) -> httpx.Response:
+        with fleet.client(fleet.test_url, HASTY_KEY) as client:
+            return client.post("/v1/chat/completions", json=body)
+
+    # 8 at once, through both ingress replicas: the one ledger admits exactly 3.
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    statuses = Counter(a.status_code for a in answers)
+    assert statuses == {200: 3, 429: 5}, statuses
+    for answer in answers:
+        assert answer.headers["x-ratelimit-limit-requests"] == "3"
+    waits = []
+    for refused in (a for a in answers if a.status_code == 429):
+        error = refused.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (
+            "requests",
+            "rate_limit_exceeded",
+            "tenant:hasty:rpm",
+        )
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        waits.append(int(refused.headers["retry-after"]))
+    assert all(0 < w <= 60 for w in waits), waits
+    # After the longest wait it said (the ledger's clock moved, not the test's), one passes.
+    rayserve.get_deployment_handle("budget", app_name="fleet-test").advance.remote(max(waits)).result()
+    again = ask(0)
+    assert again.status_code == 200, again.text
+    assert again.headers["x-ratelimit-remaining-requests"] in {"0", "1", "2"}

@@ -97,6 +97,7 @@ def test_fleet_args_defaults() -> None:
     assert args.agents_dir == "agents"
     assert args.ingress.model_dump() == {
         "max_body_bytes": 1 << 20,
+        "num_replicas": 1,
         "max_ongoing_requests": 512,
         "max_queued_requests": None,
         "request_timeout_s": 300.0,

@@ -25,6 +25,7 @@ from ray.serve.exceptions import BackPressureError
 
 from serve.app import agent_card
 from serve.auth import TenantKey, hash_key
+from serve.budget.config import BudgetLimits, BudgetsConfig
 from serve.cards import AgentCard
 from serve.context import Context
 from serve.errors import BudgetExceeded, Overloaded, RequestError
@@ -34,6 +35,7 @@ from serve.loop.results import AgentResult, ContentDelta, Finished, Stats
 from serve.manifest import load_agent
 from serve.protocol import ChatRequest, FunctionCall, ToolCall, Usage
 from tests.unit.audit.test_client import FlakyService
+from tests.unit.budget.fakes import Clock, FakeHandle, service
 from tests.unit.conftest import AGENTS, ROOT, run
 
 AGENT = "hr-policy-advisor"
@@ -116,10 +118,14 @@ class Fleet:
         options: IngressOptions,
         config: GovernanceConfig,
         cards: dict[str, AgentCard],
+        ledger: Any = None,
+        budgets: BudgetsConfig | None = None,
     ) -> None:
         self.audit = FlakyService()
         fleets_own = Ingress.__bases__[0]  # beneath Ray's wrapper (its __init__ and __del__ are async)
-        self.ingress: Any = fleets_own(cards, {AGENT: agent}, options, config, str(ROOT), self.audit, "actor")
+        self.ingress: Any = fleets_own(
+            cards, {AGENT: agent}, options, config, str(ROOT), self.audit, "actor", ledger, budgets
+        )
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fleet")
 
     async def chat(self, headers: dict[str, str] | None = None, **fields: Any) -> httpx.Response:
@@ -143,8 +149,12 @@ def serve_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         agent: FakeAgent,
         options: IngressOptions | None = None,
         config: GovernanceConfig | None = None,
+        ledger: Any = None,
+        budgets: BudgetsConfig | None = None,
     ) -> Fleet:
-        fleet = Fleet(agent, options or IngressOptions(), config or GovernanceConfig(), {AGENT: CARD})
+        fleet = Fleet(
+            agent, options or IngressOptions(), config or GovernanceConfig(), {AGENT: CARD}, ledger, budgets
+        )
         monkeypatch.setattr(
             rayserve, "get_replica_context", lambda: SimpleNamespace(servable_object=fleet.ingress)
         )
@@ -509,5 +519,66 @@ def test_a_session_belongs_to_the_key_that_wrote_it(serve_with: Any) -> None:
         assert first.session == second.session == "s1"
         assert first.principal_id == "acme:" + hash_key("fk-acme-1")[:16]
         assert second.principal_id == "acme:" + hash_key("fk-acme-2")[:16]
+
+    run(scenario())
+
+
+def test_over_a_tenants_requests_per_minute_is_a_429_that_says_when_to_come_back(
+    serve_with: Any, tmp_path: Any
+) -> None:
+    """A tenant's 2 requests a minute and its key's 100 tokens, in a real ledger."""
+    tenants = [
+        TenantKey(
+            tenant="acme",
+            key_sha256=hash_key("fk-acme"),
+            roles=["employee"],
+            budget=BudgetLimits(tokens_per_minute=100),
+        )
+    ]
+    clock = Clock(1_764_000_000.0)
+    ledger = FakeHandle(service(tmp_path, clock))
+    budgets = BudgetsConfig(tenants={"acme": BudgetLimits(requests_per_minute=2)})
+    key = {"authorization": "Bearer fk-acme"}
+    agent = FakeAgent(events=[ContentDelta("You have"), Finished(RESULT)])
+
+    async def scenario() -> None:
+        fleet = serve_with(agent, config=GovernanceConfig(tenants=tenants), ledger=ledger, budgets=budgets)
+        first = await fleet.chat(key)
+        await asyncio.gather(*fleet.ingress._counting)  # its 13 tokens reach the ledger
+        clock.now += 15
+        second = await fleet.chat(key, stream=True)
+        clock.now += 5
+        third = await fleet.chat(key)
+        clock.now += 39  # 59 s after the first: still in the window
+        fourth = await fleet.chat(key)
+        clock.now += 1
+        fifth = await fleet.chat(key)
+        await fleet.settle()
+        assert first.status_code == 200 and second.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert first.headers["x-ratelimit-reset-requests"] == "1m0s"
+        assert first.headers["x-ratelimit-limit-tokens"] == "100"
+        assert first.headers["x-ratelimit-remaining-tokens"] == "100"
+        assert second.headers["x-ratelimit-remaining-requests"] == "0"
+        assert second.headers["x-ratelimit-remaining-tokens"] == "87"  # the first used 9 + 4
+        for refused, wait in ((third, "40"), (fourth, "1")):
+            assert refused.status_code == 429, refused.text
+            error = refused.json()["error"]
+            assert (error["type"], error["code"], error["param"]) == (
+                "requests",
+                "rate_limit_exceeded",
+                "tenant:acme:rpm",
+            )
+            assert refused.headers["retry-after"] == wait
+            assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+            assert (
+                "x-should-retry" not in refused.headers
+            )  # the official client waits Retry-After, then retries
+        assert "limit 2" in third.json()["error"]["message"]
+        assert fifth.status_code == 200  # the first left the window
+        assert len(agent.asked) == 3  # a refused request never reached the agent
+        outcomes = [r for r in fleet.audit.stored if r.get("kind") == "outcome"]
+        assert sorted(r["status"] for r in outcomes).count(429) == 2
 
     run(scenario())

@@ -47,8 +47,9 @@ def test_an_agent_scales_as_its_manifest_says_on_a_tenth_of_a_cpu() -> None:
     assert options["max_ongoing_requests"] == manifest.autoscaling.max_ongoing_requests == 32
     assert options["max_queued_requests"] == 32  # unset: one replica's worth
     assert options["ray_actor_options"] == {"num_cpus": 0.1}
-    assert ingress_options(64, None, 2) == {
+    assert ingress_options(64, None, 2, num_replicas=3) == {
         "name": "ingress",
+        "num_replicas": 3,
         "ray_actor_options": {"num_cpus": 0.1},
         "max_ongoing_requests": 64,
         "max_queued_requests": 64,
