@@ -13,6 +13,9 @@ Rungs (each over HTTP, measured one after the other on the same warm cluster):
 - L4 ``fleet-delegation``: an agent that delegates to L3's agent (one delegation hop);
 - L5 ``fleet-tool``: an agent with one tool call.
 - L3ia / L4ia: L3i and L4i with ``transport: actor`` (Serve's default handle transport).
+- L3ib / L4ib: L3i and L4i with budgets and rate limits on: the backend priced, an API
+  key whose tenant and key have caps per day and month and limits per minute (never
+  reached), so every request is admitted by the ledger and every model call reserves in it.
 ``bench_llm.py`` adds L6 (vLLM engine alone) and L7 (a Fleet agent on it) to the same file.
 
 Then the autoscaling phase: a step load on an agent that takes two requests per replica
@@ -116,17 +119,40 @@ BENCH_SCRIPT = [
 ]  # fmt: skip
 
 
-def fleet_app(agents: list[str], inline: bool, audit: Path, transport: str = "grpc") -> Any:
-    from serve.app import build_app
+BENCH_KEY = "fk-bench"  # L3ib / L4ib's key (its tenant, bench, may call every agent)
+# Caps and limits that are counted, never reached: what the ledger costs, not a refusal.
+NEVER_REACHED = {
+    "per_day_usd": "1000000",
+    "per_month_usd": "1000000",
+    "requests_per_minute": 1_000_000_000,
+    "tokens_per_minute": 1_000_000_000_000,
+}
 
-    model = {"kind": "scripted", "inline": inline, "script": BENCH_SCRIPT}
-    governance = {"audit": {"path": str(audit)}}
-    args = {
+
+def fleet_app(
+    agents: list[str], inline: bool, audit: Path, transport: str = "grpc", budgeted: bool = False
+) -> Any:
+    from serve.app import build_app
+    from serve.auth import hash_key
+
+    model: dict[str, Any] = {"kind": "scripted", "inline": inline, "script": BENCH_SCRIPT}
+    governance: dict[str, Any] = {"audit": {"path": str(audit)}}
+    args: dict[str, Any] = {
         "agents_dir": str(HERE / "agents"),
         "agents": agents,
         "models": {"default": model},
         "transport": transport,
     }
+    if budgeted:
+        model["price"] = {"prompt_usd_per_million": "2.00", "completion_usd_per_million": "8.00"}
+        key = {
+            "tenant": "bench",
+            "key_sha256": hash_key(BENCH_KEY),
+            "roles": ["admin"],
+            "budget": NEVER_REACHED,
+        }
+        governance["tenants"] = [key]
+        args["budgets"] = {"path": str(audit.with_suffix(".ledger.db")), "tenants": {"bench": NEVER_REACHED}}
     return build_app({**args, "governance": governance})
 
 
@@ -159,20 +185,37 @@ RUNGS: dict[str, tuple[Any, str, str, str]] = {
         "echo-agent",
     ),
     "L4ia fleet-delegation-inline-actor": (None, "/actor", "/actor/v1/chat/completions", "relay-agent"),
+    "L3ib fleet-agent-inline-budgeted": (
+        lambda a: fleet_app(["echo-agent", "relay-agent"], True, a / "budgeted.jsonl", budgeted=True),
+        "/budgeted",
+        "/budgeted/v1/chat/completions",
+        "echo-agent",
+    ),
+    "L4ib fleet-delegation-inline-budgeted": (
+        None,
+        "/budgeted",
+        "/budgeted/v1/chat/completions",
+        "relay-agent",
+    ),
 }
+KEYS = {name: BENCH_KEY for name in RUNGS if name.endswith("-budgeted")}
 FLEET_RUNGS = [
     "L2 serve-chain",
     *(name for name in RUNGS if name.startswith(("L3", "L4", "L5")) and not name.endswith("-actor")),
 ]
 
 
-async def load(url: str, model: str, concurrency: int, seconds: float) -> list[tuple[float, float]]:
-    """(end time, latency) of each request of ``concurrency`` closed-loop clients."""
+async def load(
+    url: str, model: str, concurrency: int, seconds: float, key: str | None = None
+) -> list[tuple[float, float]]:
+    """(end time, latency) of each request of ``concurrency`` closed-loop clients (``key``:
+    sent as a bearer key)."""
     samples: list[tuple[float, float]] = []
     errors: list[int] = []
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    headers = {"authorization": f"Bearer {key}"} if key else None
+    async with httpx.AsyncClient(timeout=60, limits=limits, headers=headers) as client:
 
         async def user() -> None:
             while time.perf_counter() < deadline:
@@ -205,20 +248,24 @@ def measure(url: str, model: str, concurrency: list[int], seconds: float, warmup
 
 
 def interleaved(
-    targets: dict[str, tuple[str, str]], concurrency: list[int], seconds: float, warmup: float, rounds: int
+    targets: dict[str, tuple[str, str, str | None]],
+    concurrency: list[int],
+    seconds: float,
+    warmup: float,
+    rounds: int,
 ) -> dict[str, dict[str, Any]]:
     """Each rung measured ``seconds`` in all, in ``rounds`` slices taken in turn with the
     other rungs': a machine that slows down mid-run slows every rung alike, so the ratios
     between rungs hold (measuring them one after the other, they did not, on shared
-    machines). ``targets`` maps a rung to its (url, model)."""
-    for url, model in targets.values():
-        asyncio.run(load(url, model, 2, warmup))
+    machines). ``targets`` maps a rung to its (url, model, key)."""
+    for url, model, key in targets.values():
+        asyncio.run(load(url, model, 2, warmup, key))
     out: dict[str, dict[str, Any]] = {name: {} for name in targets}
     for c in concurrency:
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
         for _ in range(rounds):
-            for name, (url, model) in targets.items():
-                samples[name] += asyncio.run(load(url, model, c, seconds / rounds))
+            for name, (url, model, key) in targets.items():
+                samples[name] += asyncio.run(load(url, model, c, seconds / rounds, key))
         for name in targets:
             out[name][f"c{c}"] = figures(samples[name], seconds)
     return out
@@ -341,7 +388,10 @@ def ladder(args: argparse.Namespace, names: list[str], audit: Path) -> dict[str,
                 print(f"[{name}] deploying ...", flush=True)
                 rayserve.run(builder(audit), name=app, route_prefix=prefix)
                 deployed.append(app)
-        targets = {name: (f"http://127.0.0.1:{port}{RUNGS[name][2]}", RUNGS[name][3]) for name in names}
+        targets = {
+            name: (f"http://127.0.0.1:{port}{RUNGS[name][2]}", RUNGS[name][3], KEYS.get(name))
+            for name in names
+        }
         print(f"measuring {len(names)} rungs in {args.rounds} interleaved rounds ...", flush=True)
         out.update(interleaved(targets, args.concurrency, args.seconds, args.warmup, args.rounds))
         for name in names:
@@ -407,6 +457,14 @@ def ratios(rungs: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
                 row[f"{tag}delegation hop / grpc handle hop"] = (
                     round(hop / grpc_hop, 2) if grpc_hop > 0 else None
                 )
+        for off, on in (
+            ("L3i fleet-agent-inline", "L3ib fleet-agent-inline-budgeted"),
+            ("L4i fleet-delegation-inline", "L4ib fleet-delegation-inline-budgeted"),
+        ):
+            if off in p50 and on in p50:  # issue 18's goal: <= 1 ms at c1, >= 0.95x throughput at c8
+                rung = off.split()[0]
+                row[f"budgets on-off p50_ms ({rung}b-{rung})"] = round(p50[on] - p50[off], 2)
+                row[f"budgets on/off throughput ({rung}b/{rung})"] = round(rps[on] / rps[off], 3)
         out[c] = row
     return out
 

@@ -15,6 +15,7 @@ the loop tells the model), ``PolicyFailure`` (the governor turns it into a denia
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 __all__ = [
@@ -138,7 +139,8 @@ def _rebuild_denied(message: str, decision_id: str, param: str | None, code: str
 
 class BudgetExceeded(RequestError):
     """A budget cannot cover the next model call: refused before the engine is called.
-    ``param`` names the budget (``request:<agent>``; later ``tenant:acme:day``)."""
+    ``param`` names the budget (``request:<agent>``, ``tenant:acme:day``); ``amount``,
+    ``left`` and ``limit`` (USD) are what the ``budget`` policy point is asked about."""
 
     status = 402
     type = "insufficient_quota"
@@ -151,18 +153,31 @@ class BudgetExceeded(RequestError):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: int | None = None,
+        amount: Decimal | None = None,
+        left: Decimal | None = None,
+        limit: Decimal | None = None,
     ):
         super().__init__(message, param=param, code=code)
         self.retry_after_s = retry_after_s  # until the budget's period resets (None: it never does)
+        self.amount, self.left, self.limit = amount, left, limit
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_budget, (self.message, self.param, self.code, self.retry_after_s))
+        fields = (self.message, self.param, self.code, self.retry_after_s, self.amount, self.left, self.limit)
+        return (_rebuild_budget, fields)
 
 
 def _rebuild_budget(
-    message: str, param: str | None, code: str | None, retry_after_s: int | None
+    message: str,
+    param: str | None,
+    code: str | None,
+    retry_after_s: int | None,
+    amount: Decimal | None = None,
+    left: Decimal | None = None,
+    limit: Decimal | None = None,
 ) -> BudgetExceeded:
-    return BudgetExceeded(message, param=param, code=code, retry_after_s=retry_after_s)
+    return BudgetExceeded(
+        message, param=param, code=code, retry_after_s=retry_after_s, amount=amount, left=left, limit=limit
+    )
 
 
 class RateLimitExceeded(RequestError):

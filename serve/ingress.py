@@ -327,7 +327,13 @@ class Ingress:
         """Spend, held and remaining per budget and period: a tenant's own (its keys'
         included); role ``admin`` sees every budget, agents' too."""
         principal = authenticate(request.headers.get("authorization"), self._tenants)
-        rows: list[dict[str, str]] = [] if self._ledger is None else await self._ledger.usage.remote("")
+        rows: list[dict[str, str]] = []
+        if self._ledger is not None:
+            try:
+                async with asyncio.timeout(self._budgets.call_timeout_s):
+                    rows = await self._ledger.usage.remote("", sorted(self._limits))  # each cap, if unused
+            except Exception as exc:
+                raise BudgetUnavailable(f"the budget ledger did not answer ({type(exc).__name__})") from None
         if self._tenants and "admin" not in principal.roles:  # without keys, one user: all of it
             mine = (f"tenant:{principal.tenant}:", f"key:{principal.tenant}:")
             rows = [r for r in rows if r["budget"].startswith(mine)]

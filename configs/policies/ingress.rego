@@ -5,10 +5,17 @@ import rego.v1
 
 default decision := {"outcome": "deny", "reasons": ["no role of the principal may call this agent"]}
 
-decision := {"outcome": "allow", "reasons": [sprintf("role %v may call %v", [role, input.action.agent])]} if {
+# One decision however many of the principal's roles may call it (each its own would conflict).
+decision := {"outcome": "allow", "reasons": [concat("", ["role ", who, " may call ", input.action.agent])]} if {
+	count(callers) > 0
+}
+
+callers contains role if {
 	some role in input.principal.roles
 	role_may_call(role, input.action.agent)
 }
+
+who := concat(",", sort([r | some r in callers]))
 
 # Shared with delegation.rego: a role reaches the same agents directly or by delegation.
 may_call(agent) if {

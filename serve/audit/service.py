@@ -32,6 +32,8 @@ from serve.telemetry import logs
 
 __all__ = ["AuditService", "AuditWriter", "explanation"]
 
+_OUTCOME_WAITS, _OUTCOME_WAIT_S = 4, 0.1  # a report without its outcome waits up to 0.4 s
+
 log = logging.getLogger("fleet.audit")
 
 KEEP_REQUESTS = 10_000
@@ -114,6 +116,13 @@ class AuditService:
 
     async def explain(self, request_id: str, tenant: str | None) -> dict[str, Any] | None:
         report: dict[str, Any] | None = await self._writer.explain.remote(request_id, tenant)
+        # An ingress replica ships a request's outcome within its linger (0.1 s) of the
+        # answer: a report asked for at once, through another replica, waits that long.
+        for _ in range(_OUTCOME_WAITS):
+            if report is None or report.get("outcome") is not None:
+                break
+            await asyncio.sleep(_OUTCOME_WAIT_S)
+            report = await self._writer.explain.remote(request_id, tenant)
         return report
 
     async def check_health(self) -> None:

@@ -82,16 +82,20 @@ class LedgerClient:
         self._settle_for_s = settle_for_s  # how long a settlement is retried before it is given up
         self._settling: set[asyncio.Task[None]] = set()
 
-    async def reserve(self, lines: Sequence[Line], amount: Decimal) -> LedgerHold:
-        """Hold ``amount`` against every line, or refuse (402 naming the budget that cannot)."""
+    async def reserve(self, lines: Sequence[Line], amount: Decimal, overdraw: bool = False) -> LedgerHold:
+        """Hold ``amount`` against every line, or refuse (402 naming the budget that cannot);
+        ``overdraw``: hold it whatever is left (a policy allowed it)."""
         rid = uuid.uuid4().hex
-        got = await self._call("reserve", rid, list(lines), amount)
+        got = await self._call("reserve", rid, list(lines), amount, overdraw)
         if isinstance(got, Refusal):
             raise BudgetExceeded(
                 f"the {got.budget} budget of {got.limit} USD cannot cover this call "
                 f"({amount:f} USD at worst; {got.left:f} USD left until it resets)",
                 param=got.budget,
                 retry_after_s=got.retry_after_s,
+                amount=amount,
+                left=got.left,
+                limit=got.limit,
             )
         return LedgerHold(rid, tuple(got))
 

@@ -54,16 +54,20 @@ class Purse:
         """An even share of what is left, for each of ``ways`` calls made at once (None: no
         limit); rounded down, so that ``ways`` shares always fit."""
         left = self.available
-        return None if left is None or ways < 1 else _SHARES.divide(left, ways)
+        return None if left is None or ways < 1 else _SHARES.divide(max(left, ZERO), ways)
 
-    def hold(self, amount: Decimal) -> Hold:
-        """Set ``amount`` aside, or refuse (:class:`BudgetExceeded`) if it does not fit."""
+    def hold(self, amount: Decimal, overdraw: bool = False) -> Hold:
+        """Set ``amount`` aside, or refuse (:class:`BudgetExceeded`) if it does not fit
+        (``overdraw``: a policy let it go over)."""
         left = self.available
-        if left is not None and amount > left:
+        if left is not None and amount > left and not overdraw:
             raise BudgetExceeded(
                 f"the {self.name} budget of {self.limit} USD cannot cover this call "
                 f"({_usd(amount)} USD at worst; {_usd(left)} USD left)",
                 param=self.name,
+                amount=amount,
+                left=max(left, ZERO),
+                limit=self.limit,
             )
         self.held += amount
         return Hold(amount)

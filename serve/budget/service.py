@@ -37,9 +37,9 @@ class BudgetService:
         self._rates = RateWindows(self._now)
 
     async def reserve(
-        self, rid: str, lines: Sequence[Line], amount: Decimal
+        self, rid: str, lines: Sequence[Line], amount: Decimal, overdraw: bool = False
     ) -> Refusal | tuple[tuple[str, str], ...]:
-        got = self._ledger.reserve(rid, lines, amount, self._lease_s)
+        got = self._ledger.reserve(rid, lines, amount, self._lease_s, overdraw)
         self._used.track(lines)
         return got
 
@@ -60,8 +60,8 @@ class BudgetService:
         """The tokens an admitted request used, for its tokens-per-minute limits."""
         self._rates.count(budgets, tokens)
 
-    async def usage(self, prefix: str = "") -> list[dict[str, str]]:
-        return self._ledger.usage(prefix)
+    async def usage(self, prefix: str = "", current: Sequence[str] = ()) -> list[dict[str, str]]:
+        return self._ledger.usage(prefix, current)
 
     async def advance(self, seconds: float) -> float:
         """Move the ledger's clock (``budgets.test_clock`` only): a test's period boundary."""

@@ -93,17 +93,18 @@ class SqliteLedger:
         return sum((r.amount for r in self._held.values() if (budget, label) in r.keys), ZERO)
 
     def reserve(
-        self, rid: str, lines: Sequence[Line], amount: Decimal, lease_s: float
+        self, rid: str, lines: Sequence[Line], amount: Decimal, lease_s: float, overdraw: bool = False
     ) -> Refusal | tuple[tuple[str, str], ...]:
         """Hold ``amount`` against every line, or none of them: the (budget, period) pairs it
-        counts toward, or the first line that cannot cover it."""
+        counts toward, or the first line that cannot cover it (``overdraw``: held however
+        little is left, as a policy allowed)."""
         now = self._clock()
         self._expire(now)
         keys = []
         for line in lines:
             label, ends = period(line.kind, now)
             left = line.limit - self.spent(line.name, label) - self.held(line.name, label)
-            if amount > left:
+            if amount > left and not overdraw:
                 return Refusal(line.name, line.limit, max(left, ZERO), max(int(-(-(ends - now) // 1)), 1))
             keys.append((line.name, label))
         self._held[rid] = Reservation(amount, tuple(keys), now + lease_s)
@@ -140,15 +141,18 @@ class SqliteLedger:
     def release(self, rid: str) -> None:
         self._held.pop(rid, None)
 
-    def usage(self, prefix: str = "") -> list[dict[str, str]]:
+    def usage(self, prefix: str = "", current: Sequence[str] = ()) -> list[dict[str, str]]:
         """Settled spend and held amounts per budget and period, of budgets under ``prefix``
-        (one that only holds so far included)."""
-        self._expire(self._clock())
+        (one that only holds so far included), and of each budget named in ``current``
+        (``tenant:acme:day``) in the period it is in now, if nothing was charged to it yet."""
+        now = self._clock()
+        self._expire(now)
         rows = self._db.execute(
             "SELECT budget, period, spent FROM spend WHERE substr(budget, 1, ?) = ?", (len(prefix), prefix)
         ).fetchall()
         spent = {(b, p): Decimal(s) for b, p, s in rows}
         held = {key for r in self._held.values() for key in r.keys if key[0].startswith(prefix)}
+        held |= {(name, period(_kind(name), now)[0]) for name in current if name.startswith(prefix)}
         return [
             {
                 "budget": b,
@@ -165,3 +169,10 @@ class SqliteLedger:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _kind(name: str) -> Period:
+    kind = name.rsplit(":", 1)[-1]
+    if kind not in ("day", "month"):
+        raise ValueError(f"a budget's name ends with its period, day or month: {name!r}")
+    return kind  # type: ignore[return-value]

@@ -1,8 +1,8 @@
 """The agent loop's side of governance: one call per decision point.
 
 :class:`AgentGuard` turns loop steps into policy decisions for one agent: model input
-and output (PII), tool calls (scope, arguments, approval), delegations and the data a
-tool returns. It narrows scopes on the way down a delegation chain: an agent acts with
+and output (PII), tool calls (scope, arguments, approval), delegations, the data a
+tool returns and a budget's shortfall. It narrows scopes on the way down a delegation chain: an agent acts with
 its own scopes intersected with what its caller (and the caller's API key) holds. Every
 decision is awaited: the policy engine may be a server.
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 from serve.cards import AgentCard
 from serve.context import Context
-from serve.errors import ApprovalRequired, PolicyDenied
+from serve.errors import ApprovalRequired, BudgetExceeded, PolicyDenied
 from serve.governance.decisions import Decision, Refusal
 from serve.governance.governor import Governor
 from serve.manifest import AgentSpec
@@ -36,6 +37,10 @@ def _texts(message: dict[str, Any]) -> list[tuple[Any, Any]]:
             (part, "text") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
         ]
     return []
+
+
+def _usd(amount: Decimal | None) -> str | None:
+    return None if amount is None else f"{amount:f}"
 
 
 def _why(decision: Decision) -> str:
@@ -138,6 +143,18 @@ class AgentGuard:
             "memory", ctx, self.facts(ctx), action, f"memory:{operation}:{where}"
         )
         return self._refusal(decision, f"memory {operation} of {where}")
+
+    async def budget(self, ctx: Context, short: BudgetExceeded) -> bool:
+        """May a model call the named budget cannot cover go over it (``allow``)? Asked
+        only when one cannot; every answer is an audited decision."""
+        action = {
+            "budget": short.param,
+            "amount": _usd(short.amount),
+            "left": _usd(short.left),
+            "limit": _usd(short.limit),
+        }
+        decision = await self._gov.decide("budget", ctx, self.facts(ctx), action, f"budget:{short.param}")
+        return decision.allowed
 
     def step(self, ctx: Context, step: Step) -> None:
         """Not a decision: a step of the request's explanation report."""

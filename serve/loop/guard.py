@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from serve.context import Context
+from serve.errors import BudgetExceeded
 from serve.governance.decisions import Refusal
 from serve.steps import Step
 
@@ -31,5 +32,8 @@ class Guard(Protocol):
         """As :meth:`tool`, for a delegation."""
 
     async def result(self, ctx: Context, name: str, text: str, classes: list[str]) -> str: ...
+
+    async def budget(self, ctx: Context, short: BudgetExceeded) -> bool:
+        """Whether a model call may overdraw the budget that cannot cover it."""
 
     def step(self, ctx: Context, step: Step) -> None: ...

@@ -42,7 +42,7 @@ from serve import telemetry
 from serve.budget import Hold, Price, Purse, prompt_bound
 from serve.budget.client import AgentLedger, LedgerHold
 from serve.context import Context
-from serve.errors import InvalidRequest, MaxTurnsExceeded
+from serve.errors import BudgetExceeded, InvalidRequest, MaxTurnsExceeded
 from serve.loop.calls import ServerCalls
 from serve.loop.guard import Guard
 from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Event, Finished, ModelCaller
@@ -328,7 +328,11 @@ class AgentLoop:
         """Hold a model call's worst case in the request's purse, then in the cluster's
         ledger against every budget per day and month it counts toward (one round trip)."""
         asked = request.max_tokens  # before the purse bounds it by what it still pays for
-        request, hold = self._hold(state, request)
+        try:
+            request, hold = self._hold(state, request)
+        except BudgetExceeded as short:
+            await self._overdraw(ctx, short)
+            request, hold = self._hold(state, request, overdraw=True)
         lines = self._ledger.lines(ctx) if self._ledger is not None and self._price is not None else []
         if not lines:
             return request, hold, None
@@ -338,12 +342,22 @@ class AgentLoop:
             # by the purse only, by all it still pays for) gets UNBOUNDED_CALL_TOKENS.
             request = request.model_copy(update={"max_tokens": UNBOUNDED_CALL_TOKENS})
             state.purse.release(hold)
-            hold = state.purse.hold(self._worst(request))
+            hold = state.purse.hold(self._worst(request), overdraw=True)  # less than it held
         try:
-            return request, hold, await self._ledger.client.reserve(lines, hold.amount)
+            try:
+                return request, hold, await self._ledger.client.reserve(lines, hold.amount)
+            except BudgetExceeded as short:
+                await self._overdraw(ctx, short)
+                return request, hold, await self._ledger.client.reserve(lines, hold.amount, overdraw=True)
         except BaseException:
             state.purse.release(hold)
             raise
+
+    async def _overdraw(self, ctx: Context, short: BudgetExceeded) -> None:
+        """A budget cannot cover the call: the ``budget`` policy point decides whether it
+        may go over (an audited decision); if not, the refusal stands."""
+        if not await self._guard.budget(ctx, short):
+            raise short
 
     def _settle(self, state: LoopState, hold: Hold, held: LedgerHold | None, cost: Decimal) -> None:
         state.purse.settle(hold, cost)
@@ -373,7 +387,9 @@ class AgentLoop:
         completion = self._price.cost(0, request.max_tokens) if request.max_tokens else Decimal(0)
         return self._price.cost(prompt_bound(request.messages, request.tools), 0) + completion
 
-    def _hold(self, state: LoopState, request: ModelRequest) -> tuple[ModelRequest, Hold]:
+    def _hold(
+        self, state: LoopState, request: ModelRequest, overdraw: bool = False
+    ) -> tuple[ModelRequest, Hold]:
         """Hold a model call's worst case (its prompt's bound, then ``max_tokens``) before
         the engine is called. A call with no ``max_tokens`` gets what the budget still pays
         for; one that cannot fit is refused (:class:`BudgetExceeded`)."""
@@ -387,7 +403,7 @@ class AgentLoop:
             if fits is not None:  # no more than a long answer: an upstream refuses more than its model's
                 request = request.model_copy(update={"max_tokens": min(max(fits, 1), UNBOUNDED_CALL_TOKENS)})
         completion = price.cost(0, request.max_tokens) if request.max_tokens else Decimal(0)
-        return request, purse.hold(prompt + completion)
+        return request, purse.hold(prompt + completion, overdraw)
 
     async def _answered(
         self,

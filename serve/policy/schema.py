@@ -24,8 +24,17 @@ __all__ = [
     "policy_input_json_schema",
 ]
 
-Point = Literal["ingress", "model_input", "model_output", "tool", "delegation", "data", "memory"]
-POINTS: tuple[Point, ...] = ("ingress", "model_input", "model_output", "tool", "delegation", "data", "memory")
+Point = Literal["ingress", "model_input", "model_output", "tool", "delegation", "data", "memory", "budget"]
+POINTS: tuple[Point, ...] = (
+    "ingress",
+    "model_input",
+    "model_output",
+    "tool",
+    "delegation",
+    "data",
+    "memory",
+    "budget",
+)
 Outcome = Literal["allow", "deny", "redact", "escalate"]
 INPUT_VERSION: Literal["fleet.policy/v1"] = "fleet.policy/v1"
 
@@ -71,6 +80,9 @@ class PolicyInput(_Doc):
     - data: ``{"tool": name, "classes": [...], "pii": [kinds]}`` (a tool's result)
     - memory: ``{"operation": "read"|"write", "store": "context"|"artifacts"|"facts",
       "namespace": ns}`` (``namespace`` for facts; null for the request's shared context)
+    - budget: ``{"budget": name, "amount": usd, "left": usd, "limit": usd}`` (a model
+      call's worst case that the named budget cannot cover; amounts are decimal strings;
+      ``allow`` lets the call overdraw it)
     """
 
     version: Literal["fleet.policy/v1"] = INPUT_VERSION

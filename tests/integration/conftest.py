@@ -31,6 +31,8 @@ ACME_KEY = "fk-test-acme"  # role employee: not the test agents
 LIMITED_KEY = "fk-test-limited"  # role qa, but its key grants no scopes
 QA2_KEY = "fk-test-qa2"  # role qa, another tenant (qa2): memory isolation
 SPENDER_KEY = "fk-test-spender"  # role qa, a tenant with a daily budget (test_budget_http)
+SPENDER_ADMIN_KEY = "fk-test-spender-admin"  # the spender tenant, role admin: may overdraw its day
+HOLDER_KEY = "fk-test-holder"  # role qa, a tenant whose held reservations die with keeper's replicas
 HASTY_KEY = "fk-test-hasty"  # role qa, a tenant with 3 requests a minute (test_budget_http)
 
 

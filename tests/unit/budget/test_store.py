@@ -275,3 +275,23 @@ def test_settlements_are_remembered_a_day_then_forgotten(tmp_path: Path, clock: 
     ledger.settle("new", Decimal("0.1"), [("tenant:acme:day", "2026-12-03")])
     rids = [r for (r,) in ledger._db.execute("SELECT rid FROM settled").fetchall()]
     assert rids == ["new"]
+
+
+def test_usage_shows_each_named_budget_in_its_current_period_even_unused(
+    ledger: SqliteLedger, clock: Clock
+) -> None:
+    keys = ledger.reserve("r1", [DAY], Decimal("0.3"), 60)
+    assert not isinstance(keys, Refusal)
+    ledger.settle("r1", Decimal("0.1"), keys)
+    rows = ledger.usage("tenant:", ["tenant:acme:day", "tenant:acme:month", "key:acme:00:day"])
+    assert rows == [
+        {"budget": "tenant:acme:day", "period": "2026-12-02", "spent_usd": "0.1", "held_usd": "0"},
+        {"budget": "tenant:acme:month", "period": "2026-12", "spent_usd": "0", "held_usd": "0"},
+    ]  # the key's is not under the prefix
+    clock.now += 86_400  # the next day: yesterday's row stays, today's is shown empty
+    assert [(r["period"], r["spent_usd"]) for r in ledger.usage("tenant:acme:day", ["tenant:acme:day"])] == [
+        ("2026-12-02", "0.1"),
+        ("2026-12-03", "0"),
+    ]
+    with pytest.raises(ValueError, match="ends with its period"):
+        ledger.usage("", ["tenant:acme"])

@@ -23,6 +23,7 @@ from serve.loop.results import AgentResult, DelegateTarget, Stats
 from serve.loop.runner import UNBOUNDED_CALL_TOKENS, AgentLoop
 from serve.manifest import load_agent
 from serve.models.base import ModelChunk, ModelRequest
+from serve.policy.schema import Principal
 from serve.protocol import ChatRequest, Usage
 from serve.testing import GovernedAgent, ScriptedModel, echo, rule, tool_call
 from tests.unit.budget.fakes import Clock, FakeHandle, service
@@ -281,6 +282,7 @@ class Keeper:
         price: Price | None = PRICE,
         model: Any = None,
         cap: str | None = None,
+        policies: list[str] | None = None,
     ) -> None:
         folder = write_agent(
             tmp_path,
@@ -296,16 +298,17 @@ class Keeper:
         )
         self.model = ScriptedModel(SCRIPT)
         spec = load_agent(folder)
-        agent = GovernedAgent(spec, model or self.model, [echo], price=price)
+        agent = GovernedAgent(spec, model or self.model, [echo], price=price, policies=policies)
+        self.audit = agent.audit
         self.loop = AgentLoop(
             spec, {"echo": echo}, model or self.model, {}, agent.guard, None, price, self.ledger
         )
         self.request = agent.request
 
-    def ask(self, text: str, **extra: Any) -> AgentResult:
+    def ask(self, text: str, ctx: Context | None = None, **extra: Any) -> AgentResult:
         async def asked() -> AgentResult:
             try:
-                return await self.loop.run(self.request(text, **extra), Context("req_day"), None)
+                return await self.loop.run(self.request(text, **extra), ctx or Context("req_day"), None)
             finally:
                 await self.ledger.client.drain()  # settlements go in the background
 
@@ -372,7 +375,7 @@ def test_a_model_call_that_fails_releases_its_ledger_hold(tmp_path: Path) -> Non
     with pytest.raises(ModelError):
         keeper.ask("#echo", max_tokens=20)
     assert len(model.requests) == 1
-    ((rid, _, amount),) = keeper.calls("reserve")
+    ((rid, _, amount, _),) = keeper.calls("reserve")
     assert amount > 0 and keeper.calls("release") == [(rid,)]
     assert keeper.calls("settle") == [] and keeper.held() == 0 and keeper.spent() == 0
 
@@ -449,8 +452,44 @@ def test_a_call_the_client_left_mid_stream_is_charged_its_prompts_bound_and_the_
 
     run(leave_after(3))
     [request] = model.requests
-    ((rid, _, held),) = keeper.calls("reserve")
+    ((rid, _, held, _),) = keeper.calls("reserve")
     ((settled, cost, _),) = keeper.calls("settle")
     assert settled == rid and keeper.calls("release") == []
     assert cost == PRICE.cost(prompt_bound(request.messages, request.tools), 3) < held
     assert keeper.spent() == cost and keeper.held() == 0
+
+
+def test_a_budget_that_cannot_cover_a_call_asks_the_budget_policy_which_may_let_a_role_overdraw(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "overdraw.yaml"
+    data.write_text("budgets: {overdraw_roles: [admin]}\n")
+    keeper = Keeper(tmp_path, per_day="0", policies=["configs/policies", str(data)])  # nothing fits
+
+    def as_role(role: str) -> Context:
+        return Context.new("req_" + role, Principal(tenant="acme", roles=[role], authenticated=True))
+
+    with pytest.raises(BudgetExceeded) as refused:
+        keeper.ask("#echo", as_role("employee"), max_tokens=20)
+    assert refused.value.param == "agent:keeper:day" and keeper.model.requests == []
+    overdrawn = keeper.ask("#echo", as_role("admin"), max_tokens=20)
+    assert overdrawn.content == "echo said: hi"
+    assert keeper.spent() == overdrawn.usage.cost_usd > 0  # over the day, as the policy allowed
+    decisions = [r for r in keeper.audit.records if r["action"] == "budget:agent:keeper:day"]
+    assert [(d["request_id"], d["point"], d["outcome"]) for d in decisions] == [
+        ("req_employee", "budget", "deny"),
+        ("req_admin", "budget", "allow"),
+        ("req_admin", "budget", "allow"),  # each of its two model calls asked
+    ]
+    assert "less than this call's worst case" in decisions[0]["reasons"][0]
+    assert decisions[1]["reasons"] == ["role admin may overdraw agent:keeper:day"]
+
+
+def test_by_default_nobody_overdraws_and_the_refusal_is_an_audited_decision(tmp_path: Path) -> None:
+    keeper = Keeper(tmp_path, per_day="1", cap="0.0001")
+    admin = Context.new("req_admin", Principal(tenant="acme", roles=["admin"], authenticated=True))
+    with pytest.raises(BudgetExceeded) as refused:  # its prompt's bound alone costs 0.0003 USD
+        keeper.ask("#echo " + "x" * 2000, admin, max_tokens=20)
+    assert refused.value.param == "request:keeper"
+    [decision] = [r for r in keeper.audit.records if r["action"].startswith("budget:")]
+    assert (decision["action"], decision["outcome"]) == ("budget:request:keeper", "deny")

@@ -13,6 +13,7 @@ import pytest
 
 from serve.budget import Price, Purse
 from serve.context import Context
+from serve.errors import BudgetExceeded
 from serve.governance.decisions import Refusal
 from serve.loop.results import Stats
 from serve.loop.runner import AgentLoop
@@ -36,6 +37,9 @@ class OpenGuard:
 
     async def model_input(self, ctx: Context, messages: list[dict[str, Any]], turn: int) -> None:
         return None
+
+    async def budget(self, ctx: Context, short: BudgetExceeded) -> bool:
+        return False
 
     async def model_output(self, ctx: Context, text: str, turn: int) -> str:
         return text
