@@ -307,3 +307,49 @@ def _holder_period(fleet: Fleet) -> str:
     day = _day(fleet, HOLDER_KEY, "tenant:holder:day")
     assert day is not None
     return str(day["period"])
+
+
+def test_a_burst_across_midnight_charges_each_day_within_its_cap(fleet: Fleet) -> None:
+    import datetime as dt
+
+    from ray import serve as rayserve
+
+    if fleet.ray_address is None:
+        pytest.skip("needs the test run's own cluster (its driver moves the ledger's clock)")
+    ledger = rayserve.get_deployment_handle("budget", app_name=APP)
+    now = ledger.advance.remote(0).result()  # the ledger's clock, as a test moved it
+    today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    midnight = dt.datetime.combine(today + dt.timedelta(days=1), dt.time(), dt.UTC).timestamp()
+    ledger.advance.remote(midnight - now - 1.5).result()  # midnight comes in 1.5 s
+    days = (today.isoformat(), (today + dt.timedelta(days=1)).isoformat())
+
+    def spent() -> dict[str, Decimal]:
+        rows = _usage(fleet, SPENDER_KEY)
+        return {
+            u["period"]: Decimal(u["spent_usd"])
+            for u in rows
+            if u["budget"] == "tenant:spender:day" and u["period"] in days
+        }
+
+    before = spent()
+    reported = Decimal(0)
+    with ThreadPoolExecutor(20) as pool:
+        for _ in range(10):  # waves of 20 until the new day has been charged
+            answers = list(pool.map(lambda _: _spend(fleet), range(20)))
+            assert {a.status_code for a in answers} <= {200, 402, 503}
+            reported += sum(
+                (Decimal(a.json()["fleet"]["cost_usd"]) for a in answers if a.status_code == 200), Decimal(0)
+            )
+            if spent().get(days[1], Decimal(0)) > 0:
+                break
+
+    def settled() -> dict[str, Decimal]:
+        rows = [u for u in _usage(fleet, SPENDER_KEY) if u["budget"] == "tenant:spender:day"]
+        assert all(u["held_usd"] == "0" for u in rows), rows
+        return spent()
+
+    after = wait_until(settled)
+    assert after.get(days[1], Decimal(0)) > 0, after  # the burst crossed midnight
+    for day in days:
+        assert after.get(day, Decimal(0)) <= SPENDER_DAY  # each day within its cap
+    assert sum(after.values()) - sum(before.values()) == reported  # and nothing lost or doubled
