@@ -528,6 +528,13 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=None, help="Serve's HTTP port (with --address).")
     parser.add_argument("--tiny", action="store_true", help="Seconds, not minutes: exercises the code only.")
+    parser.add_argument(
+        "--rungs",
+        nargs="+",
+        default=None,
+        help="Only these rungs (by their short name: L1 L2 L3 L3i L4i L3ib L4ib ...); L1, L2 and L3 "
+        "are always measured (the ratios are against them).",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     if args.tiny:
@@ -544,7 +551,13 @@ def main() -> None:
         "rungs": {"L0 asgi-echo": asgi_echo(args.concurrency, args.seconds, args.warmup)},
     }
     print(f"[L0 asgi-echo] {results['rungs']['L0 asgi-echo']}", flush=True)
-    default = ladder(args, list(RUNGS), audit)
+    names = list(RUNGS)
+    if args.rungs:
+        wanted = {"L1", "L2", "L3", *args.rungs}
+        # A rung without a builder is served by the application of the L3 rung of its kind.
+        wanted |= {"L3" + rung[2:] for rung in wanted if rung.startswith(("L4", "L5"))}
+        names = [name for name in RUNGS if name.split()[0] in wanted]
+    default = ladder(args, names, audit)
     results["ray_serve_env"] = default.pop("env")
     results["autoscaling"] = default.pop("autoscaling", None)
     results["rungs"].update(default)
