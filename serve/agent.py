@@ -23,8 +23,9 @@ from serve import telemetry
 from serve.audit.client import AuditClient
 from serve.auth import key_budgets
 from serve.budget import Price
-from serve.budget.client import AgentLedger, LedgerClient
+from serve.budget.client import LedgerClient
 from serve.budget.config import BudgetsConfig
+from serve.budget.slices import AgentLedger, Slices
 from serve.context import Context
 from serve.errors import MemoryUnavailable, RequestError
 from serve.governance.config import GovernanceConfig, build_engines
@@ -156,6 +157,18 @@ class AgentDeployment:
         self._memory = memory
         self._memory_timeout = memory_timeout_s
         self._sessions = spec.manifest.memory.session
+        limits = budgets or BudgetsConfig()
+        self._ledger = (
+            None
+            if ledger is None
+            else AgentLedger(
+                Slices(LedgerClient(ledger, limits.call_timeout_s), limits.slice_fraction),
+                name,
+                spec.manifest.policies.cost.per_day_usd,
+                limits,
+                key_budgets(config.tenants),
+            )
+        )
         self._loop = AgentLoop(
             spec,
             tools,
@@ -164,16 +177,15 @@ class AgentDeployment:
             self._guard,
             builtin,
             price,
-            None
-            if ledger is None
-            else AgentLedger(
-                LedgerClient(ledger, (budgets or BudgetsConfig()).call_timeout_s),
-                name,
-                spec.manifest.policies.cost.per_day_usd,
-                budgets or BudgetsConfig(),
-                key_budgets(config.tenants),
-            ),
+            self._ledger,
         )
+
+    async def __del__(self) -> None:
+        """The replica is shutting down (a redeploy, a scale-down): what it spent of its
+        budget slices is reported and the rest given back, not left to its lease."""
+        if self._ledger is not None:
+            with contextlib.suppress(Exception):
+                await self._ledger.slices.drain()
 
     def _enter(self, ctx: Context) -> Context:
         """This agent's context; records handed over with it are now this replica's to ship."""

@@ -28,16 +28,16 @@ from starlette.exceptions import HTTPException
 from serve import telemetry
 from serve.audit.client import AuditClient
 from serve.auth import authenticate, identify, key_budgets
-from serve.budget.client import rate_lines
+from serve.budget.admissions import Admissions
+from serve.budget.client import LedgerClient, rate_lines
 from serve.budget.config import BudgetsConfig
-from serve.budget.rates import RateLimited, RateState, duration
+from serve.budget.rates import RateLimited, RateLine, RateState, duration
 from serve.budget.usage import budget_limits, with_remaining
 from serve.cards import AgentCard
 from serve.context import Carried, Context
 from serve.errors import (
     AgentError,
     AuditUnavailable,
-    BudgetUnavailable,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -109,7 +109,7 @@ class Exchange:
     # The ingress's audit records, handed to the agent with the call; kept until the
     # agent is known to have them (then it ships them with its own).
     carried: Carried = field(default_factory=Carried)
-    rated: tuple[str, ...] = ()  # the rate limits it counts toward (its tokens too, once known)
+    rated: tuple[RateLine, ...] = ()  # the rate limits it counts toward (its tokens too, once known)
     rate_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*
 
     @property
@@ -248,11 +248,11 @@ class Ingress:
         budgets: BudgetsConfig | None = None,
     ) -> None:
         self._cards = cards
-        self._ledger = ledger
         self._budgets = budgets or BudgetsConfig()
         self._key_limits = key_budgets(config.tenants)
         self._limits = budget_limits(cards, self._budgets, self._key_limits)
-        self._counting: set[asyncio.Task[None]] = set()  # tokens on their way to the ledger
+        self._client = None if ledger is None else LedgerClient(ledger, self._budgets.call_timeout_s)
+        self._admissions = None if self._client is None else Admissions(self._client)
         self._wire = {name: card.wire() for name, card in cards.items()}
         self._agents = {name: over(handle, transport) for name, handle in agents.items()}
         self._options = options
@@ -327,13 +327,7 @@ class Ingress:
         """Spend, held and remaining per budget and period: a tenant's own (its keys'
         included); role ``admin`` sees every budget, agents' too."""
         principal = authenticate(request.headers.get("authorization"), self._tenants)
-        rows: list[dict[str, str]] = []
-        if self._ledger is not None:
-            try:
-                async with asyncio.timeout(self._budgets.call_timeout_s):
-                    rows = await self._ledger.usage.remote("", sorted(self._limits))  # each cap, if unused
-            except Exception as exc:
-                raise BudgetUnavailable(f"the budget ledger did not answer ({type(exc).__name__})") from None
+        rows = [] if self._client is None else await self._client.usage("", sorted(self._limits))
         if self._tenants and "admin" not in principal.roles:  # without keys, one user: all of it
             mine = (f"tenant:{principal.tenant}:", f"key:{principal.tenant}:")
             rows = [r for r in rows if r["budget"].startswith(mine)]
@@ -367,39 +361,23 @@ class Ingress:
         )
 
     async def _rate(self, ex: Exchange, ctx: Context) -> None:
-        """Count the request against its tenant's and key's rate limits (one ledger round
-        trip, only where a limit is set), or refuse it: 429 with ``Retry-After``."""
+        """Count the request against its tenant's and key's rate limits (from this replica's
+        batch, or the ledger's answer: serve/budget/admissions.py), or refuse it: 429."""
         lines = rate_lines(self._budgets, self._key_limits, ctx)
-        if not lines or self._ledger is None:
+        if not lines or self._admissions is None:
             return
-        try:
-            async with asyncio.timeout(self._budgets.call_timeout_s):
-                got = await self._ledger.admit.remote(lines)
-        except Exception as exc:
-            raise BudgetUnavailable(f"the budget ledger did not answer ({type(exc).__name__})") from None
+        got = await self._admissions.admit(lines)
         if isinstance(got, RateLimited):
             ex.rate_headers = rate_headers(got.states)
             raise rate_refusal(got)
-        ex.rated = tuple(line.budget for line in lines if line.tokens_per_minute is not None)
+        ex.rated = tuple(lines)
         ex.rate_headers = rate_headers(got)
 
     def _count(self, ex: Exchange, result: AgentResult) -> None:
-        """The tokens a rated request used count toward its tokens per minute: sent to the
-        ledger in the background (the answer does not wait for it)."""
-        tokens = result.usage.prompt_tokens + result.usage.completion_tokens
-        if not ex.rated or tokens <= 0 or self._ledger is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._send_count(ex.rated, tokens))
-        self._counting.add(task)
-        task.add_done_callback(self._counting.discard)
-
-    async def _send_count(self, budgets: tuple[str, ...], tokens: int) -> None:
-        assert self._ledger is not None
-        try:
-            async with asyncio.timeout(self._budgets.call_timeout_s):
-                await self._ledger.count.remote(list(budgets), tokens)
-        except Exception as exc:  # a minute's tokens under-counted: say so, nothing else is lost
-            log.warning("tokens not counted toward a rate limit", extra={"error": type(exc).__name__})
+        """The tokens a rated request used count toward its tokens per minute (reported in
+        batches: the answer does not wait for it)."""
+        if ex.rated and self._admissions is not None:
+            self._admissions.count(ex.rated, result.usage.prompt_tokens + result.usage.completion_tokens)
 
     def _finish(self, ex: Exchange, status: int, **fields: Any) -> None:
         """The one place a chat completion ends: outcome step, metrics, span."""

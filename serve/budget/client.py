@@ -17,12 +17,12 @@ from decimal import Decimal
 from typing import Any
 
 from serve.budget.config import BudgetLimits, BudgetsConfig
-from serve.budget.rates import RateLine
-from serve.budget.store import Line, Refusal
+from serve.budget.rates import RateLimited, RateLine, RateState
+from serve.budget.store import Grant, Line, Refusal
 from serve.context import Context
 from serve.errors import BudgetExceeded, BudgetUnavailable
 
-__all__ = ["AgentLedger", "LedgerClient", "LedgerHold", "budget_lines", "rate_lines"]
+__all__ = ["LedgerClient", "LedgerHold", "budget_lines", "rate_lines"]
 
 log = logging.getLogger(__name__)
 # Waits between tries of a settlement the ledger did not take (its replica restarting).
@@ -88,16 +88,37 @@ class LedgerClient:
         rid = uuid.uuid4().hex
         got = await self._call("reserve", rid, list(lines), amount, overdraw)
         if isinstance(got, Refusal):
-            raise BudgetExceeded(
-                f"the {got.budget} budget of {got.limit} USD cannot cover this call "
-                f"({amount:f} USD at worst; {got.left:f} USD left until it resets)",
-                param=got.budget,
-                retry_after_s=got.retry_after_s,
-                amount=amount,
-                left=got.left,
-                limit=got.limit,
-            )
+            raise self.refusal(got, amount)
         return LedgerHold(rid, tuple(got))
+
+    @staticmethod
+    def refusal(got: Refusal, amount: Decimal) -> BudgetExceeded:
+        """The 402 of a budget that cannot cover ``amount``."""
+        return BudgetExceeded(
+            f"the {got.budget} budget of {got.limit} USD cannot cover this call "
+            f"({amount:f} USD at worst; {got.left:f} USD left until it resets)",
+            param=got.budget,
+            retry_after_s=got.retry_after_s,
+            amount=amount,
+            left=got.left,
+            limit=got.limit,
+        )
+
+    async def lease(
+        self, holder: str, lines: Sequence[Line], need: Decimal, fraction: Decimal, overdraw: bool = False
+    ) -> tuple[Refusal | list[Grant], float]:
+        """Slices of ``lines`` for ``holder`` (serve/budget/slices.py), and the ledger's clock."""
+        got: tuple[Refusal | list[Grant], float] = await self._call(
+            "lease", holder, list(lines), need, fraction, overdraw
+        )
+        return got
+
+    async def flush(
+        self, flush_id: str, holder: str, parts: list[tuple[str, str, Decimal, Decimal]]
+    ) -> float:
+        """What ``holder`` spent of its slices and gives back; the ledger's clock."""
+        now: float = await self._call("flush", flush_id, holder, parts)
+        return now
 
     def settle(self, hold: LedgerHold, cost: Decimal) -> None:
         """Charge ``cost`` for the call ``hold`` reserved: sent in the background, retried
@@ -131,23 +152,23 @@ class LedgerClient:
     async def release(self, hold: LedgerHold) -> None:
         await self._call("release", hold.rid)
 
+    async def admit(
+        self, lines: list[RateLine], n: int, unused: int, tokens: int
+    ) -> RateLimited | tuple[RateState, ...]:
+        """Admit up to ``n`` requests at once (serve/budget/admissions.py)."""
+        got: RateLimited | tuple[RateState, ...] = await self._call("admit", lines, n, unused, tokens)
+        return got
+
+    async def count(self, budgets: list[str], tokens: int) -> None:
+        await self._call("count", budgets, tokens)
+
+    async def usage(self, prefix: str, current: list[str]) -> list[dict[str, str]]:
+        rows: list[dict[str, str]] = await self._call("usage", prefix, current)
+        return rows
+
     async def _call(self, method: str, *args: Any) -> Any:
         try:
             async with asyncio.timeout(self._timeout):
                 return await getattr(self._handle, method).remote(*args)
         except (TimeoutError, Exception) as exc:
             raise BudgetUnavailable(f"the budget ledger did not answer ({type(exc).__name__})") from None
-
-
-@dataclass(frozen=True)
-class AgentLedger:
-    """The ledger as one agent's loop uses it: the budgets of a request, and the client."""
-
-    client: LedgerClient
-    agent: str
-    per_day: Decimal | None
-    config: BudgetsConfig
-    keys: Mapping[str, BudgetLimits]
-
-    def lines(self, ctx: Context) -> list[Line]:
-        return budget_lines(self.agent, self.per_day, self.config, self.keys, ctx)

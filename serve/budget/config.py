@@ -52,6 +52,13 @@ class BudgetsConfig(BaseModel):
         description="How long a reservation lives unless settled: one a dead replica held is "
         "released after this (keep it above the longest model call).",
     )
+    slice_fraction: Decimal = Field(
+        default=Decimal("0.02"),
+        gt=0,
+        le=1,
+        description="What share of a budget's limit a replica leases at a time, to reserve its calls "
+        "against without a round trip (a budget may refuse up to this share per replica early).",
+    )
     call_timeout_s: float = Field(
         default=2.0, gt=0, description="How long an agent waits for the ledger (then: 503)."
     )

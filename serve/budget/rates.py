@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 __all__ = ["RateLimited", "RateLine", "RateState", "RateWindows", "duration"]
@@ -41,6 +41,7 @@ class RateState:
     limit: int
     remaining: int
     reset_s: float  # until the window is whole again
+    granted: int = 1  # requests admitted by the call (a batch, for an ingress replica)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +100,18 @@ class RateWindows:
         self._clock = clock
         self._windows: dict[str, _Window] = {}
 
-    def admit(self, lines: Sequence[RateLine]) -> RateLimited | tuple[RateState, ...]:
+    def admit(
+        self, lines: Sequence[RateLine], n: int = 1, unused: int = 0
+    ) -> RateLimited | tuple[RateState, ...]:
         """Count one request against every line, or refuse it (counted nowhere): the state
-        of each kind of limit after it, or the limit that refused it."""
+        of each kind of limit after it, or the limit that refused it. ``n``: admit up to
+        that many at once (an ingress replica's batch; the first state's ``granted`` says
+        how many); ``unused``: requests of an earlier batch that never came, uncounted first."""
         now = self._clock()
         windows = [self._window(line.budget, now) for line in lines]
+        for window in windows:
+            for _ in range(min(unused, len(window.requests))):
+                window.requests.pop()
         refusals = []
         for line, window in zip(lines, windows, strict=True):
             if line.requests_per_minute is not None:
@@ -119,10 +127,13 @@ class RateWindows:
             return RateLimited(
                 worst.budget, worst.kind, worst.limit, worst.retry_after_s, self._states(lines, windows, now)
             )
+        granted = n
         for line, window in zip(lines, windows, strict=True):
-            if line.requests_per_minute is not None or line.tokens_per_minute is not None:
-                window.requests.append(now)
-        return self._states(lines, windows, now)
+            if line.requests_per_minute is not None:
+                granted = min(granted, line.requests_per_minute - len(window.requests))
+        for window in windows:
+            window.requests.extend([now] * granted)
+        return tuple(replace(state, granted=granted) for state in self._states(lines, windows, now))
 
     def count(self, budgets: Iterable[str], tokens: int) -> None:
         """A request admitted earlier ended, having used ``tokens``: they count for a minute."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from serve.budget.gauge import UsedRatio
 from serve.budget.rates import RateLimited, RateLine, RateState, RateWindows
-from serve.budget.store import Line, Refusal, SqliteLedger
+from serve.budget.store import Grant, Line, Refusal, SqliteLedger
 from serve.errors import InvalidRequest
 from serve.telemetry import logs
 
@@ -52,12 +52,32 @@ class BudgetService:
         self._ledger.release(rid)
         self._used.update(budget for budget, _ in keys)
 
-    async def admit(self, lines: Sequence[RateLine]) -> RateLimited | tuple[RateState, ...]:
-        """Count a request against its rate limits, or refuse it (serve/budget/rates.py)."""
-        return self._rates.admit(lines)
+    async def lease(
+        self, holder: str, lines: Sequence[Line], need: Decimal, fraction: Decimal, overdraw: bool = False
+    ) -> tuple[Refusal | list[Grant], float]:
+        """A slice of each line for ``holder``'s replica, or the refusal; and the ledger's clock."""
+        got = self._ledger.lease(holder, lines, need, fraction, self._lease_s, overdraw)
+        self._used.track(lines)
+        return got, self._now()
+
+    async def flush(
+        self, flush_id: str, holder: str, parts: Sequence[tuple[str, str, Decimal, Decimal]]
+    ) -> float:
+        """What ``holder`` spent of its slices, and what it gives back; its lease renewed."""
+        self._ledger.flush(flush_id, holder, parts, self._lease_s)
+        self._used.update(budget for budget, _, _, _ in parts)
+        return self._now()
+
+    async def admit(
+        self, lines: Sequence[RateLine], n: int = 1, unused: int = 0, tokens: int = 0
+    ) -> RateLimited | tuple[RateState, ...]:
+        """Count up to ``n`` requests against their rate limits, or refuse (serve/budget/rates.py);
+        first uncount ``unused`` of an earlier batch and count ``tokens`` used since."""
+        self._rates.count([line.budget for line in lines if line.tokens_per_minute is not None], tokens)
+        return self._rates.admit(lines, n, unused)
 
     async def count(self, budgets: Sequence[str], tokens: int) -> None:
-        """The tokens an admitted request used, for its tokens-per-minute limits."""
+        """The tokens admitted requests used, for their tokens-per-minute limits."""
         self._rates.count(budgets, tokens)
 
     async def usage(self, prefix: str = "", current: Sequence[str] = ()) -> list[dict[str, str]]:

@@ -15,7 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["Line", "Refusal", "Reservation", "SqliteLedger", "period"]
+__all__ = ["Grant", "Line", "Refusal", "Reservation", "SqliteLedger", "period"]
 
 Period = Literal["day", "month"]
 ZERO = Decimal(0)
@@ -56,6 +56,16 @@ class Refusal:
     limit: Decimal
     left: Decimal
     retry_after_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A slice of one budget's period leased to a replica (:meth:`SqliteLedger.lease`)."""
+
+    budget: str  # the line's name, "tenant:acme:day"
+    period: str
+    ends: float  # when the period ends, on the ledger's clock
+    amount: Decimal
 
 
 @dataclass(slots=True)
@@ -129,17 +139,86 @@ class SqliteLedger:
             if self._db.execute("INSERT OR IGNORE INTO settled VALUES (?, ?)", (rid, now)).rowcount == 0:
                 return  # settled before
             for budget, label in keys:
-                self._db.execute(
-                    "INSERT INTO spend (budget, period, spent) VALUES (?, ?, ?) "
-                    "ON CONFLICT (budget, period) DO UPDATE SET spent = ?",
-                    (budget, label, f"{cost:f}", f"{self.spent(budget, label) + cost:f}"),
-                )
-            if now >= self._pruned + _SETTLED_KEPT_S / 24:
-                self._db.execute("DELETE FROM settled WHERE at < ?", (now - _SETTLED_KEPT_S,))
-                self._pruned = now
+                self._charge(budget, label, cost)
+            self._prune(now)
 
     def release(self, rid: str) -> None:
         self._held.pop(rid, None)
+
+    def lease(
+        self,
+        holder: str,
+        lines: Sequence[Line],
+        need: Decimal,
+        fraction: Decimal,
+        lease_s: float,
+        overdraw: bool = False,
+    ) -> Refusal | list[Grant]:
+        """Lease ``holder`` (a replica) a slice of each line's current period, all or none:
+        ``fraction`` of its limit, at least ``need`` (the call it is for), at most what is
+        left; or the first line that has less than ``need`` left (``overdraw``: ``need``,
+        however little is left). A slice counts as held until the holder reports what it
+        spent of it and returns the rest (:meth:`flush`), or its lease ends."""
+        now = self._clock()
+        self._expire(now)
+        grants = []
+        for line in lines:
+            label, ends = period(line.kind, now)
+            left = line.limit - self.spent(line.name, label) - self.held(line.name, label)
+            if need > left and not overdraw:
+                return Refusal(line.name, line.limit, max(left, ZERO), max(int(-(-(ends - now) // 1)), 1))
+            amount = need if overdraw else min(max(need, line.limit * fraction), left)
+            grants.append(Grant(line.name, label, ends, amount))
+        for grant in grants:
+            rid = _slice_id(holder, grant.budget, grant.period)
+            held = self._held.get(rid)
+            if held is None:
+                self._held[rid] = Reservation(grant.amount, ((grant.budget, grant.period),), now + lease_s)
+            else:
+                held.amount += grant.amount
+        self._renew(holder, now + lease_s)
+        return grants
+
+    def flush(
+        self, flush_id: str, holder: str, parts: Sequence[tuple[str, str, Decimal, Decimal]], lease_s: float
+    ) -> None:
+        """``holder`` spent ``spent`` of its slice of (budget, period) and gives ``returned``
+        back, for each part: the spend is charged, the slice shrinks by both, and the
+        holder's lease is renewed. Once per ``flush_id``: the same flush sent again (its
+        answer was lost) changes nothing."""
+        now = self._clock()
+        with self._db:
+            self._db.execute("BEGIN")
+            if self._db.execute("INSERT OR IGNORE INTO settled VALUES (?, ?)", (flush_id, now)).rowcount == 0:
+                return
+            for budget, label, spent, returned in parts:
+                held = self._held.get(_slice_id(holder, budget, label))
+                if held is not None:
+                    held.amount -= spent + returned
+                    if held.amount <= 0:
+                        del self._held[_slice_id(holder, budget, label)]
+                if spent > 0:
+                    self._charge(budget, label, spent)
+            self._prune(now)
+        self._renew(holder, now + lease_s)
+
+    def _renew(self, holder: str, expires: float) -> None:
+        prefix = holder + "|"
+        for rid, held in self._held.items():
+            if rid.startswith(prefix):
+                held.expires = expires
+
+    def _charge(self, budget: str, label: str, cost: Decimal) -> None:
+        self._db.execute(
+            "INSERT INTO spend (budget, period, spent) VALUES (?, ?, ?) "
+            "ON CONFLICT (budget, period) DO UPDATE SET spent = ?",
+            (budget, label, f"{cost:f}", f"{self.spent(budget, label) + cost:f}"),
+        )
+
+    def _prune(self, now: float) -> None:
+        if now >= self._pruned + _SETTLED_KEPT_S / 24:
+            self._db.execute("DELETE FROM settled WHERE at < ?", (now - _SETTLED_KEPT_S,))
+            self._pruned = now
 
     def usage(self, prefix: str = "", current: Sequence[str] = ()) -> list[dict[str, str]]:
         """Settled spend and held amounts per budget and period, of budgets under ``prefix``
@@ -176,3 +255,7 @@ def _kind(name: str) -> Period:
     if kind not in ("day", "month"):
         raise ValueError(f"a budget's name ends with its period, day or month: {name!r}")
     return kind  # type: ignore[return-value]
+
+
+def _slice_id(holder: str, budget: str, label: str) -> str:
+    return f"{holder}|{budget}|{label}"

@@ -40,7 +40,7 @@ from opentelemetry import trace as otel
 
 from serve import telemetry
 from serve.budget import Hold, Price, Purse, prompt_bound
-from serve.budget.client import AgentLedger, LedgerHold
+from serve.budget.slices import AgentLedger, SliceHold
 from serve.context import Context
 from serve.errors import BudgetExceeded, InvalidRequest, MaxTurnsExceeded
 from serve.loop.calls import ServerCalls
@@ -286,7 +286,7 @@ class AgentLoop:
             raise
         except BaseException as exc:
             _fail(model_span, exc)
-            await self._release(state, hold, held)
+            self._release(state, hold, held)
             raise
         state.pending = reply.calls
         content = "".join(reply.content)
@@ -324,7 +324,7 @@ class AgentLoop:
 
     async def _reserve(
         self, ctx: Context, state: LoopState, request: ModelRequest
-    ) -> tuple[ModelRequest, Hold, LedgerHold | None]:
+    ) -> tuple[ModelRequest, Hold, SliceHold | None]:
         """Hold a model call's worst case in the request's purse, then in the cluster's
         ledger against every budget per day and month it counts toward (one round trip)."""
         asked = request.max_tokens  # before the purse bounds it by what it still pays for
@@ -345,10 +345,10 @@ class AgentLoop:
             hold = state.purse.hold(self._worst(request), overdraw=True)  # less than it held
         try:
             try:
-                return request, hold, await self._ledger.client.reserve(lines, hold.amount)
+                return request, hold, await self._ledger.slices.reserve(lines, hold.amount)
             except BudgetExceeded as short:
                 await self._overdraw(ctx, short)
-                return request, hold, await self._ledger.client.reserve(lines, hold.amount, overdraw=True)
+                return request, hold, await self._ledger.slices.reserve(lines, hold.amount, overdraw=True)
         except BaseException:
             state.purse.release(hold)
             raise
@@ -359,10 +359,10 @@ class AgentLoop:
         if not await self._guard.budget(ctx, short):
             raise short
 
-    def _settle(self, state: LoopState, hold: Hold, held: LedgerHold | None, cost: Decimal) -> None:
+    def _settle(self, state: LoopState, hold: Hold, held: SliceHold | None, cost: Decimal) -> None:
         state.purse.settle(hold, cost)
         if held is not None and self._ledger is not None:
-            self._ledger.client.settle(held, cost)  # in the background: the answer does not wait
+            self._ledger.slices.settle(held, cost)  # reported with the replica's next flush
 
     def _cut_short(self, request: ModelRequest, reply: _Reply) -> Decimal:
         """What a call stopped before its end cost, at most what it held: the engine's
@@ -376,11 +376,10 @@ class AgentLoop:
             0, min(pieces, request.max_tokens or pieces)
         )
 
-    async def _release(self, state: LoopState, hold: Hold, held: LedgerHold | None) -> None:
+    def _release(self, state: LoopState, hold: Hold, held: SliceHold | None) -> None:
         state.purse.release(hold)
         if held is not None and self._ledger is not None:
-            with contextlib.suppress(Exception):  # its lease ends it anyway
-                await self._ledger.client.release(held)
+            self._ledger.slices.release(held)
 
     def _worst(self, request: ModelRequest) -> Decimal:
         assert self._price is not None
@@ -413,7 +412,7 @@ class AgentLoop:
         finish: str,
         spent: Usage,
         spans: tuple[otel.Span, otel.Span],
-        holds: tuple[Hold, LedgerHold | None],
+        holds: tuple[Hold, SliceHold | None],
     ) -> str:
         """A model call is over: its span, usage, cost and step; what the client may see of its text."""
         model_span, span = spans

@@ -97,7 +97,7 @@ def _settled_day(fleet: Fleet) -> dict[str, Any]:
         assert day["held_usd"] == "0", day
         return day
 
-    return wait_until(settled)
+    return wait_until(settled, timeout_s=30)  # slices are given back once idle (5 s)
 
 
 def test_a_tenants_day_is_never_overspent_across_replicas_and_resets_at_midnight(fleet: Fleet) -> None:
@@ -133,13 +133,20 @@ def test_a_tenants_day_is_never_overspent_across_replicas_and_resets_at_midnight
     assert Decimal(_settled_day(fleet)["spent_usd"]) <= SPENDER_DAY
     # The budget policy lets the tenant's admin overdraw its day (tests/integration/policies),
     # and says so in the audit log.
-    overdrawn = _spend(fleet, SPENDER_ADMIN_KEY)
-    assert overdrawn.status_code == 200, overdrawn.text
+    # (A replica may still have room in its slice of the day: the policy is asked once none has.)
     with fleet.client(fleet.test_url, SPENDER_KEY) as client:
-        for answer, outcome in ((last, "deny"), (overdrawn, "allow")):
+
+        def budget_decisions(answer: httpx.Response) -> list[str]:
             report = client.get(f"/v1/requests/{answer.headers['x-fleet-request-id']}/explain").json()
-            asked = [d for d in report["decisions"] if d["action"] == "budget:tenant:spender:day"]
-            assert [d["outcome"] for d in asked] == [outcome], report["decisions"]
+            return [d["outcome"] for d in report["decisions"] if d["action"] == "budget:tenant:spender:day"]
+
+        assert budget_decisions(last) == ["deny"]
+        for _ in range(10):
+            overdrawn = _spend(fleet, SPENDER_ADMIN_KEY)
+            assert overdrawn.status_code == 200, overdrawn.text
+            if budget_decisions(overdrawn):
+                break
+        assert budget_decisions(overdrawn) == ["allow"]
     # Another tenant sees none of it.
     assert all(not u["budget"].startswith("tenant:spender") for u in _usage(fleet, QA_KEY))
     # The next UTC day: the tenant may spend again.
@@ -294,7 +301,7 @@ def test_settled_spend_survives_the_ledgers_replica_being_killed(fleet: Fleet) -
         # current periods may differ, so they are left out)
         return {(u["budget"], u["period"]): u["spent_usd"] for u in rows if Decimal(u["spent_usd"]) > 0}
 
-    before = wait_until(settled)
+    before = wait_until(settled, timeout_s=30)
     assert Decimal(before[("tenant:holder:day", _holder_period(fleet))]) > 0
     victims = _replicas("budget")
     _kill(victims)
@@ -348,7 +355,7 @@ def test_a_burst_across_midnight_charges_each_day_within_its_cap(fleet: Fleet) -
         assert all(u["held_usd"] == "0" for u in rows), rows
         return spent()
 
-    after = wait_until(settled)
+    after = wait_until(settled, timeout_s=30)
     assert after.get(days[1], Decimal(0)) > 0, after  # the burst crossed midnight
     for day in days:
         assert after.get(day, Decimal(0)) <= SPENDER_DAY  # each day within its cap

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from serve.budget import Price, prompt_bound
-from serve.budget.client import AgentLedger, LedgerClient
+from serve.budget.client import LedgerClient
 from serve.budget.config import BudgetsConfig
+from serve.budget.slices import AgentLedger, Slices
 from serve.budget.store import Line
 from serve.context import Context
 from serve.errors import BudgetExceeded, BudgetUnavailable, InvalidRequest, ModelError, RequestError
@@ -294,7 +295,11 @@ class Keeper:
         )
         self.handle = FakeHandle(service(tmp_path, Clock(NOON)))
         self.ledger = AgentLedger(
-            LedgerClient(self.handle, 2.0), "keeper", Decimal(per_day), BudgetsConfig(), {}
+            Slices(LedgerClient(self.handle, 2.0), Decimal("0.02")),
+            "keeper",
+            Decimal(per_day),
+            BudgetsConfig(),
+            {},
         )
         self.model = ScriptedModel(SCRIPT)
         spec = load_agent(folder)
@@ -310,7 +315,7 @@ class Keeper:
             try:
                 return await self.loop.run(self.request(text, **extra), ctx or Context("req_day"), None)
             finally:
-                await self.ledger.client.drain()  # settlements go in the background
+                await self.ledger.slices.drain()  # spend is reported in batches
 
         return run(asked())
 
@@ -324,20 +329,18 @@ class Keeper:
         return self.handle.service._ledger.spent("agent:keeper:day", TODAY)  # type: ignore[no-any-return]
 
 
-def test_each_model_call_reserves_its_worst_case_in_the_ledger_and_settles_to_its_cost(
-    tmp_path: Path,
-) -> None:
+def test_a_replicas_calls_reserve_in_its_slice_of_the_budget_one_lease_for_many(tmp_path: Path) -> None:
     keeper = Keeper(tmp_path, per_day="1")
     result = keeper.ask("#echo", max_tokens=20)
     assert result.content == "echo said: hi"
-    reserves, settles = keeper.calls("reserve"), keeper.calls("settle")
-    assert [args[1] for args in reserves] == [[Line("agent:keeper", "day", Decimal("1"))]] * 2
-    assert [args[2] for args in reserves] == [worst_case(PRICE, r, 20) for r in keeper.model.requests]
-    assert [args[0] for args in settles] == [args[0] for args in reserves]  # each its own reservation
-    assert sum(args[1] for args in settles) == result.usage.cost_usd > 0
-    assert all(args[2] == [("agent:keeper:day", TODAY)] for args in settles)
-    assert keeper.spent() == result.usage.cost_usd and keeper.held() == 0
-    assert keeper.calls("release") == []
+    [lease] = keeper.calls("lease")  # the first call leased a slice; the second held in it
+    _, lines, need, fraction, overdraw = lease
+    assert lines == [Line("agent:keeper", "day", Decimal("1"))] and fraction == Decimal("0.02")
+    assert need == worst_case(PRICE, keeper.model.requests[0], 20) and overdraw is False
+    [flush] = keeper.calls("flush")  # drained: what was spent, and the rest given back
+    [(budget, period_, spent, returned)] = flush[2]
+    assert (budget, period_) == ("agent:keeper:day", TODAY)
+    assert spent == result.usage.cost_usd > 0 and spent + returned == Decimal("0.02")
 
 
 def test_a_refusal_of_the_ledger_is_a_402_before_the_model_is_called_and_frees_the_purse(
@@ -369,15 +372,15 @@ class FailingModel:
         yield  # an async generator, as the loop's model is
 
 
-def test_a_model_call_that_fails_releases_its_ledger_hold(tmp_path: Path) -> None:
+def test_a_model_call_that_fails_releases_its_hold_and_nothing_is_charged(tmp_path: Path) -> None:
     model = FailingModel()
     keeper = Keeper(tmp_path, per_day="1", model=model)
     with pytest.raises(ModelError):
         keeper.ask("#echo", max_tokens=20)
-    assert len(model.requests) == 1
-    ((rid, _, amount, _),) = keeper.calls("reserve")
-    assert amount > 0 and keeper.calls("release") == [(rid,)]
-    assert keeper.calls("settle") == [] and keeper.held() == 0 and keeper.spent() == 0
+    assert len(model.requests) == 1 and len(keeper.calls("lease")) == 1
+    [flush] = keeper.calls("flush")
+    assert [(spent, returned) for _, _, spent, returned in flush[2]] == [(0, Decimal("0.02"))]
+    assert keeper.held() == 0 and keeper.spent() == 0
 
 
 def test_a_call_without_max_tokens_is_bounded_so_that_the_ledger_can_hold_its_worst_case(
@@ -386,9 +389,8 @@ def test_a_call_without_max_tokens_is_bounded_so_that_the_ledger_can_hold_its_wo
     keeper = Keeper(tmp_path, per_day="1")  # no per-request cap: nothing else bounds it
     keeper.ask("#echo")
     assert [r.max_tokens for r in keeper.model.requests] == [UNBOUNDED_CALL_TOKENS] * 2
-    assert [args[2] for args in keeper.calls("reserve")] == [
-        worst_case(PRICE, r, UNBOUNDED_CALL_TOKENS) for r in keeper.model.requests
-    ]
+    [(_, _, need, _, _)] = keeper.calls("lease")
+    assert need == worst_case(PRICE, keeper.model.requests[0], UNBOUNDED_CALL_TOKENS)
 
 
 def test_the_ledger_holds_no_more_than_the_unbounded_call_even_when_the_purse_pays_for_more(
@@ -414,7 +416,7 @@ def test_without_a_price_the_ledger_is_not_asked(tmp_path: Path) -> None:
 
 def test_a_ledger_that_does_not_answer_is_a_503_before_the_model_is_called(tmp_path: Path) -> None:
     keeper = Keeper(tmp_path, per_day="1")
-    keeper.handle.fail["reserve"] = RuntimeError("replica restarting")
+    keeper.handle.fail["lease"] = RuntimeError("replica restarting")
     with pytest.raises(BudgetUnavailable):
         keeper.ask("#echo", max_tokens=20)
     assert keeper.model.requests == []
@@ -448,15 +450,14 @@ def test_a_call_the_client_left_mid_stream_is_charged_its_prompts_bound_and_the_
                 got += 1
                 if got == pieces:
                     break  # the client went away: the stream is closed under the call
-        await keeper.ledger.client.drain()
+        await keeper.ledger.slices.drain()
 
     run(leave_after(3))
     [request] = model.requests
-    ((rid, _, held, _),) = keeper.calls("reserve")
-    ((settled, cost, _),) = keeper.calls("settle")
-    assert settled == rid and keeper.calls("release") == []
-    assert cost == PRICE.cost(prompt_bound(request.messages, request.tools), 3) < held
-    assert keeper.spent() == cost and keeper.held() == 0
+    [flush] = keeper.calls("flush")
+    [(_, _, spent, _)] = flush[2]
+    assert spent == PRICE.cost(prompt_bound(request.messages, request.tools), 3) > 0
+    assert keeper.spent() == spent and keeper.held() == 0
 
 
 def test_a_budget_that_cannot_cover_a_call_asks_the_budget_policy_which_may_let_a_role_overdraw(
