@@ -326,32 +326,44 @@ class AgentLoop:
         self, ctx: Context, state: LoopState, request: ModelRequest
     ) -> tuple[ModelRequest, Hold, SliceHold | None]:
         """Hold a model call's worst case in the request's purse, then in the cluster's
-        ledger against every budget per day and month it counts toward (one round trip)."""
-        asked = request.max_tokens  # before the purse bounds it by what it still pays for
+        budgets per day and month it counts toward (in this replica's slices of them)."""
+        lines = self._ledger.lines(ctx) if self._ledger is not None and self._price is not None else []
+        request, worst = self._bound(state, request, ledgered=bool(lines))
         try:
-            request, hold = self._hold(state, request)
+            hold = state.purse.hold(worst)
         except BudgetExceeded as short:
             await self._overdraw(ctx, short)
-            request, hold = self._hold(state, request, overdraw=True)
-        lines = self._ledger.lines(ctx) if self._ledger is not None and self._price is not None else []
+            hold = state.purse.hold(worst, overdraw=True)
         if not lines:
             return request, hold, None
-        assert self._ledger is not None and self._price is not None
-        if asked is None and (request.max_tokens is None or request.max_tokens > UNBOUNDED_CALL_TOKENS):
-            # The ledger's budgets need a worst case too: a call left unbounded (or bounded
-            # by the purse only, by all it still pays for) gets UNBOUNDED_CALL_TOKENS.
-            request = request.model_copy(update={"max_tokens": UNBOUNDED_CALL_TOKENS})
-            state.purse.release(hold)
-            hold = state.purse.hold(self._worst(request), overdraw=True)  # less than it held
+        assert self._ledger is not None
         try:
             try:
-                return request, hold, await self._ledger.slices.reserve(lines, hold.amount)
+                return request, hold, await self._ledger.slices.reserve(lines, worst)
             except BudgetExceeded as short:
                 await self._overdraw(ctx, short)
-                return request, hold, await self._ledger.slices.reserve(lines, hold.amount, overdraw=True)
+                return request, hold, await self._ledger.slices.reserve(lines, worst, overdraw=True)
         except BaseException:
             state.purse.release(hold)
             raise
+
+    def _bound(self, state: LoopState, request: ModelRequest, ledgered: bool) -> tuple[ModelRequest, Decimal]:
+        """A model call's worst case (its prompt's bound, then ``max_tokens`` at the
+        completion price), and the call with the ``max_tokens`` it is held for: the
+        client's; else what the purse still pays for; else, where a budget per day or
+        month applies (``ledgered``), ``UNBOUNDED_CALL_TOKENS``, so that it can be held."""
+        price = self._price
+        if price is None:
+            return request, Decimal(0)
+        prompt = price.cost(prompt_bound(request.messages, request.tools), 0)
+        if request.max_tokens is None:
+            left = state.purse.available
+            fits = None if left is None else price.completion_tokens_within(left - prompt)
+            if fits is not None or ledgered:  # no more than a long answer: an upstream refuses more
+                tokens = UNBOUNDED_CALL_TOKENS if fits is None else min(max(fits, 1), UNBOUNDED_CALL_TOKENS)
+                request = request.model_copy(update={"max_tokens": tokens})
+        completion = price.cost(0, request.max_tokens) if request.max_tokens else Decimal(0)
+        return request, prompt + completion
 
     async def _overdraw(self, ctx: Context, short: BudgetExceeded) -> None:
         """A budget cannot cover the call: the ``budget`` policy point decides whether it
@@ -380,29 +392,6 @@ class AgentLoop:
         state.purse.release(hold)
         if held is not None and self._ledger is not None:
             self._ledger.slices.release(held)
-
-    def _worst(self, request: ModelRequest) -> Decimal:
-        assert self._price is not None
-        completion = self._price.cost(0, request.max_tokens) if request.max_tokens else Decimal(0)
-        return self._price.cost(prompt_bound(request.messages, request.tools), 0) + completion
-
-    def _hold(
-        self, state: LoopState, request: ModelRequest, overdraw: bool = False
-    ) -> tuple[ModelRequest, Hold]:
-        """Hold a model call's worst case (its prompt's bound, then ``max_tokens``) before
-        the engine is called. A call with no ``max_tokens`` gets what the budget still pays
-        for; one that cannot fit is refused (:class:`BudgetExceeded`)."""
-        price, purse = self._price, state.purse
-        if price is None:
-            return request, purse.hold(Decimal(0))
-        prompt = price.cost(prompt_bound(request.messages, request.tools), 0)
-        left = purse.available
-        if request.max_tokens is None and left is not None:
-            fits = price.completion_tokens_within(left - prompt)
-            if fits is not None:  # no more than a long answer: an upstream refuses more than its model's
-                request = request.model_copy(update={"max_tokens": min(max(fits, 1), UNBOUNDED_CALL_TOKENS)})
-        completion = price.cost(0, request.max_tokens) if request.max_tokens else Decimal(0)
-        return request, purse.hold(prompt + completion, overdraw)
 
     async def _answered(
         self,
