@@ -8,6 +8,7 @@ Periods are UTC calendar days and months, named by their dates (``2026-12-02``,
 from __future__ import annotations
 
 import datetime as dt
+import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ __all__ = ["Grant", "Line", "Refusal", "Reservation", "SqliteLedger", "period"]
 Period = Literal["day", "month"]
 ZERO = Decimal(0)
 _SETTLED_KEPT_S = 86_400.0
+# A refusal only others' holds caused: try again in this long (a slice idle 5 s goes back).
+HOLDS_CLEAR_S = 5
 
 
 def period(kind: Period, now: float) -> tuple[str, float]:
@@ -112,10 +115,9 @@ class SqliteLedger:
         self._expire(now)
         keys = []
         for line in lines:
-            label, ends = period(line.kind, now)
-            left = line.limit - self.spent(line.name, label) - self.held(line.name, label)
+            label, ends, left = self._room(line, now)
             if amount > left and not overdraw:
-                return Refusal(line.name, line.limit, max(left, ZERO), max(int(-(-(ends - now) // 1)), 1))
+                return self._refusal(line, label, amount, left, ends, now)
             keys.append((line.name, label))
         self._held[rid] = Reservation(amount, tuple(keys), now + lease_s)
         return tuple(keys)
@@ -163,10 +165,9 @@ class SqliteLedger:
         self._expire(now)
         grants = []
         for line in lines:
-            label, ends = period(line.kind, now)
-            left = line.limit - self.spent(line.name, label) - self.held(line.name, label)
+            label, ends, left = self._room(line, now)
             if need > left and not overdraw:
-                return Refusal(line.name, line.limit, max(left, ZERO), max(int(-(-(ends - now) // 1)), 1))
+                return self._refusal(line, label, need, left, ends, now)
             amount = need if overdraw else min(max(need, line.limit * fraction), left)
             grants.append(Grant(line.name, label, ends, amount))
         for grant in grants:
@@ -201,6 +202,22 @@ class SqliteLedger:
                     self._charge(budget, label, spent)
             self._prune(now)
         self._renew(holder, now + lease_s)
+
+    def _room(self, line: Line, now: float) -> tuple[str, float, Decimal]:
+        """The period ``now`` is in for ``line``: its name, its end, and what it has left."""
+        label, ends = period(line.kind, now)
+        return label, ends, line.limit - self.spent(line.name, label) - self.held(line.name, label)
+
+    def _refusal(
+        self, line: Line, label: str, amount: Decimal, left: Decimal, ends: float, now: float
+    ) -> Refusal:
+        """``line`` cannot cover ``amount``: what it has left, and when to try again: when
+        the period resets, or, if only what others hold is in the way (calls in flight,
+        replicas' slices, given back within seconds), in ``HOLDS_CLEAR_S``."""
+        wait = math.ceil(ends - now)
+        if line.limit - self.spent(line.name, label) >= amount:
+            wait = min(wait, HOLDS_CLEAR_S)
+        return Refusal(line.name, line.limit, max(left, ZERO), max(wait, 1))
 
     def _renew(self, holder: str, expires: float) -> None:
         prefix = holder + "|"

@@ -99,13 +99,13 @@ def test_reserve_then_settle_charges_the_ledger_in_one_round_trip_each(tmp_path:
 
 
 def test_a_refusal_is_budget_exceeded_naming_the_budget_and_when_it_resets(tmp_path: Path) -> None:
-    ledger, _ = client(tmp_path)
+    ledger, handle = client(tmp_path)
 
     async def scenario() -> None:
         hold = await ledger.reserve([DAY], Decimal("0.9"))
+        await handle.service.settle(hold.rid, Decimal("0.9"), list(hold.keys))  # spent
         with pytest.raises(BudgetExceeded) as refused:
             await ledger.reserve([DAY], Decimal("0.2"))
-        await ledger.release(hold)
         raise refused.value
 
     with pytest.raises(BudgetExceeded) as raised:
@@ -118,6 +118,21 @@ def test_a_refusal_is_budget_exceeded_naming_the_budget_and_when_it_resets(tmp_p
     )
     back = pickle.loads(pickle.dumps(error))
     assert (back.param, back.retry_after_s, back.message) == (error.param, error.retry_after_s, error.message)
+
+
+def test_a_refusal_only_holds_caused_says_to_retry_in_seconds(tmp_path: Path) -> None:
+    ledger, _ = client(tmp_path)
+
+    async def scenario() -> None:
+        hold = await ledger.reserve([DAY], Decimal("0.9"))  # in flight, or a replica's slice
+        with pytest.raises(BudgetExceeded) as refused:
+            await ledger.reserve([DAY], Decimal("0.2"))
+        await ledger.release(hold)
+        raise refused.value
+
+    with pytest.raises(BudgetExceeded) as raised:
+        run(scenario())
+    assert raised.value.retry_after_s == 5  # not the period's end: the day has 1 USD unspent
 
 
 @pytest.mark.parametrize("method", ["reserve", "release"])
