@@ -32,13 +32,14 @@ def test_ladder_runs_every_rung_and_renders_its_report(fleet: Fleet, tmp_path: P
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert {name.split()[0] for name in results["rungs"]} == {
-        "L0", "L1", "L2", "L2f", "L2g", "L3", "L3i", "L4", "L4i", "L5", "L5i", "L3ia", "L4ia",
+        "L0", "L1", "L2", "L2f", "L2g", "L3", "L3i", "L4", "L4i", "L5", "L5i", "L3ia", "L4ia", "L3ib", "L4ib",
     }  # fmt: skip
     for figures in results["rungs"].values():
         assert figures["c1"]["requests"] > 0 and figures["c2"]["p50_ms"] > 0
     assert set(results["ratios"]["c2"]) >= {
         "L3/L2 throughput", "L3/L2 p50", "delegation hop / handle hop",
         "inline delegation hop / grpc handle hop", "inline actor delegation hop / handle hop",
+        "budgets on-off p50_ms (L3ib-L3i)", "budgets on/off throughput (L4ib/L4i)",
     }  # fmt: skip
     assert results["autoscaling"]["before"]["requests"] > 0
     assert results["versions"]["ray"] == "2.60.0"
