@@ -41,31 +41,62 @@ class Admissions:
         self._batch_s = batch_s
         self._clock = clock
         self._batches: dict[tuple[RateLine, ...], _Batch] = {}
+        self._asking: dict[tuple[RateLine, ...], asyncio.Future[None]] = {}  # one ledger call per key
         self._tokens: dict[tuple[str, ...], int] = {}  # used, not yet reported, by their budgets
+        self._per_request: dict[tuple[str, ...], float] = {}  # tokens a request uses, on average
         self._flusher: asyncio.Task[None] | None = None
 
     async def admit(self, lines: Sequence[RateLine]) -> RateLimited | tuple[RateState, ...]:
         """Admit one request (from this replica's batch, else from the ledger) or refuse it."""
         key = tuple(lines)
-        batch = self._batches.get(key)
-        now = self._clock()
-        if batch is not None and batch.left > 0 and batch.expires > now:
-            batch.left -= 1
-            return tuple(_with(state, batch.left) for state in batch.states)
-        unused = batch.left if batch is not None else 0
-        self._batches.pop(key, None)
-        tokens = self._tokens.pop(_rated(key), 0)
+        while True:
+            batch = self._batches.get(key)
+            if batch is not None and batch.left > 0 and batch.expires > self._clock():
+                batch.left -= 1
+                return tuple(_with(state, batch.left) for state in batch.states)
+            asking = self._asking.get(key)
+            if asking is None:
+                break
+            await asyncio.shield(asking)  # another request of this key is asking: share its batch
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asking[key] = done
         try:
-            got = await self._client.admit(list(lines), _batch_size(lines), unused, tokens)
+            return await self._ask(key, self._batches.pop(key, None))
+        finally:
+            del self._asking[key]
+            done.set_result(None)
+
+    async def _ask(
+        self, key: tuple[RateLine, ...], spent: _Batch | None
+    ) -> RateLimited | tuple[RateState, ...]:
+        unused, at = (spent.left, spent.states[0].at) if spent is not None and spent.states else (0, 0.0)
+        rated = _rated(key)
+        tokens = self._tokens.pop(rated, 0)
+        try:
+            got = await self._client.admit(list(key), self._size(key, spent), unused, at, tokens)
         except BudgetUnavailable:
             if tokens:
-                self._tokens[_rated(key)] = self._tokens.get(_rated(key), 0) + tokens
+                self._tokens[rated] = self._tokens.get(rated, 0) + tokens
             raise
         if isinstance(got, RateLimited):
             return got
         granted = got[0].granted if got else 1
-        self._batches[key] = _Batch(granted - 1, now + self._batch_s, got)
+        self._batches[key] = _Batch(granted - 1, self._clock() + self._batch_s, got)
         return tuple(_with(state, granted - 1) for state in got)
+
+    def _size(self, key: tuple[RateLine, ...], last: _Batch | None) -> int:
+        """How many to ask for: a second's worth of the tightest requests-per-minute, and
+        no more than the tokens left pay for at this replica's average request (one, until
+        that is known)."""
+        rates = [line.requests_per_minute for line in key if line.requests_per_minute is not None]
+        size = max(1, min(MOST_AT_ONCE, min(rates) // 60)) if rates else MOST_AT_ONCE
+        if _rated(key):
+            average = self._per_request.get(_rated(key))
+            tokens = [s.remaining for s in last.states if s.kind == "tokens"] if last is not None else []
+            if average is None or not tokens:
+                return 1
+            size = max(1, min(size, int(min(tokens) // max(average, 1.0))))
+        return size
 
     def count(self, lines: Sequence[RateLine], tokens: int) -> None:
         """A request admitted here used ``tokens``: reported with the next call, or soon."""
@@ -73,17 +104,20 @@ class Admissions:
         if tokens <= 0 or not budgets:
             return
         self._tokens[budgets] = self._tokens.get(budgets, 0) + tokens
+        average = self._per_request.get(budgets)
+        self._per_request[budgets] = tokens if average is None else 0.9 * average + 0.1 * tokens
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(self._batch_s)
-        pending, self._tokens = self._tokens, {}
-        for budgets, tokens in pending.items():
-            try:
-                await self._client.count(list(budgets), tokens)
-            except BudgetUnavailable:  # a minute's tokens under-counted: said, nothing else lost
-                log.warning("tokens not counted toward a rate limit", extra={"tokens": tokens})
+        while self._tokens:  # counted while this sent: sent on the next round
+            await asyncio.sleep(self._batch_s)
+            pending, self._tokens = self._tokens, {}
+            for budgets, tokens in pending.items():
+                try:
+                    await self._client.count(list(budgets), tokens)
+                except BudgetUnavailable:  # a minute's tokens under-counted: said, nothing else lost
+                    log.warning("tokens not counted toward a rate limit", extra={"tokens": tokens})
 
 
 def _rated(lines: tuple[RateLine, ...]) -> tuple[str, ...]:

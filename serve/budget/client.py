@@ -105,18 +105,23 @@ class LedgerClient:
         )
 
     async def lease(
-        self, holder: str, lines: Sequence[Line], need: Decimal, fraction: Decimal, overdraw: bool = False
+        self,
+        holder: str,
+        lines: Sequence[Line],
+        needs: Sequence[Decimal],
+        fraction: Decimal,
+        overdraw: Sequence[str] = (),
     ) -> tuple[Refusal | list[Grant], float]:
-        """Slices of ``lines`` for ``holder`` (serve/budget/slices.py), and the ledger's clock."""
+        """More of ``holder``'s slices of ``lines`` (serve/budget/slices.py), and the ledger's clock."""
         got: tuple[Refusal | list[Grant], float] = await self._call(
-            "lease", holder, list(lines), need, fraction, overdraw
+            "lease", holder, list(lines), list(needs), fraction, list(overdraw)
         )
         return got
 
     async def flush(
         self, flush_id: str, holder: str, parts: list[tuple[str, str, Decimal, Decimal]]
     ) -> float:
-        """What ``holder`` spent of its slices and gives back; the ledger's clock."""
+        """What ``holder`` spent of its slices and holds of them now; the ledger's clock."""
         now: float = await self._call("flush", flush_id, holder, parts)
         return now
 
@@ -153,10 +158,12 @@ class LedgerClient:
         await self._call("release", hold.rid)
 
     async def admit(
-        self, lines: list[RateLine], n: int, unused: int, tokens: int
+        self, lines: list[RateLine], n: int, unused: int, unused_at: float, tokens: int
     ) -> RateLimited | tuple[RateState, ...]:
         """Admit up to ``n`` requests at once (serve/budget/admissions.py)."""
-        got: RateLimited | tuple[RateState, ...] = await self._call("admit", lines, n, unused, tokens)
+        got: RateLimited | tuple[RateState, ...] = await self._call(
+            "admit", lines, n, unused, unused_at, tokens
+        )
         return got
 
     async def count(self, budgets: list[str], tokens: int) -> None:

@@ -42,6 +42,7 @@ class RateState:
     remaining: int
     reset_s: float  # until the window is whole again
     granted: int = 1  # requests admitted by the call (a batch, for an ingress replica)
+    at: float = field(default=0.0, compare=False)  # when, on the ledger's clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,17 +102,18 @@ class RateWindows:
         self._windows: dict[str, _Window] = {}
 
     def admit(
-        self, lines: Sequence[RateLine], n: int = 1, unused: int = 0
+        self, lines: Sequence[RateLine], n: int = 1, unused: int = 0, unused_at: float = 0.0
     ) -> RateLimited | tuple[RateState, ...]:
         """Count one request against every line, or refuse it (counted nowhere): the state
         of each kind of limit after it, or the limit that refused it. ``n``: admit up to
-        that many at once (an ingress replica's batch; the first state's ``granted`` says
-        how many); ``unused``: requests of an earlier batch that never came, uncounted first."""
+        that many at once (an ingress replica's batch; the states' ``granted`` says how
+        many, ``at`` when); ``unused``: requests of the batch admitted ``unused_at`` that
+        never came, uncounted first (those still in the window, and no other's)."""
         now = self._clock()
         windows = [self._window(line.budget, now) for line in lines]
-        for window in windows:
-            for _ in range(min(unused, len(window.requests))):
-                window.requests.pop()
+        if unused:
+            for window in windows:
+                _uncount(window.requests, unused_at, unused)
         refusals = []
         for line, window in zip(lines, windows, strict=True):
             if line.requests_per_minute is not None:
@@ -133,7 +135,7 @@ class RateWindows:
                 granted = min(granted, line.requests_per_minute - len(window.requests))
         for window in windows:
             window.requests.extend([now] * granted)
-        return tuple(replace(state, granted=granted) for state in self._states(lines, windows, now))
+        return tuple(replace(state, granted=granted, at=now) for state in self._states(lines, windows, now))
 
     def count(self, budgets: Iterable[str], tokens: int) -> None:
         """A request admitted earlier ended, having used ``tokens``: they count for a minute."""
@@ -166,6 +168,17 @@ class RateWindows:
                 if held is None or state.remaining < held.remaining:
                     states[state.kind] = state
         return tuple(states.values())
+
+
+def _uncount(requests: deque[float], at: float, count: int) -> None:
+    """Take ``count`` of the requests admitted at ``at`` out of a window (a batch's unused)."""
+    kept = [t for t in requests if t != at]
+    ours = len(requests) - len(kept)
+    if ours == 0:
+        return
+    mine = [at] * max(ours - count, 0)
+    requests.clear()
+    requests.extend(sorted([*kept, *mine]))
 
 
 def duration(seconds: float) -> str:

@@ -53,28 +53,34 @@ class BudgetService:
         self._used.update(budget for budget, _ in keys)
 
     async def lease(
-        self, holder: str, lines: Sequence[Line], need: Decimal, fraction: Decimal, overdraw: bool = False
+        self,
+        holder: str,
+        lines: Sequence[Line],
+        needs: Sequence[Decimal],
+        fraction: Decimal,
+        overdraw: Sequence[str] = (),
     ) -> tuple[Refusal | list[Grant], float]:
-        """A slice of each line for ``holder``'s replica, or the refusal; and the ledger's clock."""
-        got = self._ledger.lease(holder, lines, need, fraction, self._lease_s, overdraw)
+        """More of ``holder``'s slice of each line, or the refusal; and the ledger's clock."""
+        got = self._ledger.lease(holder, lines, needs, fraction, self._lease_s, overdraw)
         self._used.track(lines)
         return got, self._now()
 
     async def flush(
         self, flush_id: str, holder: str, parts: Sequence[tuple[str, str, Decimal, Decimal]]
     ) -> float:
-        """What ``holder`` spent of its slices, and what it gives back; its lease renewed."""
+        """What ``holder`` spent of its slices, and what it holds of them now; its lease renewed."""
         self._ledger.flush(flush_id, holder, parts, self._lease_s)
         self._used.update(budget for budget, _, _, _ in parts)
         return self._now()
 
     async def admit(
-        self, lines: Sequence[RateLine], n: int = 1, unused: int = 0, tokens: int = 0
+        self, lines: Sequence[RateLine], n: int = 1, unused: int = 0, unused_at: float = 0.0, tokens: int = 0
     ) -> RateLimited | tuple[RateState, ...]:
         """Count up to ``n`` requests against their rate limits, or refuse (serve/budget/rates.py);
-        first uncount ``unused`` of an earlier batch and count ``tokens`` used since."""
+        first uncount ``unused`` of the batch admitted at ``unused_at``, and count ``tokens``
+        used since."""
         self._rates.count([line.budget for line in lines if line.tokens_per_minute is not None], tokens)
-        return self._rates.admit(lines, n, unused)
+        return self._rates.admit(lines, n, unused, unused_at)
 
     async def count(self, budgets: Sequence[str], tokens: int) -> None:
         """The tokens admitted requests used, for their tokens-per-minute limits."""

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -73,26 +73,37 @@ class Slices:
         self._slices: dict[str, _Slice] = {}  # by budget name: the current period's
         self._retired: list[_Slice] = []  # of an earlier period, still to report
         self._flusher: asyncio.Task[None] | None = None
-        # A flush sent and not yet answered: sent again as it is (same id: charged once).
-        self._pending: tuple[str, list[tuple[str, str, Decimal, Decimal]], list[_Slice]] | None = None
+        # One call to the ledger at a time: a flush says what this replica holds, so no
+        # lease may pass it on the way.
+        self._lock = asyncio.Lock()
+        # The spend of a flush not yet answered: sent again under the same id (charged once).
+        self._pending: tuple[str, dict[tuple[str, str], Decimal]] | None = None
 
-    async def reserve(self, lines: Sequence[Line], amount: Decimal, overdraw: bool = False) -> SliceHold:
-        """Take ``amount`` from this replica's slice of every line, refilling those that
-        cannot cover it from the ledger in one round trip; or refuse (402)."""
+    async def reserve(
+        self, lines: Sequence[Line], amount: Decimal, overdraw: Collection[str] = ()
+    ) -> SliceHold:
+        """Take ``amount`` from this replica's slice of every line, leasing more of those
+        that cannot cover it from the ledger in one round trip; or refuse (402). ``overdraw``:
+        the lines a policy let this call go over."""
         while True:
             now = self._clock() + self._offset
             short = [line for line in lines if not self._covers(line.name, amount, now)]
             if not short:
                 break
-            got = await self._client.lease(self._holder, short, amount, self._fraction, overdraw)
-            grants, ledger_now = got
+            needs = [amount - max(self._free(line.name, now), ZERO) for line in short]
+            async with self._lock:
+                grants, ledger_now = await self._client.lease(
+                    self._holder,
+                    short,
+                    needs,
+                    self._fraction,
+                    [n for n in overdraw if n in {x.name for x in short}],
+                )
             self._offset = ledger_now - self._clock()
             if isinstance(grants, Refusal):
                 raise self._client.refusal(grants, amount)
             for grant in grants:
                 self._install(grant)
-            if overdraw:
-                break  # granted exactly what the call needs: take it, even if another took part
         parts = tuple((self._slices[line.name], amount) for line in lines)
         moment = time.monotonic()
         for piece, _ in parts:
@@ -119,11 +130,18 @@ class Slices:
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
-        await self._flush(give_back=True)
+        for _ in range(3):  # a flush left pending first, then what came since
+            await self._flush(give_back=True)
+            if self._pending is None and not any(p.spent or p.free for p in self._all()):
+                return
 
     def _covers(self, budget: str, amount: Decimal, now: float) -> bool:
         piece = self._slices.get(budget)
         return piece is not None and piece.ends > now and piece.free >= amount
+
+    def _free(self, budget: str, now: float) -> Decimal:
+        piece = self._slices.get(budget)
+        return piece.free if piece is not None and piece.ends > now else ZERO
 
     def _install(self, grant: Grant) -> None:
         piece = self._slices.get(grant.budget)
@@ -134,13 +152,17 @@ class Slices:
             self._retired.append(piece)
         self._slices[grant.budget] = _Slice(grant.budget, grant.period, grant.ends, grant.amount)
 
+    def _all(self) -> list[_Slice]:
+        return [*self._retired, *self._slices.values()]
+
     def _start(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        """Report spend every ``flush_s`` while there are slices; give back idle ones."""
-        while self._slices or self._retired:
+        """Every ``flush_s`` while there are slices: report spend, say what is held (which
+        renews the lease), give back idle slices."""
+        while self._slices or self._retired or self._pending is not None:
             await asyncio.sleep(self._flush_s)
             try:
                 await self._flush(give_back=False)
@@ -148,25 +170,31 @@ class Slices:
                 log.warning("the budget ledger did not take a flush; it is sent again")
 
     async def _flush(self, give_back: bool) -> None:
-        """Report what was spent, and give back the free part of slices that are idle
-        (``give_back``: all of them), in one round trip."""
-        if self._pending is None:
-            idle_before = time.monotonic() - self._idle_s
-            parts: list[tuple[str, str, Decimal, Decimal]] = []
-            pieces: list[_Slice] = []
-            for piece in [*self._retired, *self._slices.values()]:
-                idle = give_back or piece in self._retired or piece.used_at < idle_before
-                returned = piece.free if idle else ZERO  # calls in flight settle into it all the same
-                if piece.spent or returned:
-                    parts.append((piece.budget, piece.period, piece.spent, returned))
-                    pieces.append(piece)
-                    piece.spent, piece.free = ZERO, piece.free - returned  # calls settling meanwhile add anew
-            if not parts:
-                return
-            self._pending = (uuid.uuid4().hex, parts, pieces)
-        flush_id, parts, pieces = self._pending
-        ledger_now = await self._client.flush(flush_id, self._holder, parts)  # unavailable: stays pending
-        self._pending = None
+        """One round trip: what was spent since the last flush, and what this replica holds
+        of each slice now (the free part of slices idle for ``idle_s`` given back; all of
+        it with ``give_back``)."""
+        async with self._lock:
+            pieces = self._all()
+            if self._pending is None:
+                if not pieces:
+                    return
+                spent: dict[tuple[str, str], Decimal] = {}
+                idle_before = time.monotonic() - self._idle_s
+                for piece in pieces:
+                    if piece.spent:
+                        spent[(piece.budget, piece.period)] = piece.spent
+                        piece.spent = ZERO  # calls settling meanwhile add anew
+                    if give_back or piece in self._retired or piece.used_at < idle_before:
+                        piece.free = ZERO  # given back: said below as no longer held
+                self._pending = (uuid.uuid4().hex, spent)
+            flush_id, spent = self._pending
+            held = {(p.budget, p.period): max(p.held + p.free, ZERO) for p in pieces}
+            parts = [
+                (b, period, spent.get((b, period), ZERO), held.get((b, period), ZERO))
+                for b, period in held | spent
+            ]
+            ledger_now = await self._client.flush(flush_id, self._holder, parts)  # unavailable: stays pending
+            self._pending = None
         self._offset = ledger_now - self._clock()
         for piece in pieces:  # a slice wholly given back, and not used since, is forgotten
             if piece.free == 0 and piece.held == 0 and piece.spent == 0:

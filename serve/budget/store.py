@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -151,24 +151,26 @@ class SqliteLedger:
         self,
         holder: str,
         lines: Sequence[Line],
-        need: Decimal,
+        needs: Sequence[Decimal],
         fraction: Decimal,
         lease_s: float,
-        overdraw: bool = False,
+        overdraw: Collection[str] = (),
     ) -> Refusal | list[Grant]:
-        """Lease ``holder`` (a replica) a slice of each line's current period, all or none:
-        ``fraction`` of its limit, at least ``need`` (the call it is for), at most what is
-        left; or the first line that has less than ``need`` left (``overdraw``: ``need``,
-        however little is left). A slice counts as held until the holder reports what it
-        spent of it and returns the rest (:meth:`flush`), or its lease ends."""
+        """Lease ``holder`` (a replica) more of its slice of each line's current period, all
+        or none: ``fraction`` of the line's limit, at least its ``need`` (what the call needs
+        beyond what the holder has free), at most what is left; or the first line that has
+        less than its need left (a line named in ``overdraw``, which a policy let go over:
+        its need, however little is left). A slice counts as held as its holder last said
+        (:meth:`flush`), or until its lease ends."""
         now = self._clock()
         self._expire(now)
         grants = []
-        for line in lines:
+        for line, need in zip(lines, needs, strict=True):
             label, ends, left = self._room(line, now)
-            if need > left and not overdraw:
+            over = line.name in overdraw
+            if need > left and not over:
                 return self._refusal(line, label, need, left, ends, now)
-            amount = need if overdraw else min(max(need, line.limit * fraction), left)
+            amount = need if over else min(max(need, line.limit * fraction), left)
             grants.append(Grant(line.name, label, ends, amount))
         for grant in grants:
             rid = _slice_id(holder, grant.budget, grant.period)
@@ -183,25 +185,29 @@ class SqliteLedger:
     def flush(
         self, flush_id: str, holder: str, parts: Sequence[tuple[str, str, Decimal, Decimal]], lease_s: float
     ) -> None:
-        """``holder`` spent ``spent`` of its slice of (budget, period) and gives ``returned``
-        back, for each part: the spend is charged, the slice shrinks by both, and the
-        holder's lease is renewed. Once per ``flush_id``: the same flush sent again (its
-        answer was lost) changes nothing."""
+        """``holder`` (a replica) says, for every slice it has, (budget, period, what it spent
+        since its last flush, what it holds now): the spend is charged, once per
+        ``flush_id`` (the same flush sent again, its answer lost, is charged nothing more),
+        and the holder's slices are what it says, no more: a lease whose answer it never
+        got, or slices a restarted ledger forgot, are put right. Its lease is renewed."""
         now = self._clock()
         with self._db:
             self._db.execute("BEGIN")
-            if self._db.execute("INSERT OR IGNORE INTO settled VALUES (?, ?)", (flush_id, now)).rowcount == 0:
-                return
-            for budget, label, spent, returned in parts:
-                held = self._held.get(_slice_id(holder, budget, label))
-                if held is not None:
-                    held.amount -= spent + returned
-                    if held.amount <= 0:
-                        del self._held[_slice_id(holder, budget, label)]
-                if spent > 0:
-                    self._charge(budget, label, spent)
-            self._prune(now)
-        self._renew(holder, now + lease_s)
+            fresh = self._db.execute("INSERT OR IGNORE INTO settled VALUES (?, ?)", (flush_id, now)).rowcount
+            if fresh:
+                for budget, label, spent, _ in parts:
+                    if spent > 0:
+                        self._charge(budget, label, spent)
+                self._prune(now)
+        if not fresh:
+            return  # an old flush sent again: what it said it held is out of date
+        prefix = holder + "|"
+        for rid in [rid for rid in self._held if rid.startswith(prefix)]:
+            del self._held[rid]
+        for budget, label, _, holding in parts:
+            if holding > 0:
+                key = ((budget, label),)
+                self._held[_slice_id(holder, budget, label)] = Reservation(holding, key, now + lease_s)
 
     def _room(self, line: Line, now: float) -> tuple[str, float, Decimal]:
         """The period ``now`` is in for ``line``: its name, its end, and what it has left."""

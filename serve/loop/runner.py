@@ -286,7 +286,10 @@ class AgentLoop:
             raise
         except BaseException as exc:
             _fail(model_span, exc)
-            self._release(state, hold, held)
+            if reply.content or reply.calls or reply.spent.prompt_tokens:  # the engine worked: charged
+                self._settle(state, hold, held, self._cut_short(request, reply))
+            else:
+                self._release(state, hold, held)
             raise
         state.pending = reply.calls
         content = "".join(reply.content)
@@ -337,12 +340,16 @@ class AgentLoop:
         if not lines:
             return request, hold, None
         assert self._ledger is not None
+        allowed: set[str] = set()  # the budgets a policy let this call overdraw, each asked once
         try:
-            try:
-                return request, hold, await self._ledger.slices.reserve(lines, worst)
-            except BudgetExceeded as short:
-                await self._overdraw(ctx, short)
-                return request, hold, await self._ledger.slices.reserve(lines, worst, overdraw=True)
+            while True:
+                try:
+                    return request, hold, await self._ledger.slices.reserve(lines, worst, allowed)
+                except BudgetExceeded as short:
+                    if short.param is None or short.param in allowed:
+                        raise
+                    await self._overdraw(ctx, short)
+                    allowed.add(short.param)
         except BaseException:
             state.purse.release(hold)
             raise

@@ -3,6 +3,7 @@ over the limit; what a batch did not use is uncounted; low limits are asked one 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 
@@ -72,4 +73,51 @@ def test_tokens_go_with_the_next_call(tmp_path: Path) -> None:
     got = run(scenario())
     assert not isinstance(got, RateLimited)
     assert {s.kind: s.remaining for s in got} == {"requests": 1, "tokens": 60}
-    assert [args[3] for name, args in handle.calls if name == "admit"] == [0, 40]
+    assert [args[4] for name, args in handle.calls if name == "admit"] == [0, 40]
+
+
+def test_requests_arriving_together_share_one_ledger_call(tmp_path: Path) -> None:
+    admissions, handle, _ = front(tmp_path)
+    fast = [RateLine("tenant:acme", requests_per_minute=600)]
+
+    async def scenario() -> list[tuple[RateState, ...] | RateLimited]:
+        return list(await asyncio.gather(*(admissions.admit(fast) for _ in range(10))))
+
+    got = run(scenario())
+    assert all(not isinstance(g, RateLimited) for g in got)
+    assert handle.names() == ["admit"]  # one batch of 10, not ten batches
+
+
+def test_a_batch_uncounts_only_its_own_unused_requests(tmp_path: Path) -> None:
+    handle = FakeHandle(service(tmp_path, Clock(NOON)))
+    first = Admissions(LedgerClient(handle, 2.0), clock=Clock(100.0))
+    second_clock = Clock(100.0)
+    second = Admissions(LedgerClient(handle, 2.0), clock=second_clock)
+    lines = [RateLine("tenant:acme", requests_per_minute=600)]
+
+    async def scenario() -> None:
+        await first.admit(lines)  # 10 counted at noon, 1 used
+        handle.service._clock.now += 30
+        for _ in range(10):  # another replica's 10, used
+            await second.admit(lines)
+        first._clock.now += 2  # type: ignore[attr-defined]  # first's batch expired: 9 unused
+        await first.admit(lines)
+
+    run(scenario())
+    window = handle.service._rates._windows["tenant:acme"]
+    assert len(window.requests) == 1 + 10 + 10  # first's 1 used, second's 10, first's new batch
+    assert list(window.requests).count(NOON + 30) == 20
+
+
+def test_with_a_tokens_limit_a_batch_is_what_the_tokens_left_pay_for(tmp_path: Path) -> None:
+    admissions, handle, local = front(tmp_path)
+    lines = [RateLine("key:acme:00", requests_per_minute=6000, tokens_per_minute=1000)]
+
+    async def scenario() -> None:
+        await admissions.admit(lines)  # the first: one, until a request's tokens are known
+        admissions.count(lines, 300)
+        local.now += 2
+        await admissions.admit(lines)  # 1000 left then, 300 a request: three at once
+
+    run(scenario())
+    assert [args[1] for name, args in handle.calls if name == "admit"] == [1, 3]

@@ -142,3 +142,88 @@ def test_a_flush_whose_answer_was_lost_is_sent_again_and_charged_once(tmp_path: 
     flushes = [args for name, args in handle.calls if name == "flush"]
     assert len(flushes) == 2 and flushes[0] == flushes[1]  # same id, same parts
     assert ledger_of(handle).spent("tenant:acme:day", "2026-12-02") == Decimal("0.004")
+
+
+class LosesLeaseAnswer(FakeHandle):
+    """The ledger grants the first lease, but its answer never comes back (a timeout)."""
+
+    def __init__(self, target: BudgetService) -> None:
+        super().__init__(target)
+        self.lost = 1
+
+    async def answer(self, name: str, args: tuple[Any, ...]) -> Any:
+        got = await super().answer(name, args)
+        if name == "lease" and self.lost:
+            self.lost -= 1
+            raise RuntimeError("timed out")
+        return got
+
+
+def test_a_lease_whose_answer_was_lost_is_put_right_by_the_next_flush(tmp_path: Path) -> None:
+    handle = LosesLeaseAnswer(service(tmp_path, Clock(NOON)))
+    slices = replica(handle)
+
+    async def scenario() -> None:
+        with pytest.raises(Exception, match="did not answer"):
+            await slices.reserve([DAY], Decimal("0.01"))
+        assert ledger_of(handle).held("tenant:acme:day", "2026-12-02") == Decimal("0.1")  # granted, unknown
+        hold = await slices.reserve([DAY], Decimal("0.01"))  # leased again: 0.2 held in all
+        await slices._flush(give_back=False)  # says it holds its one slice of 0.1
+        assert ledger_of(handle).held("tenant:acme:day", "2026-12-02") == Decimal("0.1")
+        slices.release(hold)
+        await slices.drain()
+
+    run(scenario())
+    assert ledger_of(handle).held("tenant:acme:day", "2026-12-02") == 0
+
+
+def test_a_restarted_ledger_learns_the_replicas_slices_from_its_next_flush(tmp_path: Path) -> None:
+    clock = Clock(NOON)
+    handle = FakeHandle(service(tmp_path, clock))
+    slices = replica(handle)
+
+    async def scenario() -> None:
+        hold = await slices.reserve([DAY], Decimal("0.01"))
+        handle.service = service(tmp_path, clock)  # the ledger restarted: it holds nothing
+        assert ledger_of(handle).held("tenant:acme:day", "2026-12-02") == 0
+        await slices._flush(give_back=False)
+        assert ledger_of(handle).held("tenant:acme:day", "2026-12-02") == Decimal("0.1")  # counted again
+        slices.release(hold)
+        await slices.drain()
+
+    run(scenario())
+
+
+def test_what_a_replica_has_free_counts_toward_its_next_lease(tmp_path: Path) -> None:
+    handle = FakeHandle(service(tmp_path, Clock(NOON)))
+    slices = replica(handle, "0.15")
+
+    async def scenario() -> None:
+        first = await slices.reserve([DAY], Decimal("0.05"))  # leases 0.15: 0.1 free
+        other = replica(handle, "0.75")
+        await other.reserve([DAY], Decimal("0.7"))  # another replica: 0.75; the ledger has 0.1 left
+        # 0.15 needs 0.05 more than this replica has free: the ledger's 0.1 covers it
+        second = await slices.reserve([DAY], Decimal("0.15"))
+        slices.release(first)
+        slices.release(second)
+
+    run(scenario())
+    [*_, (_, _, needs, _, _)] = [args for name, args in handle.calls if name == "lease"]
+    assert needs == [Decimal("0.05")]
+
+
+def test_only_the_budget_a_policy_allowed_is_overdrawn(tmp_path: Path) -> None:
+    handle = FakeHandle(service(tmp_path, Clock(NOON)))
+    slices = replica(handle)
+    tight = Line("tenant:acme", "day", Decimal("0.001"))
+    agent = Line("agent:clerk", "day", Decimal("0.001"))
+
+    async def scenario() -> None:
+        with pytest.raises(BudgetExceeded) as refused:  # allowed to overdraw the tenant, not the agent
+            await slices.reserve([tight, agent], Decimal("0.01"), ["tenant:acme:day"])
+        assert refused.value.param == "agent:clerk:day"
+        hold = await slices.reserve([tight, agent], Decimal("0.01"), ["tenant:acme:day", "agent:clerk:day"])
+        slices.release(hold)
+        await slices.drain()
+
+    run(scenario())

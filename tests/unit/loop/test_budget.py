@@ -334,13 +334,13 @@ def test_a_replicas_calls_reserve_in_its_slice_of_the_budget_one_lease_for_many(
     result = keeper.ask("#echo", max_tokens=20)
     assert result.content == "echo said: hi"
     [lease] = keeper.calls("lease")  # the first call leased a slice; the second held in it
-    _, lines, need, fraction, overdraw = lease
+    _, lines, needs, fraction, overdraw = lease
     assert lines == [Line("agent:keeper", "day", Decimal("1"))] and fraction == Decimal("0.02")
-    assert need == worst_case(PRICE, keeper.model.requests[0], 20) and overdraw is False
+    assert needs == [worst_case(PRICE, keeper.model.requests[0], 20)] and overdraw == []
     [flush] = keeper.calls("flush")  # drained: what was spent, and the rest given back
-    [(budget, period_, spent, returned)] = flush[2]
+    [(budget, period_, spent, holding)] = flush[2]
     assert (budget, period_) == ("agent:keeper:day", TODAY)
-    assert spent == result.usage.cost_usd > 0 and spent + returned == Decimal("0.02")
+    assert spent == result.usage.cost_usd > 0 and holding == 0  # all of the slice given back
 
 
 def test_a_refusal_of_the_ledger_is_a_402_before_the_model_is_called_and_frees_the_purse(
@@ -379,7 +379,7 @@ def test_a_model_call_that_fails_releases_its_hold_and_nothing_is_charged(tmp_pa
         keeper.ask("#echo", max_tokens=20)
     assert len(model.requests) == 1 and len(keeper.calls("lease")) == 1
     [flush] = keeper.calls("flush")
-    assert [(spent, returned) for _, _, spent, returned in flush[2]] == [(0, Decimal("0.02"))]
+    assert [(spent, holding) for _, _, spent, holding in flush[2]] == [(0, 0)]
     assert keeper.held() == 0 and keeper.spent() == 0
 
 
@@ -389,8 +389,8 @@ def test_a_call_without_max_tokens_is_bounded_so_that_the_ledger_can_hold_its_wo
     keeper = Keeper(tmp_path, per_day="1")  # no per-request cap: nothing else bounds it
     keeper.ask("#echo")
     assert [r.max_tokens for r in keeper.model.requests] == [UNBOUNDED_CALL_TOKENS] * 2
-    [(_, _, need, _, _)] = keeper.calls("lease")
-    assert need == worst_case(PRICE, keeper.model.requests[0], UNBOUNDED_CALL_TOKENS)
+    [(_, _, needs, _, _)] = keeper.calls("lease")
+    assert needs == [worst_case(PRICE, keeper.model.requests[0], UNBOUNDED_CALL_TOKENS)]
 
 
 def test_the_ledger_holds_no_more_than_the_unbounded_call_even_when_the_purse_pays_for_more(
@@ -494,3 +494,21 @@ def test_by_default_nobody_overdraws_and_the_refusal_is_an_audited_decision(tmp_
     assert refused.value.param == "request:keeper"
     [decision] = [r for r in keeper.audit.records if r["action"].startswith("budget:")]
     assert (decision["action"], decision["outcome"]) == ("budget:request:keeper", "deny")
+
+
+class BreaksMidStream(Talker):
+    async def __call__(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        self.requests.append(request)
+        for _ in range(self.pieces):
+            yield ModelChunk(content="word ")
+        raise ModelError("upstream reset")
+
+
+def test_a_call_the_engine_broke_mid_stream_is_charged_what_came(tmp_path: Path) -> None:
+    model = BreaksMidStream(pieces=4)
+    keeper = Keeper(tmp_path, per_day="1", model=model)
+    with pytest.raises(ModelError):
+        keeper.ask("hello", max_tokens=50)
+    [request] = model.requests
+    assert keeper.spent() == PRICE.cost(prompt_bound(request.messages, request.tools), 4) > 0
+    assert keeper.held() == 0
