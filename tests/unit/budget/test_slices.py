@@ -113,23 +113,23 @@ def test_spend_is_reported_while_the_replica_works_and_idle_slices_are_given_bac
     run(scenario())
 
 
-class LosesAnswers(FakeHandle):
-    """The ledger takes the first flush, but its answer is lost on the way back."""
+class LosesAnswer(FakeHandle):
+    """The ledger does the first ``method`` call, but its answer is lost on the way back."""
 
-    def __init__(self, target: BudgetService) -> None:
+    def __init__(self, target: BudgetService, method: str) -> None:
         super().__init__(target)
-        self.lost = 1
+        self.method, self.lost = method, 1
 
     async def answer(self, name: str, args: tuple[Any, ...]) -> Any:
         got = await super().answer(name, args)
-        if name == "flush" and self.lost:
+        if name == self.method and self.lost:
             self.lost -= 1
             raise RuntimeError("connection reset")
         return got
 
 
 def test_a_flush_whose_answer_was_lost_is_sent_again_and_charged_once(tmp_path: Path) -> None:
-    handle = LosesAnswers(service(tmp_path, Clock(NOON)))
+    handle = LosesAnswer(service(tmp_path, Clock(NOON)), "flush")
     slices = replica(handle)
 
     async def scenario() -> None:
@@ -144,23 +144,8 @@ def test_a_flush_whose_answer_was_lost_is_sent_again_and_charged_once(tmp_path: 
     assert ledger_of(handle).spent("tenant:acme:day", "2026-12-02") == Decimal("0.004")
 
 
-class LosesLeaseAnswer(FakeHandle):
-    """The ledger grants the first lease, but its answer never comes back (a timeout)."""
-
-    def __init__(self, target: BudgetService) -> None:
-        super().__init__(target)
-        self.lost = 1
-
-    async def answer(self, name: str, args: tuple[Any, ...]) -> Any:
-        got = await super().answer(name, args)
-        if name == "lease" and self.lost:
-            self.lost -= 1
-            raise RuntimeError("timed out")
-        return got
-
-
 def test_a_lease_whose_answer_was_lost_is_put_right_by_the_next_flush(tmp_path: Path) -> None:
-    handle = LosesLeaseAnswer(service(tmp_path, Clock(NOON)))
+    handle = LosesAnswer(service(tmp_path, Clock(NOON)), "lease")
     slices = replica(handle)
 
     async def scenario() -> None:
