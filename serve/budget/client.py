@@ -1,18 +1,12 @@
-"""An agent's view of the ledger: reserve a model call's worst case against every budget
-it counts toward in one round trip, settle it after (serve/budget/service.py).
-
-Only the reservation is on the request's path. A settlement goes to the ledger in the
-background and is retried until it lands: until then the reservation (the call's worst
-case, never less than its cost) keeps counting, so a budget is never under-counted, and
-a ledger that is slow or restarting neither delays nor fails an answer already made."""
+"""An agent's and an ingress's view of the ledger (serve/budget/service.py): the budgets and
+rate limits a request counts toward, and the calls that lease slices of budgets
+(serve/budget/slices.py), report their spend, admit rate-limited requests in batches
+(serve/budget/admissions.py) and read usage. A ledger that does not answer in time is a 503."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -22,17 +16,7 @@ from serve.budget.store import Grant, Line, Refusal
 from serve.context import Context
 from serve.errors import BudgetExceeded, BudgetUnavailable
 
-__all__ = ["LedgerClient", "LedgerHold", "budget_lines", "rate_lines"]
-
-log = logging.getLogger(__name__)
-# Waits between tries of a settlement the ledger did not take (its replica restarting).
-_SETTLE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerHold:
-    rid: str
-    keys: tuple[tuple[str, str], ...]
+__all__ = ["LedgerClient", "budget_lines", "rate_lines"]
 
 
 def _limits(budget: str, limits: BudgetLimits | None) -> list[Line]:
@@ -76,20 +60,9 @@ def rate_lines(config: BudgetsConfig, keys: Mapping[str, BudgetLimits], ctx: Con
 
 
 class LedgerClient:
-    def __init__(self, handle: Any, timeout_s: float, settle_for_s: float = 240.0) -> None:
+    def __init__(self, handle: Any, timeout_s: float) -> None:
         self._handle = handle
         self._timeout = timeout_s
-        self._settle_for_s = settle_for_s  # how long a settlement is retried before it is given up
-        self._settling: set[asyncio.Task[None]] = set()
-
-    async def reserve(self, lines: Sequence[Line], amount: Decimal, overdraw: bool = False) -> LedgerHold:
-        """Hold ``amount`` against every line, or refuse (402 naming the budget that cannot);
-        ``overdraw``: hold it whatever is left (a policy allowed it)."""
-        rid = uuid.uuid4().hex
-        got = await self._call("reserve", rid, list(lines), amount, overdraw)
-        if isinstance(got, Refusal):
-            raise self.refusal(got, amount)
-        return LedgerHold(rid, tuple(got))
 
     @staticmethod
     def refusal(got: Refusal, amount: Decimal) -> BudgetExceeded:
@@ -124,38 +97,6 @@ class LedgerClient:
         """What ``holder`` spent of its slices and holds of them now; the ledger's clock."""
         now: float = await self._call("flush", flush_id, holder, parts)
         return now
-
-    def settle(self, hold: LedgerHold, cost: Decimal) -> None:
-        """Charge ``cost`` for the call ``hold`` reserved: sent in the background, retried
-        until the ledger takes it (a settlement is idempotent: it ends its reservation)."""
-        task = asyncio.get_running_loop().create_task(self._settle(hold, cost))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-
-    async def drain(self) -> None:
-        """Wait for the settlements on their way (a replica shutting down, a test)."""
-        while self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
-
-    async def _settle(self, hold: LedgerHold, cost: Decimal) -> None:
-        loop = asyncio.get_running_loop()
-        give_up, waits = loop.time() + self._settle_for_s, iter(_SETTLE_BACKOFF_S)
-        while True:
-            try:
-                await self._call("settle", hold.rid, cost, list(hold.keys))
-                return
-            except BudgetUnavailable:
-                wait = next(waits, _SETTLE_BACKOFF_S[-1])
-                if loop.time() + wait > give_up:
-                    break
-                await asyncio.sleep(wait)
-        log.error(
-            "a settlement never reached the budget ledger",
-            extra={"reservation": hold.rid, "cost_usd": f"{cost:f}", "budgets": [k for k, _ in hold.keys]},
-        )
-
-    async def release(self, hold: LedgerHold) -> None:
-        await self._call("release", hold.rid)
 
     async def admit(
         self, lines: list[RateLine], n: int, unused: int, unused_at: float, tokens: int

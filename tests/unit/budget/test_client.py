@@ -3,18 +3,16 @@ ledger: a refusal is a 402 naming the budget, a ledger that does not answer a 50
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import logging
 import pickle
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from serve.budget.client import LedgerClient, LedgerHold, budget_lines
+from serve.budget.client import LedgerClient, budget_lines
 from serve.budget.config import BudgetLimits, BudgetsConfig
-from serve.budget.store import Line
+from serve.budget.store import Line, Refusal
 from serve.context import Context
 from serve.errors import BudgetExceeded, BudgetUnavailable
 from serve.policy.schema import Principal
@@ -72,45 +70,28 @@ def test_tenant_and_key_lines_need_an_authenticated_principal() -> None:
 DAY = Line("tenant:acme", "day", Decimal("1"))
 
 
-def client(
-    tmp_path: Path, timeout_s: float = 2.0, settle_for_s: float = 240.0
-) -> tuple[LedgerClient, FakeHandle]:
+def client(tmp_path: Path, timeout_s: float = 2.0) -> tuple[LedgerClient, FakeHandle]:
     handle = FakeHandle(service(tmp_path, Clock(NOON)))
-    return LedgerClient(handle, timeout_s, settle_for_s), handle
+    return LedgerClient(handle, timeout_s), handle
 
 
-def test_reserve_then_settle_charges_the_ledger_in_one_round_trip_each(tmp_path: Path) -> None:
-    ledger, handle = client(tmp_path)
+NONE = Decimal(0)  # a lease of just what the call needs
 
-    async def scenario() -> None:
-        hold = await ledger.reserve([DAY], Decimal("0.5"))
-        assert hold.keys == (("tenant:acme:day", "2026-12-02"),) and len(hold.rid) == 32
-        ledger.settle(hold, Decimal("0.2"))  # in the background
-        await ledger.drain()
-        other = await ledger.reserve([DAY], Decimal("0.1"))
-        assert other.rid != hold.rid
-        await ledger.release(other)
-        assert await handle.service.usage() == [
-            {"budget": "tenant:acme:day", "period": "2026-12-02", "spent_usd": "0.2", "held_usd": "0"}
-        ]
 
-    run(scenario())
-    assert handle.names() == ["reserve", "settle", "reserve", "release"]
+async def _refused(ledger: LedgerClient, amount: str) -> BudgetExceeded:
+    got, _ = await ledger.lease("replica-1", [DAY], [Decimal(amount)], NONE)
+    assert isinstance(got, Refusal), got
+    return ledger.refusal(got, Decimal(amount))
 
 
 def test_a_refusal_is_budget_exceeded_naming_the_budget_and_when_it_resets(tmp_path: Path) -> None:
     ledger, handle = client(tmp_path)
 
-    async def scenario() -> None:
-        hold = await ledger.reserve([DAY], Decimal("0.9"))
-        await handle.service.settle(hold.rid, Decimal("0.9"), list(hold.keys))  # spent
-        with pytest.raises(BudgetExceeded) as refused:
-            await ledger.reserve([DAY], Decimal("0.2"))
-        raise refused.value
+    async def scenario() -> BudgetExceeded:
+        await handle.service.settle("r1", Decimal("0.9"), [("tenant:acme:day", "2026-12-02")])  # spent
+        return await _refused(ledger, "0.2")
 
-    with pytest.raises(BudgetExceeded) as raised:
-        run(scenario())
-    error = raised.value
+    error = run(scenario())
     assert error.status == 402 and error.param == "tenant:acme:day"
     assert error.retry_after_s == 12 * 3600
     assert error.message == (
@@ -123,19 +104,15 @@ def test_a_refusal_is_budget_exceeded_naming_the_budget_and_when_it_resets(tmp_p
 def test_a_refusal_only_holds_caused_says_to_retry_in_seconds(tmp_path: Path) -> None:
     ledger, _ = client(tmp_path)
 
-    async def scenario() -> None:
-        hold = await ledger.reserve([DAY], Decimal("0.9"))  # in flight, or a replica's slice
-        with pytest.raises(BudgetExceeded) as refused:
-            await ledger.reserve([DAY], Decimal("0.2"))
-        await ledger.release(hold)
-        raise refused.value
+    async def scenario() -> BudgetExceeded:
+        got, _ = await ledger.lease("replica-2", [DAY], [Decimal("0.9")], NONE)  # another replica's slice
+        assert not isinstance(got, Refusal)
+        return await _refused(ledger, "0.2")
 
-    with pytest.raises(BudgetExceeded) as raised:
-        run(scenario())
-    assert raised.value.retry_after_s == 5  # not the period's end: the day has 1 USD unspent
+    assert run(scenario()).retry_after_s == 5  # not the period's end: the day has 1 USD unspent
 
 
-@pytest.mark.parametrize("method", ["reserve", "release"])
+@pytest.mark.parametrize("method", ["lease", "flush"])
 def test_a_ledger_that_fails_is_budget_unavailable(tmp_path: Path, method: str) -> None:
     ledger, handle = client(tmp_path)
     handle.fail[method] = RuntimeError("the replica died")
@@ -147,48 +124,13 @@ def test_a_ledger_that_fails_is_budget_unavailable(tmp_path: Path, method: str) 
 
 def test_a_ledger_that_does_not_answer_in_time_is_budget_unavailable(tmp_path: Path) -> None:
     ledger, handle = client(tmp_path, timeout_s=0.01)
-    handle.hang.add("reserve")
+    handle.hang.add("lease")
     with pytest.raises(BudgetUnavailable, match=r"did not answer \(TimeoutError\)"):
-        run(_call(ledger, "reserve"))
+        run(_call(ledger, "lease"))
 
 
 async def _call(ledger: LedgerClient, method: str) -> None:
-    if method == "reserve":
-        await ledger.reserve([DAY], Decimal("0.1"))
+    if method == "lease":
+        await ledger.lease("replica-1", [DAY], [Decimal("0.1")], NONE)
     else:
-        await ledger.release(LedgerHold("r", ()))
-
-
-def test_a_settlement_the_ledger_did_not_take_is_sent_again_until_it_lands(tmp_path: Path) -> None:
-    ledger, handle = client(tmp_path)
-
-    async def scenario() -> list[dict[str, str]]:
-        hold = await ledger.reserve([DAY], Decimal("0.5"))
-        handle.fail["settle"] = RuntimeError("the ledger's replica is restarting")
-        ledger.settle(hold, Decimal("0.2"))
-        await asyncio.sleep(0.3)  # the first try failed; the second waits 0.2 s, then 0.5 s
-        assert (await handle.service.usage())[0]["held_usd"] == "0.5"  # still held: never under-counted
-        del handle.fail["settle"]
-        await ledger.drain()
-        return await handle.service.usage()
-
-    [row] = run(scenario())
-    assert (row["spent_usd"], row["held_usd"]) == ("0.2", "0")
-    assert handle.names().count("settle") >= 2
-
-
-def test_a_settlement_that_never_lands_is_logged_not_raised(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    ledger, handle = client(tmp_path, settle_for_s=0.1)
-    handle.fail["settle"] = RuntimeError("gone")
-
-    async def scenario() -> None:
-        ledger.settle(LedgerHold("r9", (("tenant:acme:day", "2026-12-02"),)), Decimal("0.1"))
-        await ledger.drain()
-
-    with caplog.at_level(logging.ERROR, logger="serve.budget.client"):
-        run(scenario())
-    [record] = [r for r in caplog.records if r.name == "serve.budget.client"]
-    assert record.getMessage() == "a settlement never reached the budget ledger"
-    assert record.reservation == "r9" and record.cost_usd == "0.1"  # type: ignore[attr-defined]
+        await ledger.flush("f1", "replica-1", [])
