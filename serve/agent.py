@@ -17,30 +17,35 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydantic import BaseModel
+from ray import serve as rayserve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve import telemetry
+from serve.approvals.client import ApprovalsClient, HeldRuns
+from serve.approvals.store import Claim
 from serve.audit.client import AuditClient
 from serve.auth import key_budgets
 from serve.budget import Price
 from serve.budget.client import LedgerClient
 from serve.budget.config import BudgetsConfig
 from serve.budget.slices import AgentLedger, Slices
-from serve.context import Context
-from serve.errors import MemoryUnavailable, RequestError
+from serve.context import Context, new_id
+from serve.errors import ApprovalsUnavailable, MemoryUnavailable, RequestError, TurnParked
 from serve.governance.config import GovernanceConfig, build_engines
 from serve.governance.governor import Governor
 from serve.governance.guard import AgentGuard
 from serve.handles import Transport, handle_error, over
-from serve.loop.results import AgentResult, DelegateTarget, Event, Finished, ModelCaller
-from serve.loop.runner import AgentLoop
+from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Event, Finished, Gate, ModelCaller
+from serve.loop.runner import AgentLoop, Resumed
+from serve.loop.state import LoopState
 from serve.manifest import delegate_tool_name, load_agent
 from serve.memory.client import RequestMemory, bind, session_of, tenant_of, unbind
 from serve.memory.tools import MEMORY_TOOLS
 from serve.models import BackendConfig, make_backend
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.deployment import raise_errors, stream_model
-from serve.protocol import ChatRequest
+from serve.policy.pii import redact, scan
+from serve.protocol import ChatRequest, completion, completion_id, extension
 from serve.telemetry import logs
 from serve.telemetry.metrics import MetricsSink, RequestMetrics
 from serve.tools import load_tools
@@ -136,6 +141,9 @@ class AgentDeployment:
         price: Price | None = None,
         ledger: DeploymentHandle[Any] | None = None,
         budgets: BudgetsConfig | None = None,
+        approvals: DeploymentHandle[Any] | None = None,
+        approvals_timeout_s: float = 5.0,
+        approvals_lease_s: float = 30.0,
     ) -> None:
         spec = load_agent(Path(agents_dir) / name)
         tools = load_tools(spec.folder, [t.name for t in spec.manifest.tools])
@@ -178,7 +186,11 @@ class AgentDeployment:
             builtin,
             price,
             self._ledger,
+            parking=approvals is not None,
         )
+        self._manifest = spec.manifest
+        self._approvals = None if approvals is None else ApprovalsClient(approvals, approvals_timeout_s)
+        self._lease_s = approvals_lease_s
 
     async def __del__(self) -> None:
         """The replica is shutting down (a redeploy, a scale-down): what it spent of its
@@ -231,6 +243,8 @@ class AgentDeployment:
             result = await self._loop.run(request, ctx, await self._history(ctx))
             await self._remember(ctx, result)
             return result
+        except TurnParked as parked:
+            return await self._park(request, ctx, parked)
         except RequestError as exc:
             return exc
         except Exception as exc:
@@ -259,12 +273,22 @@ class AgentDeployment:
         )  # this request's own task context
         failure: RequestError
         try:
-            async for event in self._loop.events(request, ctx, await self._history(ctx)):
-                if isinstance(event, Finished):
-                    await self._remember(ctx, event.result)
-                if isinstance(event, Finished) or self._audit.pending:
-                    await self._audit.commit()  # nothing reaches the client ahead of its decisions
-                yield event
+            try:
+                async for event in self._loop.events(request, ctx, await self._history(ctx)):
+                    if isinstance(event, Finished):
+                        await self._remember(ctx, event.result)
+                    if isinstance(event, Finished) or self._audit.pending:
+                        await self._audit.commit()  # nothing reaches the client ahead of its decisions
+                    yield event
+                return
+            except TurnParked as parked:
+                streamed = len(parked.state.text())  # type: ignore[attr-defined]
+                outcome = await self._park(request, ctx, parked)
+            if isinstance(outcome, RequestError):
+                raise outcome
+            await self._audit.commit()
+            yield ContentDelta((outcome.content or "")[streamed:])  # the sentence: what was said went out
+            yield Finished(outcome)
             return
         except RequestError as exc:
             failure = exc
@@ -275,6 +299,156 @@ class AgentDeployment:
         except RequestError as exc:
             failure = exc
         yield failure
+
+    async def _park(self, request: ChatRequest, ctx: Context, parked: TurnParked) -> AgentOutcome:
+        """Store a turn that waits for people, durably; the answer says what it waits for."""
+        if self._approvals is None:  # pragma: no cover - the loop parks only with a service
+            raise AssertionError("a turn parked without an approvals service")
+        state: LoopState = parked.state  # type: ignore[attr-defined]
+        turn = self._turn(new_id("turn_"), request, ctx, state)
+        shown = await self._store_park(turn, parked.gates, None)
+        if shown is None:
+            return ApprovalsUnavailable("the approvals service lost the parked turn; retry later")
+        said = state.text()
+        tools = ", ".join(sorted({a["tool"] for a in shown}))
+        sentence = (
+            f"The action ({tools}) awaits approval; its approval id is {shown[0]['id']}."
+            if len(shown) == 1
+            else f"{len(shown)} actions ({tools}) await approval; their ids are {', '.join(a['id'] for a in shown)}."
+        )
+        content = f"{said} {sentence}" if said else sentence
+        transcript = [*state.asked, {"role": "assistant", "content": content}]
+        return AgentResult(
+            content, [], "stop", state.usage, state.stats, transcript, parked=turn["id"], approvals=shown
+        )
+
+    async def _store_park(
+        self, turn: dict[str, Any], gates: list[Gate], holder: str | None
+    ) -> list[dict[str, Any]] | None:
+        """The turn and its gates in the approvals store; the approvals it (and its delegates) wait for."""
+        assert self._approvals is not None
+        redacting = self._manifest.policies.pii != "allow"
+        own = [
+            {
+                "id": new_id("apr_"),
+                "call_id": g.call_id,
+                "tool": g.tool,
+                "arguments": g.arguments,
+                "shown": _redacted(g.arguments) if redacting else g.arguments,
+                "decision_id": g.decision_id,
+                "ttl_s": g.ttl_s,
+            }
+            for g in gates
+            if g.child is None
+        ]
+        children = {g.call_id: g.child for g in gates if g.child is not None}
+        shown = await self._approvals.park(turn, own, children, holder)
+        if shown is None:
+            return None
+        return [*shown, *(a for g in gates for a in g.approvals)]
+
+    def _turn(self, turn_id: str, request: ChatRequest, ctx: Context, state: LoopState) -> dict[str, Any]:
+        principal = ctx.principal
+        return {
+            "id": turn_id,
+            "agent": self.name,
+            "version": self._manifest.version,
+            "deployment": self.name,
+            "app": rayserve.get_replica_context().app_name,
+            "request_id": ctx.request_id,
+            "tenant": principal.tenant if principal is not None else "anonymous",
+            "requester": ctx.principal_id,
+            "nested": len(ctx.chain) > 1,
+            "parked": {
+                "state": state.to_json().decode(),
+                "request": request.model_dump_json(),
+                "context": ctx.to_dict(),
+            },
+        }
+
+    async def resume(self, turn_id: str) -> None:
+        """Go on with a parked turn whose waits are resolved (the approvals service asks any
+        replica; the claim lets one have it). The outcome goes to the store: the request's
+        answer, or a delegate's answer for its caller's turn."""
+        if self._approvals is None:
+            return
+        holder = new_id("run_")
+        claim = await self._approvals.claim(turn_id, holder)
+        if claim is None:  # another replica has it, it is done, or it still waits
+            return
+        renewing = asyncio.get_running_loop().create_task(self._renew(turn_id, holder))
+        try:
+            await self._resume(claim, holder)
+        finally:
+            renewing.cancel()
+
+    async def _resume(self, claim: Claim, holder: str) -> None:
+        assert self._approvals is not None
+        parked = claim.parked
+        ctx = Context.from_dict(parked["context"])
+        request = ChatRequest.model_validate_json(parked["request"])
+        state = LoopState.from_json(parked["state"])
+        token = bind(RequestMemory(self._memory, ctx, self._guard.memory, self._memory_timeout))
+        nested = len(ctx.chain) > 1
+        failed = False
+        try:
+            resumed = Resumed(state, claim.resolutions, HeldRuns(self._approvals, holder))
+            try:
+                result = await self._loop.run(request, ctx, None, resumed)
+            except TurnParked as again:  # it waits anew (an approved delegate's turn parked)
+                await self._audit.commit()
+                turn = self._turn(claim.turn, request, ctx, again.state)  # type: ignore[attr-defined]
+                await self._store_park(turn, again.gates, holder)
+                return
+            if not nested:
+                await self._remember(ctx, result)
+            outcome = self._finished(ctx, request, result, nested)
+        except RequestError as exc:
+            failed, outcome = True, {"error": exc.to_dict()}
+        except Exception as exc:
+            failed, outcome = True, {"error": self._internal(exc, ctx).to_dict()}
+        finally:
+            unbind(token)
+        try:
+            await self._audit.commit()
+        except RequestError as exc:
+            log.error("resumed turn %s: audit not durable (%s)", claim.turn, exc.message)
+            return  # not finished: the lease lapses and the turn goes on elsewhere, its runs kept
+        await self._approvals.finish(claim.turn, holder, outcome, failed)
+
+    def _finished(
+        self, ctx: Context, request: ChatRequest, result: AgentResult, nested: bool
+    ) -> dict[str, Any]:
+        """A resumed turn's outcome as stored: a delegate's answer, or the request's completion."""
+        if nested:
+            return {"content": result.content, "usage": result.usage.model_dump(mode="json")}
+        trace = ctx.trace.get("traceparent", "")
+        body = completion(
+            completion_id=completion_id(ctx.request_id),
+            model=request.model,
+            content=result.content,
+            tool_calls=result.tool_calls,
+            finish_reason=result.finish_reason,
+            usage=result.usage,
+            extension=extension(
+                request_id=ctx.request_id,
+                correlation_id=ctx.correlation_id,
+                trace_id=trace.split("-")[1] if trace.count("-") == 3 else None,
+                session_id=ctx.session,
+                agent=self.name,
+                agent_version=self._manifest.version,
+                stats=result.stats,
+                cost_usd=result.usage.cost_usd,
+            ),
+        )
+        return {"completion": body}
+
+    async def _renew(self, turn_id: str, holder: str) -> None:
+        assert self._approvals is not None
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            with contextlib.suppress(RequestError):
+                await self._approvals.renew(turn_id, holder)
 
     def _session(self, ctx: Context) -> tuple[str, str, str] | None:
         """The session this call continues: only the agent the client called keeps one."""
@@ -305,6 +479,21 @@ class AgentDeployment:
 
     def _internal(self, exc: Exception, ctx: Context) -> RequestError:
         return handle_error(exc, self.name, "behind", ctx.request_id)
+
+
+def _redacted(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Arguments as approvers see them: PII in their strings redacted."""
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            return redact(value, scan(value))
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    return {k: scrub(v) for k, v in arguments.items()}
 
 
 def _status(outcome: object, otherwise: int) -> int:

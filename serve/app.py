@@ -17,6 +17,8 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from serve.agent import AgentDeployment
+from serve.approvals.config import ApprovalsConfig
+from serve.approvals.service import ApprovalsService
 from serve.audit.service import AuditService
 from serve.auth import is_loopback, resolve_keys
 from serve.budget.config import BudgetsConfig
@@ -33,6 +35,8 @@ from serve.models import BACKEND_KINDS, BackendConfig
 from serve.models.deployment import ModelDeployment
 from serve.placement import (
     agent_options,
+    approvals_options,
+    approvals_path,
     audit_options,
     audit_path,
     budget_options,
@@ -69,6 +73,10 @@ class FleetArgs(BaseModel):
     budgets: BudgetsConfig = Field(
         default_factory=BudgetsConfig,
         description="The ledger of spend per day and month: tenants' caps (keys' are beside each key).",
+    )
+    approvals: ApprovalsConfig = Field(
+        default_factory=ApprovalsConfig,
+        description="Parked turns that wait for people to approve their gated calls.",
     )
     transport: Transport = Field(
         default="grpc",
@@ -207,6 +215,15 @@ def build_app(args: dict[str, Any]) -> Application:
         if budgeted
         else None
     )
+    cards = {name: agent_card(spec) for name, spec in specs.items()}
+    webhooks = {n: s.manifest.approval_webhook for n, s in specs.items() if s.manifest.approval_webhook}
+    approvals = (
+        _deployment(ApprovalsService)
+        .options(**approvals_options())
+        .bind(
+            str(approvals_path(fleet.approvals)), fleet.approvals, cards, fleet.governance, root, audit, webhooks
+        )
+    )
     bound: dict[str, Any] = {}
     for name in delegation_order(specs):
         m = specs[name].manifest
@@ -227,9 +244,11 @@ def build_app(args: dict[str, Any]) -> Application:
                 fleet.models[m.model.backend].price,
                 ledger,
                 fleet.budgets,
+                approvals,
+                fleet.approvals.call_timeout_s,
+                fleet.approvals.lease_s,
             )
         )
-    cards = {name: agent_card(spec) for name, spec in specs.items()}
     front = fleet.ingress
     options = ingress_options(
         front.max_ongoing_requests, front.max_queued_requests, front.retry_after_s, front.num_replicas
@@ -238,6 +257,16 @@ def build_app(args: dict[str, Any]) -> Application:
         _deployment(Ingress)
         .options(**options)
         .bind(
-            cards, bound, fleet.ingress, fleet.governance, root, audit, fleet.transport, ledger, fleet.budgets
+            cards,
+            bound,
+            fleet.ingress,
+            fleet.governance,
+            root,
+            audit,
+            fleet.transport,
+            ledger,
+            fleet.budgets,
+            approvals,
+            fleet.approvals,
         )
     )

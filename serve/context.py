@@ -88,6 +88,39 @@ class Context:
             correlation_id=correlation_id,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """This context as JSON, for a parked turn (its carried records are not kept: they ship first)."""
+        return {
+            "request_id": self.request_id,
+            "chain": list(self.chain),
+            "principal": None if self.principal is None else self.principal.model_dump(mode="json"),
+            "scopes": None if self.scopes is None else list(self.scopes),
+            "trace": dict(self.trace),
+            "session": self.session,
+            "tree": self.tree,
+            "principal_id": self.principal_id,
+            "correlation_id": self.correlation_id,
+            "allowance": None if self.allowance is None else f"{self.allowance:f}",
+        }
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> Context:
+        principal = data.get("principal")
+        allowance = data.get("allowance")
+        scopes = data.get("scopes")
+        return Context(
+            request_id=data["request_id"],
+            chain=tuple(data["chain"]),
+            principal=None if principal is None else Principal.model_validate(principal),
+            scopes=None if scopes is None else tuple(scopes),
+            trace=dict(data.get("trace") or {}),
+            session=data.get("session"),
+            tree=data["tree"],
+            principal_id=data["principal_id"],
+            correlation_id=data.get("correlation_id"),
+            allowance=None if allowance is None else Decimal(allowance),
+        )
+
     def enter(self, agent: str) -> Context:
         return replace(self, chain=(*self.chain, agent))
 

@@ -6,7 +6,8 @@ Three families, as in pydantic-ai:
   class fixes its status and type, and :func:`envelope` makes the body, in this one place.
 - ``Signal``: control flow, not failure: a step that cannot go on without something else.
   ``ApprovalRequired`` (a tool call or delegation a policy escalates) is raised by the
-  guard and handled in one place of the loop (:mod:`serve.loop.calls`).
+  guard and handled in one place of the loop (:mod:`serve.loop.calls`); ``TurnParked``
+  carries a turn that waits for people out of the loop, to the agent that stores it.
 
 Beside them, failures that never reach a client as such: ``ToolError`` (a tool failed:
 the loop tells the model), ``PolicyFailure`` (the governor turns it into a denial) and
@@ -22,11 +23,14 @@ __all__ = [
     "AgentError",
     "AgentUnavailable",
     "ApprovalRequired",
+    "ApprovalsUnavailable",
     "AuditUnavailable",
     "BudgetExceeded",
     "BudgetUnavailable",
     "ConfigError",
+    "Conflict",
     "FleetError",
+    "Gone",
     "InvalidRequest",
     "InvalidToolArguments",
     "MaxTurnsExceeded",
@@ -46,6 +50,7 @@ __all__ = [
     "Timeout",
     "ToolDenied",
     "ToolError",
+    "TurnParked",
     "Unauthorized",
     "envelope",
     "field_path",
@@ -225,6 +230,22 @@ class NotFound(RequestError):
     code = "not_found"
 
 
+class Conflict(RequestError):
+    """The thing asked about is no longer in the state the request needs (an approval decided)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class Gone(RequestError):
+    """The thing asked about existed and is no more (an approval expired)."""
+
+    status = 410
+    type = "invalid_request_error"
+    code = "gone"
+
+
 class PayloadTooLarge(RequestError):
     status = 413
     type = "invalid_request_error"
@@ -271,6 +292,10 @@ class ModelUnavailable(Overloaded):
 
 class MemoryUnavailable(Overloaded):
     code = "memory_unavailable"
+
+
+class ApprovalsUnavailable(Overloaded):
+    code = "approvals_unavailable"
 
 
 class AuditUnavailable(Overloaded):
@@ -327,6 +352,18 @@ class ApprovalRequired(Signal):
 
 def _rebuild_approval(message: str, decision_id: str, tool: str) -> ApprovalRequired:
     return ApprovalRequired(message, decision_id=decision_id, tool=tool)
+
+
+class TurnParked(Signal):
+    """A turn stops to wait: for people to decide on its gated calls (``gates``), or for a
+    delegate's turn that waits for them. The agent stores it (serve/approvals/) and answers."""
+
+    def __init__(self, gates: list[Any]):
+        super().__init__(f"the turn waits for {len(gates)} approval(s)")
+        self.gates = gates
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TurnParked, (self.gates,))
 
 
 def field_path(loc: tuple[int | str, ...], skip: frozenset[str] = frozenset()) -> str:

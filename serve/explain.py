@@ -31,6 +31,10 @@ Tokens: {{ r.usage.prompt_tokens }} in, {{ r.usage.completion_tokens }} out; cos
 <table><tr><th>Agent</th><th>Tool</th><th>Status</th><th>Seconds</th></tr>
 {% for t in r.tool_calls %}<tr><td>{{ t.agent }}</td><td>{{ t.tool }}</td><td>{{ t.status }}</td><td>{{ t.duration_s }}</td></tr>{% endfor %}
 </table>
+{% if r.approvals %}<h2>Approvals</h2>
+<table><tr><th>Approval</th><th>Agent</th><th>Tool</th><th>Step</th><th>By</th><th>Detail</th></tr>
+{% for a in r.approvals %}<tr><td>{{ a.approval_id }}</td><td>{{ a.agent }}</td><td>{{ a.tool }}</td><td>{{ a.event }}</td><td>{{ a.by or "" }}</td><td>{{ a.detail or "" }}</td></tr>{% endfor %}
+</table>{% endif %}
 </body></html>
 """
 

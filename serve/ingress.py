@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -26,6 +27,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from serve import telemetry
+from serve.approvals.config import ApprovalsConfig
+from serve.approvals.inbox import render_inbox
 from serve.audit.client import AuditClient
 from serve.auth import authenticate, identify, key_budgets
 from serve.budget.admissions import Admissions
@@ -37,6 +40,7 @@ from serve.cards import AgentCard
 from serve.context import Carried, Context
 from serve.errors import (
     AgentError,
+    ApprovalsUnavailable,
     AuditUnavailable,
     InvalidRequest,
     NotFound,
@@ -124,7 +128,7 @@ class Exchange:
 
     def extension(self, card: AgentCard, result: AgentResult) -> dict[str, Any]:
         assert self.ctx is not None
-        return extension(
+        fields = extension(
             request_id=self.ctx.request_id,
             correlation_id=self.ctx.correlation_id,
             trace_id=self.trace_id,
@@ -134,6 +138,13 @@ class Exchange:
             stats=result.stats,
             cost_usd=result.usage.cost_usd,
         )
+        if result.approvals:  # the turn parked: what it waits for
+            keys = ("id", "status", "agent", "tool", "expires_at")
+            shown = [{k: a[k] for k in keys} for a in result.approvals]
+            fields["approval"] = shown[0]
+            if len(shown) > 1:
+                fields["approvals"] = shown
+        return fields
 
 
 SESSION_HEADER = "x-fleet-session-id"
@@ -158,6 +169,28 @@ def session_id(request: Request, chat: ChatRequest) -> str | None:
             "a session id is 1-128 letters, digits and . _ : - (starting with a letter or digit)", param=param
         )
     return value
+
+
+APPROVAL_HEADER = "x-fleet-approval-id"
+APPROVAL_STATUSES = (
+    "pending", "approved", "rejected", "expired", "running", "completed", "outcome_unknown", "failed"
+)  # fmt: skip
+
+
+def decision_reason(body: bytes) -> str | None:
+    """The optional ``reason`` of an approve or reject body (none, or ``{"reason": "..."}``)."""
+    if not body.strip():
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise InvalidRequest("the body is not JSON: send {} or {\"reason\": \"...\"}") from None
+    if not isinstance(doc, dict) or set(doc) - {"reason"}:
+        raise InvalidRequest("the body takes one field, reason", param="reason")
+    reason = doc.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise InvalidRequest("reason is a string", param="reason")
+    return reason
 
 
 def wants_html(request: Request) -> bool:
@@ -246,8 +279,12 @@ class Ingress:
         transport: Transport = "actor",
         ledger: DeploymentHandle[Any] | None = None,
         budgets: BudgetsConfig | None = None,
+        approvals: DeploymentHandle[Any] | None = None,
+        approvals_config: ApprovalsConfig | None = None,
     ) -> None:
         self._cards = cards
+        self._approvals = approvals
+        self._approvals_config = approvals_config or ApprovalsConfig()
         self._budgets = budgets or BudgetsConfig()
         self._key_limits = key_budgets(config.tenants)
         self._limits = budget_limits(cards, self._budgets, self._key_limits)
@@ -343,6 +380,64 @@ class Ingress:
         if report is None:
             raise NotFound(f"no explanation for request {request_id!r}", param="request_id")
         return HTMLResponse(render_html(report)) if wants_html(request) else JSONResponse(report)
+
+    @app.get("/v1/approvals")
+    async def approvals(self, request: Request) -> Response:
+        """The approvals this caller may see (``?status=pending``, ``?agent=``); the inbox
+        page with ``?format=html`` (it asks for the list itself, with the key typed in)."""
+        if request.query_params.get("format") == "html":
+            return HTMLResponse(render_inbox())  # no data in it: the page fetches with a key
+        principal, principal_id = identify(request.headers.get("authorization"), self._tenants)
+        status, agent = request.query_params.get("status"), request.query_params.get("agent")
+        if status is not None and status not in APPROVAL_STATUSES:
+            raise InvalidRequest(f"status must be one of {', '.join(APPROVAL_STATUSES)}", param="status")
+        if agent is not None:
+            self._card(agent)
+        rows = await self._approvals_call("inbox", principal, principal_id, status, agent)
+        return JSONResponse({"object": "list", "data": rows})
+
+    @app.get("/v1/approvals/{approval_id}")
+    async def approval(self, approval_id: str, request: Request) -> Response:
+        """One approval, with the request's answer once it finished; ``?wait=N`` holds the
+        answer up to N seconds while the approval is pending or running."""
+        principal, principal_id = identify(request.headers.get("authorization"), self._tenants)
+        wait = request.query_params.get("wait", "0")
+        try:
+            wait_s = float(wait)
+        except ValueError:
+            raise InvalidRequest("wait is a number of seconds", param="wait") from None
+        if not 0 <= wait_s <= self._approvals_config.max_wait_s:
+            raise InvalidRequest(f"wait is 0 to {self._approvals_config.max_wait_s:g} seconds", param="wait")
+        got = await self._approvals_call("get", approval_id, principal, principal_id, wait_s, waits_s=wait_s)
+        if isinstance(got, RequestError):
+            raise got
+        return JSONResponse(got)
+
+    @app.post("/v1/approvals/{approval_id}/approve")
+    async def approve(self, approval_id: str, request: Request) -> Response:
+        return await self._decide(approval_id, request, True)
+
+    @app.post("/v1/approvals/{approval_id}/reject")
+    async def reject(self, approval_id: str, request: Request) -> Response:
+        return await self._decide(approval_id, request, False)
+
+    async def _decide(self, approval_id: str, request: Request, approve: bool) -> Response:
+        principal, principal_id = identify(request.headers.get("authorization"), self._tenants)
+        body = await read_body(request, 64 << 10)
+        reason = decision_reason(body)
+        got = await self._approvals_call("decide", approval_id, approve, principal, principal_id, reason)
+        if isinstance(got, RequestError):
+            raise got
+        return JSONResponse(got)
+
+    async def _approvals_call(self, method: str, *args: Any, waits_s: float = 0.0) -> Any:
+        if self._approvals is None:
+            raise NotFound("this fleet keeps no approvals")
+        try:
+            async with asyncio.timeout(self._approvals_config.call_timeout_s + waits_s):
+                return await getattr(self._approvals, method).remote(*args)
+        except (TimeoutError, Exception) as exc:
+            raise ApprovalsUnavailable(f"the approvals service did not answer ({type(exc).__name__})") from None
 
     async def _admit(self, ctx: Context, card: AgentCard) -> Carried:
         """The ingress decision: may this principal call this agent? Returns its records."""
@@ -456,7 +551,10 @@ class Ingress:
             usage=result.usage,
             extension=ex.extension(card, result),
         )
-        return JSONResponse(body, headers=ex.headers())
+        headers = ex.headers()
+        if result.approvals:
+            headers[APPROVAL_HEADER] = ",".join(a["id"] for a in result.approvals)
+        return JSONResponse(body, headers=headers)
 
     async def _call(self, handle: DeploymentHandle[Any], chat: ChatRequest, ex: Exchange) -> AgentResult:
         response = handle.chat.remote(chat, ex.ctx)

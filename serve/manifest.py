@@ -119,6 +119,12 @@ class ToolGrant(Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="Tool name in tools.py.")
     scope: str = Field(pattern=SCOPE_PATTERN, description="Scope the agent needs to run it.")
     approval: bool = Field(default=False, description="A human must approve each call.")
+    approval_ttl_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a call waits for its approval before it is rejected "
+        "(default: the agent's approval_ttl_s).",
+    )
     timeout_s: float = Field(default=10.0, gt=0, le=600, description="Per-call timeout.")
     data: list[DataClass] = Field(
         default_factory=list,
@@ -292,6 +298,17 @@ class AgentManifest(Strict):
         "(default: no routing; the model decides through its `delegate_to_<agent>` tools).",
     )
     max_turns: int = Field(default=6, ge=1, le=50, description="Model calls per request, at most.")
+    approval_ttl_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="How long a gated call (a tool with approval: true, or one a policy escalates) "
+        "waits for a person before it is rejected.",
+    )
+    approval_webhook: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="URL that gets a POST of each approval this agent asks for (retried with backoff).",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

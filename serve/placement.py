@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from serve.approvals.config import ApprovalsConfig
 from serve.audit.config import AuditConfig
 from serve.budget.config import BudgetsConfig
 from serve.manifest import AgentManifest
@@ -25,6 +26,8 @@ __all__ = [
     "MEMORY_ACTOR_OPTIONS",
     "SERVICE_ACTOR_OPTIONS",
     "agent_options",
+    "approvals_options",
+    "approvals_path",
     "audit_options",
     "audit_path",
     "ingress_options",
@@ -70,6 +73,11 @@ def _state(path: str) -> Path:
 
 def audit_path(config: AuditConfig) -> Path:
     """The audit log's file."""
+    return _state(config.path)
+
+
+def approvals_path(config: ApprovalsConfig) -> Path:
+    """The approvals store's file."""
     return _state(config.path)
 
 
@@ -126,6 +134,16 @@ def budget_options() -> dict[str, Any]:
     """The ledger: one replica, placed as the other state services (the head's disk)."""
     return {
         "name": "budget",
+        "num_replicas": 1,
+        "ray_actor_options": AUDIT_ACTOR_OPTIONS,
+        "max_ongoing_requests": SERVICE_MAX_ONGOING_REQUESTS,
+    }
+
+
+def approvals_options() -> dict[str, Any]:
+    """Parked turns and their approvals: one replica, placed as the other state services."""
+    return {
+        "name": "approvals",
         "num_replicas": 1,
         "ray_actor_options": AUDIT_ACTOR_OPTIONS,
         "max_ongoing_requests": SERVICE_MAX_ONGOING_REQUESTS,

@@ -13,13 +13,30 @@ from dataclasses import dataclass, fields
 from decimal import Decimal
 from typing import Any, ClassVar, Literal
 
-__all__ = ["DelegationStep", "ModelCallStep", "OutcomeStep", "Step", "ToolCallStep", "ToolStatus"]
+__all__ = [
+    "ApprovalEvent",
+    "ApprovalStep",
+    "DelegationStep",
+    "ModelCallStep",
+    "OutcomeStep",
+    "Step",
+    "ToolCallStep",
+    "ToolStatus",
+]
 
 ToolStatus = Literal["ok", "invalid", "error", "denied", "escalated"]
 
 
+ApprovalEvent = Literal[
+    "requested", "approved", "rejected", "expired", "resumed", "ran", "outcome_unknown", "completed", "failed"
+]
+
+
 def _record(
-    step: ModelCallStep | ToolCallStep | DelegationStep, time: float, request_id: str, tenant: str
+    step: ModelCallStep | ToolCallStep | DelegationStep | ApprovalStep,
+    time: float,
+    request_id: str,
+    tenant: str,
 ) -> dict[str, Any]:
     """The record of an agent's step: the request's keys, its kind, then its fields in order."""
     record: dict[str, Any] = {"time": time, "request_id": request_id, "tenant": tenant, "kind": step.kind}
@@ -101,4 +118,22 @@ class OutcomeStep:
         return record
 
 
-Step = ModelCallStep | ToolCallStep | DelegationStep | OutcomeStep
+@dataclass(frozen=True, slots=True)
+class ApprovalStep:
+    """One step of a gated call's approval (recorded by the approvals service): requested,
+    decided (``by`` whom, ``detail`` the reason, PII redacted), resumed, the tool's run
+    (``detail`` its status), and how the request ended."""
+
+    kind: ClassVar[str] = "approval"
+    agent: str
+    approval_id: str
+    tool: str
+    event: ApprovalEvent
+    by: str | None = None
+    detail: str | None = None
+
+    def record(self, time: float, request_id: str, tenant: str) -> dict[str, Any]:
+        return _record(self, time, request_id, tenant)
+
+
+Step = ModelCallStep | ToolCallStep | DelegationStep | OutcomeStep | ApprovalStep

@@ -75,6 +75,7 @@ def explanation(
         "delegations": [
             _without(e, "kind", "request_id", "tenant") for e in steps if e["kind"] == "delegation"
         ],
+        "approvals": [_without(e, "kind", "request_id", "tenant") for e in steps if e["kind"] == "approval"],
         "decisions": [_without(d, "request_id", "tenant", "prev", "hash") for d in decisions],
         "outcome": outcome,
     }

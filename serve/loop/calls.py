@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from opentelemetry import trace as otel
@@ -29,7 +29,7 @@ from serve.errors import (
 )
 from serve.governance.decisions import Refusal
 from serve.loop.guard import Guard
-from serve.loop.results import DelegateTarget, Stats
+from serve.loop.results import AgentResult, DelegateTarget, Gate, Runs, Stats
 from serve.manifest import AgentManifest, delegate_tool_name
 from serve.policy.pii import scrub_name
 from serve.protocol import ChatRequest, ToolCall, Usage, UserMessage
@@ -43,10 +43,11 @@ BUILTIN_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
-    """How a call went, and what the model reads as its result."""
+    """How a call went, and what the model reads as its result; or that it waits (``gate``)."""
 
     status: ToolStatus
     text: str
+    gate: Gate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +68,14 @@ class ServerCalls:
         builtin: Mapping[str, Tool],
         delegates: Mapping[str, DelegateTarget],
         guard: Guard,
+        parking: bool = False,
     ) -> None:
         self._agent = manifest.name
         self._guard = guard
+        # Whether a gated call parks the turn (an approvals service keeps it) or, without
+        # one, is refused: the model is told it needs an approval nobody can give.
+        self._parking = parking
+        self._ttl = manifest.approval_ttl_s
         # Built-in tools (memory) decide at their own policy point, not at ``tool``.
         self._builtin = dict(builtin)
         self._tools = {**self._builtin, **tools}
@@ -89,7 +95,7 @@ class ServerCalls:
 
     async def run_all(
         self, calls: list[ToolCall], ctx: Context, stats: Stats, usage: Usage, agent_span: otel.Span
-    ) -> list[str]:
+    ) -> list[CallResult]:
         """The results of a turn's calls, in their order; several run at once."""
         if len(calls) == 1:  # the common case: no task to run it in
             return [await self.run(calls[0], ctx, stats, usage, agent_span)]
@@ -97,8 +103,43 @@ class ServerCalls:
 
     async def run(
         self, call: ToolCall, ctx: Context, stats: Stats, usage: Usage, agent_span: otel.Span
-    ) -> str:
+    ) -> CallResult:
         """Run one server-side call; every failure becomes text for the model."""
+        stats.tool_calls += 1
+
+        def attempt(traced: Context) -> Awaitable[CallResult]:
+            return self._attempt(call, traced, stats, usage)
+
+        return await self._traced(call, ctx, agent_span, attempt)
+
+    async def resume(
+        self,
+        call: ToolCall,
+        resolution: dict[str, Any],
+        ctx: Context,
+        stats: Stats,
+        usage: Usage,
+        agent_span: otel.Span,
+        runs: Runs,
+    ) -> CallResult:
+        """A gated call of a parked turn, now that it is resolved: an approved call runs
+        (once: ``runs`` claims it first), a rejected or expired one is told to the model,
+        a delegate's finished turn gives its answer."""
+
+        def attempt(traced: Context) -> Awaitable[CallResult]:
+            return self._resolved(call, resolution, traced, stats, usage, runs)
+
+        return await self._traced(call, ctx, agent_span, attempt)
+
+    async def _traced(
+        self,
+        call: ToolCall,
+        ctx: Context,
+        agent_span: otel.Span,
+        attempt: Callable[[Context], Awaitable[CallResult]],
+    ) -> CallResult:
+        """A call's span and ``tool_call`` step around ``attempt``; an ``ok`` result's data
+        is decided on before the model sees it."""
         name, started = call.function.name, time.monotonic()
         shown = name if self.reserves(name) else scrub_name(name)
         span = telemetry.tracer().start_span(
@@ -111,24 +152,25 @@ class ServerCalls:
                 gen_ai__tool__type="agent" if name in self._delegates else "function",
             ),
         )
-        stats.tool_calls += 1
         try:
-            result = await self._attempt(name, call.function.arguments, ctx.traced(span), stats, usage)
-            text = result.text
-            if result.status == "ok":
-                text = await self._guard.result(ctx, name, text, self._classes(name))
+            result = await attempt(ctx.traced(span))
+            if result.status == "ok" and result.gate is None:
+                text = await self._guard.result(ctx, name, result.text, self._classes(name))
+                result = CallResult("ok", text)
         except BaseException:
             span.set_status(otel.StatusCode.ERROR)
             span.end()
             raise
         span.set_attribute("fleet.tool.status", result.status)
-        if result.status != "ok":
+        if result.gate is not None:
+            span.set_attribute("fleet.approval.waits", True)
+        elif result.status != "ok":
             span.set_status(otel.StatusCode.ERROR)
             span.set_attribute("error.type", result.status)
         span.end()
         duration = round(time.monotonic() - started, 4)
         self._guard.step(ctx, ToolCallStep(self._agent, shown, result.status, duration))
-        return text
+        return result
 
     def _classes(self, name: str) -> list[str]:
         """The data classes a call's result may hold, as its grant (or delegate) declares them."""
@@ -137,9 +179,8 @@ class ServerCalls:
         grant = self._grants.get(name)
         return list(grant.data) if grant else []
 
-    async def _attempt(
-        self, name: str, arguments: str, ctx: Context, stats: Stats, usage: Usage
-    ) -> CallResult:
+    async def _attempt(self, call: ToolCall, ctx: Context, stats: Stats, usage: Usage) -> CallResult:
+        name, arguments = call.function.name, call.function.arguments
         checked = self._validate(name, arguments)
         if isinstance(checked, CallResult):
             stats.invalid_tool_calls += 1
@@ -149,8 +190,11 @@ class ServerCalls:
         try:
             refusal = await self._decide(name, decided, ctx)
         except ApprovalRequired as needed:
-            # The one place a call meets a human's approval: for now the model is told it
-            # was not run; the approvals service will park the turn here instead.
+            # The one place a call meets a human's approval: the turn parks (the agent
+            # stores it), or, with no approvals service, the model is told it was not run.
+            if self._parking and known:
+                stats.escalations += 1
+                return CallResult("escalated", "", gate=self._gate(call, checked, needed.decision_id))
             refusal = Refusal("escalate", str(needed))
         if not known:
             stats.invalid_tool_calls += 1
@@ -158,13 +202,29 @@ class ServerCalls:
             return self._refused(refusal, known, stats)
         if not known:  # a policy that lets unknown tools through cannot make them exist
             return CallResult("invalid", f"error: unknown tool {name!r}")
+        return await self._execute(call, checked, ctx, stats, usage)
+
+    async def _execute(
+        self, call: ToolCall, checked: _Checked, ctx: Context, stats: Stats, usage: Usage
+    ) -> CallResult:
+        """Run a call that may run: its tool, or its delegate (whose turn may park)."""
+        name = call.function.name
         try:
             if checked.arguments is not None:
                 grant = self._grants.get(name)
                 timeout = grant.timeout_s if grant else BUILTIN_TIMEOUT_S
                 return CallResult("ok", await self._tools[name].run(checked.arguments, timeout))
             if checked.task is not None:
-                return CallResult("ok", await self._delegate(name, checked.task, ctx, stats, usage))
+                result = await self._delegate(name, checked.task, ctx, stats)
+                if result.parked is not None:  # the delegate waits for people: so does this call
+                    gate = replace(
+                        self._gate(call, checked, None),
+                        child=result.parked,
+                        approvals=tuple(result.approvals),
+                    )
+                    return CallResult("escalated", "", gate=gate)
+                usage.add(result.usage)
+                return CallResult("ok", result.content or "")
             raise AssertionError(f"{name!r} is known but neither a tool nor a delegate")  # pragma: no cover
         except ToolDenied as exc:  # a tool's own policy decision (memory) refused what it asked
             stats.denials += 1
@@ -172,6 +232,62 @@ class ServerCalls:
         except ToolError as exc:
             stats.tool_failures += 1
             return CallResult("error", f"error: {exc}")
+
+    def _gate(self, call: ToolCall, checked: _Checked, decision_id: str | None) -> Gate:
+        name = call.function.name
+        grant = self._grants.get(name)
+        ttl = grant.approval_ttl_s if grant and grant.approval_ttl_s else self._ttl
+        arguments = checked.arguments if checked.arguments is not None else {}
+        if checked.task is not None:
+            arguments = checked.task.model_dump(mode="json")
+        return Gate(call.id, name, arguments, ttl, decision_id)
+
+    async def _resolved(
+        self,
+        call: ToolCall,
+        resolution: dict[str, Any],
+        ctx: Context,
+        stats: Stats,
+        usage: Usage,
+        runs: Runs,
+    ) -> CallResult:
+        name = call.function.name
+        if resolution["kind"] == "child":  # a delegate's turn that waited for people finished
+            agent = self._delegates[name][0] if name in self._delegates else name
+            result = resolution["result"]
+            if "error" in result:
+                stats.tool_failures += 1
+                return CallResult("error", f"error: agent {agent!r} failed: {result['error']['message']}")
+            usage.add(Usage.model_validate(result["usage"]))
+            return CallResult("ok", result["content"] or "")
+        decision, approval = resolution["decision"], resolution["id"]
+        if decision != "approved":
+            stats.denials += 1
+            why = f": {resolution['reason']}" if resolution.get("reason") else ""
+            by = "" if decision == "expired" else f" by {resolution['by']}"
+            return CallResult(
+                "denied", f"error: the call to {name!r} was {decision}{by}{why}; it was not run"
+            )
+        checked = self._validate(name, call.function.arguments)
+        if isinstance(checked, CallResult):  # validated at parking: only a changed tool fails here
+            stats.invalid_tool_calls += 1
+            return checked
+        got, outcome = await runs.start(approval)
+        if got == "done":  # it ran, and the replica that ran it was lost after: not again
+            return CallResult("ok", outcome or "")
+        if got == "unknown":
+            stats.tool_failures += 1
+            return CallResult(
+                "error",
+                f"error: the approved call to {name!r} started and its outcome is unknown "
+                "(the replica running it was lost); it was not run again",
+            )
+        if got != "start":
+            stats.denials += 1
+            return CallResult("denied", f"error: the call to {name!r} has no approval to run; it was not run")
+        result = await self._execute(call, checked, ctx, stats, usage)
+        await runs.ran(approval, result.text, result.status)
+        return result
 
     def _validate(self, name: str, arguments: str) -> _Checked | CallResult:
         """The arguments as the call would get them (what the policy judges), or why they are invalid."""
@@ -205,21 +321,17 @@ class ServerCalls:
             return None  # each memory read or write is decided at the ``memory`` point
         return await self._guard.tool(ctx, name, arguments)
 
-    async def _delegate(
-        self, tool_name: str, args: DelegateArgs, ctx: Context, stats: Stats, usage: Usage
-    ) -> str:
+    async def _delegate(self, tool_name: str, args: DelegateArgs, ctx: Context, stats: Stats) -> AgentResult:
         agent, delegate = self._delegates[tool_name]
         stats.delegations.append(agent)
         self._guard.step(ctx, DelegationStep(self._agent, agent))
         request = ChatRequest(model=agent, messages=[UserMessage(role="user", content=args.task)])
         try:
-            result = await delegate.call(request, ctx)
+            return await delegate.call(request, ctx)
         except BudgetExceeded:  # the request's budget is spent: the request ends, not the call
             raise
         except RequestError as exc:
             raise ToolError(f"agent {agent!r} failed: {exc.message}") from None
-        usage.add(result.usage)
-        return result.content or ""
 
 
 def _delegate_schema(agent: str, description: str) -> dict[str, Any]:

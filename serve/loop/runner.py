@@ -42,10 +42,10 @@ from serve import telemetry
 from serve.budget import Hold, Price, Purse, prompt_bound
 from serve.budget.slices import AgentLedger, SliceHold
 from serve.context import Context
-from serve.errors import BudgetExceeded, InvalidRequest, MaxTurnsExceeded
+from serve.errors import BudgetExceeded, InvalidRequest, MaxTurnsExceeded, TurnParked
 from serve.loop.calls import ServerCalls
 from serve.loop.guard import Guard
-from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Event, Finished, ModelCaller
+from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Event, Finished, ModelCaller, Runs
 from serve.loop.routing import (
     ROUTING_MAX_TOKENS,
     Matcher,
@@ -64,11 +64,21 @@ from serve.protocol import ChatRequest, NamedToolChoice, ToolCall, Usage
 from serve.steps import ModelCallStep
 from serve.tools import Tool
 
-__all__ = ["AgentLoop"]
+__all__ = ["AgentLoop", "Resumed"]
 
 # A model call with no max_tokens, where a budget applies, is bounded so that its worst
 # case can be held: 4096 tokens (a long answer on any model here).
 UNBOUNDED_CALL_TOKENS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """A parked turn to go on with: its state, how each of its waiting calls was resolved
+    (by call id, as the approvals store tells), and the runs of approved calls."""
+
+    state: LoopState
+    resolutions: dict[str, dict[str, Any]]
+    runs: Runs
 
 
 @dataclass(slots=True)
@@ -93,6 +103,7 @@ class AgentLoop:
         builtin: Mapping[str, Tool] | None = None,
         price: Price | None = None,
         ledger: AgentLedger | None = None,
+        parking: bool = False,
     ) -> None:
         self.spec = spec
         self._price = price  # of the agent's model backend (None: its calls cost nothing)
@@ -101,27 +112,38 @@ class AgentLoop:
         self.manifest = spec.manifest
         self._model = model
         self._prompt = PromptRenderer(spec)
-        self._calls = ServerCalls(spec.manifest, tools, builtin or {}, delegates, guard)
+        self._calls = ServerCalls(spec.manifest, tools, builtin or {}, delegates, guard, parking)
         # The routes: each delegate's description, in the manifest's order.
         self._routes = {n: delegates[n].description for n in spec.manifest.delegates if n in delegates}
         routing = spec.manifest.routing
         self._matcher = Matcher(routing, self._routes) if routing and self._routes else None
 
     async def run(
-        self, request: ChatRequest, ctx: Context, history: list[dict[str, Any]] | None = None
+        self,
+        request: ChatRequest,
+        ctx: Context,
+        history: list[dict[str, Any]] | None = None,
+        resumed: Resumed | None = None,
     ) -> AgentResult:
-        async with contextlib.aclosing(self.events(request, ctx, history)) as events:
+        async with contextlib.aclosing(self.events(request, ctx, history, resumed)) as events:
             async for event in events:
                 if isinstance(event, Finished):
                     return event.result
         raise AssertionError("the loop ended without a result")  # pragma: no cover
 
     async def events(
-        self, request: ChatRequest, ctx: Context, history: list[dict[str, Any]] | None = None
+        self,
+        request: ChatRequest,
+        ctx: Context,
+        history: list[dict[str, Any]] | None = None,
+        resumed: Resumed | None = None,
     ) -> AsyncGenerator[Event, None]:
         """The loop's output as it happens, inside one ``invoke_agent`` span.
 
-        ``history``: earlier turns of the session, between the system prompt and the request."""
+        ``history``: earlier turns of the session, between the system prompt and the request.
+        ``resumed``: a parked turn to go on with (its state, and how its gated calls were
+        resolved), instead of a new one. A turn that parks raises :class:`TurnParked`,
+        carrying its state (``exc.state``)."""
         m = self.manifest
         span = telemetry.tracer().start_span(
             f"invoke_agent {m.name}",
@@ -136,12 +158,15 @@ class AgentLoop:
         try:
             # Closed here, not left to the garbage collector: asyncio would finalize it in
             # a task of its own, scheduled through the loop's self-pipe.
-            async with contextlib.aclosing(self._events(request, ctx, span, history or [])) as steps:
+            async with contextlib.aclosing(self._events(request, ctx, span, history or [], resumed)) as steps:
                 async for event in steps:
                     if isinstance(event, Finished):
                         _finish_span(span, event.result)
                     yield event
         except GeneratorExit:  # the consumer stopped reading after the result: not an error
+            raise
+        except TurnParked:  # not a failure: the turn waits for people
+            span.set_attribute("fleet.parked", True)
             raise
         except BaseException as exc:
             span.set_status(otel.StatusCode.ERROR)
@@ -151,13 +176,46 @@ class AgentLoop:
             span.end()
 
     async def _events(
-        self, request: ChatRequest, ctx: Context, span: otel.Span, history: list[dict[str, Any]]
+        self,
+        request: ChatRequest,
+        ctx: Context,
+        span: otel.Span,
+        history: list[dict[str, Any]],
+        resumed: Resumed | None,
     ) -> AsyncGenerator[Event, None]:
         client_tools = self._client_tools(request)
-        state = self._start(request, history, ctx)
+        state = self._start(request, history, ctx) if resumed is None else resumed.state
+        try:
+            async with contextlib.aclosing(
+                self._turns(request, ctx, span, state, client_tools, resumed)
+            ) as turns:
+                async for event in turns:
+                    yield event
+        except TurnParked as parked:
+            parked.state = state  # type: ignore[attr-defined]  # what the agent stores
+            raise
+
+    async def _turns(
+        self,
+        request: ChatRequest,
+        ctx: Context,
+        span: otel.Span,
+        state: LoopState,
+        client_tools: set[str],
+        resumed: Resumed | None,
+    ) -> AsyncGenerator[Event, None]:
         schemas = self._calls.schemas + [t.model_dump(exclude_none=True) for t in request.tools or []]
         first = 1
-        routing = self._routes_first(request, state, client_tools)
+        if resumed is not None:
+            handed = await self._resume_calls(ctx, state, span, resumed)
+            if handed is not None:  # a routed request: the delegate's reply is the answer
+                if handed:
+                    yield ContentDelta(handed)
+                state.said.append(handed)
+                yield Finished(_answer(state, "stop"))
+                return
+            first = state.turn + 1
+        routing = None if resumed is not None else self._routes_first(request, state, client_tools)
         if routing is not None:
             handed = await self._route(ctx, state, span, routing)
             if handed is not None:  # the delegate's reply is the answer
@@ -230,7 +288,9 @@ class AgentLoop:
         stats = state.stats
         refused = stats.denials + stats.escalations + stats.tool_failures + stats.invalid_tool_calls
         state.pending = [delegation_call(agent, question)]
+        state.routed = routing.answer != "model"  # if the turn parks, its resume hands the reply on
         await self._run_calls(ctx, state, "", span)
+        state.routed = False
         if routing.answer == "model":
             return None
         if stats.denials + stats.escalations + stats.tool_failures + stats.invalid_tool_calls > refused:
@@ -444,7 +504,8 @@ class AgentLoop:
         return said
 
     async def _run_calls(self, ctx: Context, state: LoopState, said: str, span: otel.Span) -> None:
-        """Run the turn's server-side calls; their results go to the model next turn."""
+        """Run the turn's server-side calls; their results go to the model next turn. If
+        some must wait for people, the others' results are kept and the turn parks."""
         calls = state.pending
         state.messages.append(_assistant(said, calls))
         # Each delegation is handed an even share of what is left; what it reports it
@@ -457,14 +518,61 @@ class AgentLoop:
             results = await self._calls.run_all(
                 calls, replace(ctx, allowance=share), state.stats, state.usage, span
             )
-        finally:
+        finally:  # a parking turn holds nothing: its resume takes what it needs again
             purse.settle(hold, state.usage.cost_usd - spent_before)
+        gates = [r.gate for r in results if r.gate is not None]
+        if gates:
+            state.answered = {c.id: r.text for c, r in zip(calls, results, strict=True) if r.gate is None}
+            raise TurnParked(gates)
+        self._answer_calls(state, [r.text for r in results])
+
+    def _answer_calls(self, state: LoopState, results: list[str]) -> None:
+        calls = state.pending
         state.messages.extend(
             {"role": "tool", "tool_call_id": c.id, "content": r} for c, r in zip(calls, results, strict=True)
         )
         state.seen = len(state.messages)  # results were decided on as data already
         state.pending = []
+        state.answered = {}
         state.tool_choice = "auto"
+
+    async def _resume_calls(
+        self, ctx: Context, state: LoopState, span: otel.Span, resumed: Resumed
+    ) -> str | None:
+        """Answer a parked turn's waiting calls as they were resolved; park again if one
+        waits anew (an approved delegation whose delegate parks). For a routed request,
+        returns the delegate's reply, which is the answer."""
+        waiting = [c for c in state.pending if c.id not in state.answered]
+        unresolved = [c.function.name for c in waiting if c.id not in resumed.resolutions]
+        if unresolved:  # the store resolves every call it parked: a mismatch is a bug, not a guess
+            raise AssertionError(f"parked calls without a resolution: {unresolved}")
+        delegations = self._calls.delegations(waiting)
+        purse, share = state.purse, state.purse.share(delegations)
+        hold = purse.hold(share * delegations if share is not None else Decimal(0))
+        spent_before = state.usage.cost_usd
+        try:
+            results = await asyncio.gather(
+                *(
+                    self._calls.resume(
+                        c, resumed.resolutions[c.id], replace(ctx, allowance=share), state.stats, state.usage,
+                        span, resumed.runs,
+                    )
+                    for c in waiting
+                )
+            )  # fmt: skip
+        finally:
+            purse.settle(hold, state.usage.cost_usd - spent_before)
+        gates = [r.gate for r in results if r.gate is not None]
+        state.answered.update({c.id: r.text for c, r in zip(waiting, results, strict=True) if r.gate is None})
+        if gates:
+            raise TurnParked(gates)
+        routed, ok = state.routed, all(r.status == "ok" for r in results)
+        self._answer_calls(state, [state.answered[c.id] for c in state.pending])
+        state.routed = False
+        if not routed or not ok:
+            return None
+        reply = state.messages[-1]["content"]
+        return await self._guard.model_output(ctx, reply, max(state.turn, 1)) if reply else ""
 
     def _client_tools(self, request: ChatRequest) -> set[str]:
         names: set[str] = set()

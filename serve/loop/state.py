@@ -59,6 +59,13 @@ class LoopState:
     pending: Annotated[
         list[ToolCall], Field(description="The calls the model asked for this turn, not yet answered.")
     ] = field(default_factory=list)
+    answered: Annotated[
+        dict[str, str],
+        Field(description="Results of this turn's calls that ran, by call id, while others wait for people."),
+    ] = field(default_factory=dict)
+    routed: Annotated[
+        bool, Field(description="The pending call is the request's routing, whose answer is the delegate's.")
+    ] = False
     purse: Annotated[
         Purse, Field(description="What the request may still spend here, and what it spent and holds.")
     ] = field(default_factory=Purse)

@@ -24,7 +24,9 @@ __all__ = [
     "policy_input_json_schema",
 ]
 
-Point = Literal["ingress", "model_input", "model_output", "tool", "delegation", "data", "memory", "budget"]
+Point = Literal[
+    "ingress", "model_input", "model_output", "tool", "delegation", "data", "memory", "budget", "approval"
+]
 POINTS: tuple[Point, ...] = (
     "ingress",
     "model_input",
@@ -34,6 +36,7 @@ POINTS: tuple[Point, ...] = (
     "data",
     "memory",
     "budget",
+    "approval",
 )
 Outcome = Literal["allow", "deny", "redact", "escalate"]
 INPUT_VERSION: Literal["fleet.policy/v1"] = "fleet.policy/v1"
@@ -83,6 +86,9 @@ class PolicyInput(_Doc):
     - budget: ``{"budget": name, "amount": usd, "left": usd, "limit": usd}`` (a model
       call's worst case that the named budget cannot cover; amounts are decimal strings;
       ``allow`` lets the call overdraw it)
+    - approval: ``{"operation": "approve"|"reject"|"view", "approval": id, "tool": name,
+      "requester": id, "requester_tenant": t, "decider": id}`` (``principal`` is who decides
+      or looks; ``agent`` the agent whose call waits; ids as ``<tenant>:<16 hex>``)
     """
 
     version: Literal["fleet.policy/v1"] = INPUT_VERSION

@@ -34,6 +34,8 @@ SPENDER_KEY = "fk-test-spender"  # role qa, a tenant with a daily budget (test_b
 SPENDER_ADMIN_KEY = "fk-test-spender-admin"  # the spender tenant, role admin: may overdraw its day
 HOLDER_KEY = "fk-test-holder"  # role qa, a tenant whose held reservations die with keeper's replicas
 HASTY_KEY = "fk-test-hasty"  # role qa, a tenant with 3 requests a minute (test_budget_http)
+APPROVER_KEY = "fk-test-approver"  # tenant ops, role approver: decides on gated calls (test_approvals_http)
+QA_APPROVER_KEY = "fk-test-qa-approver"  # tenant qa, roles qa and approver: asks, and decides others'
 
 
 def free_port() -> int:
@@ -52,6 +54,7 @@ class Fleet:
     ray_address: str | None  # the cluster's GCS address (None: not known when reusing one)
     metrics_url: str | None = None  # Ray's Prometheus endpoint (None: not known when reusing one)
     spans: Path | None = None  # spans of both applications (FLEET_TRACES_FILE)
+    runs: Path | None = None  # the test agents' gated tools write a line per run (FLEET_TEST_RUNS)
 
     def client(self, base: str | None = None, key: str | None = None) -> httpx.Client:
         headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -89,6 +92,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     test_app["args"]["governance"]["audit"]["path"] = str(audit_log)
     test_app["args"]["memory"]["path"] = str(work / "memory" / "fleet-test.db")
     test_app["args"]["budgets"]["path"] = str(work / "budget" / "fleet-test.db")
+    test_app["args"]["approvals"]["path"] = str(work / "approvals" / "fleet-test.db")
+    test_app["runtime_env"]["env_vars"]["FLEET_TEST_RUNS"] = str(work / "runs.jsonl")
     config["applications"].append(test_app)
     config_path = work / "deploy.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -114,7 +119,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         url = f"http://127.0.0.1:{port}"
         gcs = info.address_info["gcs_address"]
         metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-        yield Fleet(url, url + "/test", dashboard, logs, audit_log, gcs, metrics, spans)
+        yield Fleet(url, url + "/test", dashboard, logs, audit_log, gcs, metrics, spans, work / "runs.jsonl")
     finally:
         try:
             rayserve.shutdown()
