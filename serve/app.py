@@ -217,6 +217,7 @@ def build_app(args: dict[str, Any]) -> Application:
     )
     cards = {name: agent_card(spec) for name, spec in specs.items()}
     webhooks = {n: s.manifest.approval_webhook for n, s in specs.items() if s.manifest.approval_webhook}
+    webhooks |= {n: url for n, url in fleet.approvals.webhooks.items() if n in specs}
     approvals = (
         _deployment(ApprovalsService)
         .options(**approvals_options())

@@ -33,6 +33,11 @@ class ApprovalsConfig(BaseModel):
     max_wait_s: float = Field(
         default=60.0, gt=0, description="The longest `GET /v1/approvals/{id}?wait=N` holds a request."
     )
+    webhooks: dict[str, str] = Field(
+        default_factory=dict,
+        description="A URL per agent that gets a POST of each approval it asks for (over the "
+        "manifest's approval_webhook): how a platform team routes them to its chat or ticket tool.",
+    )
     test_clock: bool = Field(
         default=False,
         description="Let a test move the service's clock (`advance`): for expiry tests only.",

@@ -8,6 +8,7 @@ of the agent loop. The cluster is stopped when the package's tests end, even on 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -44,6 +46,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Hooks:
+    """A local webhook receiver: the approvals service posts each approval here. Its first
+    POST of every approval is answered 503, so the service's retry is exercised."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.received: list[dict[str, Any]] = []
+        hooks = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                first = all(r["approval"]["id"] != body["approval"]["id"] for r in hooks.received)
+                hooks.received.append(body)
+                self.send_response(503 if first else 204)
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 @dataclass(frozen=True)
 class Fleet:
     url: str  # the example fleet (configs/local.yaml), e.g. http://127.0.0.1:PORT
@@ -55,6 +89,7 @@ class Fleet:
     metrics_url: str | None = None  # Ray's Prometheus endpoint (None: not known when reusing one)
     spans: Path | None = None  # spans of both applications (FLEET_TRACES_FILE)
     runs: Path | None = None  # the test agents' gated tools write a line per run (FLEET_TEST_RUNS)
+    hooks: Hooks | None = None  # where tester's approvals are posted (approvals.webhooks)
 
     def client(self, base: str | None = None, key: str | None = None) -> httpx.Client:
         headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -94,6 +129,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     test_app["args"]["budgets"]["path"] = str(work / "budget" / "fleet-test.db")
     test_app["args"]["approvals"]["path"] = str(work / "approvals" / "fleet-test.db")
     test_app["runtime_env"]["env_vars"]["FLEET_TEST_RUNS"] = str(work / "runs.jsonl")
+    hooks = Hooks()
+    test_app["args"]["approvals"]["webhooks"] = {"tester": hooks.url}
     config["applications"].append(test_app)
     config_path = work / "deploy.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -119,11 +156,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         url = f"http://127.0.0.1:{port}"
         gcs = info.address_info["gcs_address"]
         metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-        yield Fleet(url, url + "/test", dashboard, logs, audit_log, gcs, metrics, spans, work / "runs.jsonl")
+        runs = work / "runs.jsonl"
+        yield Fleet(url, url + "/test", dashboard, logs, audit_log, gcs, metrics, spans, runs, hooks)
     finally:
         try:
             rayserve.shutdown()
         finally:
+            hooks.close()
             ray.shutdown()
             _wait_closed(info.address_info["gcs_address"], timeout_s=60)
 
