@@ -222,7 +222,13 @@ def build_app(args: dict[str, Any]) -> Application:
         _deployment(ApprovalsService)
         .options(**approvals_options())
         .bind(
-            str(approvals_path(fleet.approvals)), fleet.approvals, cards, fleet.governance, root, audit, webhooks
+            str(approvals_path(fleet.approvals)),
+            fleet.approvals,
+            cards,
+            fleet.governance,
+            root,
+            audit,
+            webhooks,
         )
     )
     bound: dict[str, Any] = {}

@@ -184,7 +184,7 @@ def decision_reason(body: bytes) -> str | None:
     try:
         doc = json.loads(body)
     except ValueError:
-        raise InvalidRequest("the body is not JSON: send {} or {\"reason\": \"...\"}") from None
+        raise InvalidRequest('the body is not JSON: send {} or {"reason": "..."}') from None
     if not isinstance(doc, dict) or set(doc) - {"reason"}:
         raise InvalidRequest("the body takes one field, reason", param="reason")
     reason = doc.get("reason")
@@ -437,7 +437,9 @@ class Ingress:
             async with asyncio.timeout(self._approvals_config.call_timeout_s + waits_s):
                 return await getattr(self._approvals, method).remote(*args)
         except (TimeoutError, Exception) as exc:
-            raise ApprovalsUnavailable(f"the approvals service did not answer ({type(exc).__name__})") from None
+            raise ApprovalsUnavailable(
+                f"the approvals service did not answer ({type(exc).__name__})"
+            ) from None
 
     async def _admit(self, ctx: Context, card: AgentCard) -> Carried:
         """The ingress decision: may this principal call this agent? Returns its records."""

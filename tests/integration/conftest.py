@@ -58,7 +58,7 @@ class Hooks:
         hooks = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 first = all(r["approval"]["id"] != body["approval"]["id"] for r in hooks.received)
                 hooks.received.append(body)
