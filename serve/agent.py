@@ -244,7 +244,10 @@ class AgentDeployment:
             await self._remember(ctx, result)
             return result
         except TurnParked as parked:
-            return await self._park(request, ctx, parked)
+            try:
+                return await self._park(request, ctx, parked)
+            except RequestError as exc:  # the approvals service did not answer: nothing parked
+                return exc
         except RequestError as exc:
             return exc
         except Exception as exc:

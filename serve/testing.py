@@ -214,11 +214,14 @@ class GovernedAgent:
         shadow: Sequence[str] = (),
         root: Path = PROJECT_ROOT,
         price: Price | None = None,
+        parking: bool = False,
     ) -> None:
         by_name = dict(tools) if isinstance(tools, Mapping) else {t.name: t for t in tools}
         self.spec, self.model = spec, model
         self.guard, self.audit = governed(spec, policies=policies, shadow=shadow, root=root)
-        self.loop = AgentLoop(spec, by_name, model, dict(delegates or {}), self.guard, builtin, price)
+        self.loop = AgentLoop(
+            spec, by_name, model, dict(delegates or {}), self.guard, builtin, price, parking=parking
+        )
 
     def request(self, text: str, **extra: Any) -> ChatRequest:
         """A chat request to this agent with one user message (``extra``: other fields)."""

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class ApprovalsService:
         audit: Any,
         webhooks: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        resume: Callable[[str, str, str], Awaitable[Any]] | None = None,
     ) -> None:
         logs.route_to_serve()
         self._config = config
@@ -70,6 +71,7 @@ class ApprovalsService:
         self._gov = Governor(self._engine, None, MetricsSink(self._audit, None, "", ()), self._now)
         self._webhooks = dict(webhooks or {})
         self._handles: dict[tuple[str, str], Any] = {}
+        self._send = resume or self._call_resume  # (app, deployment, turn id): a test's double
         self._changed: dict[str, asyncio.Event] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -117,7 +119,7 @@ class ApprovalsService:
         self._start()
         claim = self._store.claim(turn_id, holder, self._config.lease_s)
         if claim is not None:
-            for row in self._rows(turn_id):
+            for row in self._store.of_turn(turn_id):
                 self._step(row, "resumed", None, None)
         return claim
 
@@ -127,11 +129,12 @@ class ApprovalsService:
     async def start_run(self, approval_id: str, holder: str) -> tuple[str, str | None]:
         """Claim the one run of an approved call (see :meth:`SqliteApprovals.start_run`)."""
         got = self._store.start_run(approval_id, holder)
-        if got[0] == "unknown":
+        if got[0] == "lost":
             row = self._store.approval(approval_id)
-            if row is not None:
-                self._step(row, "outcome_unknown", None, None)
-                await self._audit.commit()
+            assert row is not None
+            self._step(row, "outcome_unknown", None, None)
+            await self._audit.commit()
+            return "unknown", None
         return got
 
     async def ran(self, approval_id: str, holder: str, outcome: str, status: str) -> bool:
@@ -151,7 +154,7 @@ class ApprovalsService:
             return False
         event: ApprovalEvent = "failed" if failed else "completed"
         if not turn["nested"]:
-            for row in self._tree(turn_id):
+            for row in self._store.of_tree(turn_id):
                 self._step(row, event, None, None)
                 self._wake(row["id"])
         await self._audit.commit()
@@ -269,11 +272,12 @@ class ApprovalsService:
         while True:
             try:
                 self._expire()
-                for turn in self._store.lapsed():
+                turns, lost = self._store.lapsed()
+                for turn in turns:
                     log.warning("turn %s: its replica was lost; sending it again", turn["id"])
-                    for row in self._store.unknown_runs(turn["id"]):
-                        self._step(row, "outcome_unknown", None, None)
-                        self._wake(row["id"])
+                for row in lost:
+                    self._step(row, "outcome_unknown", None, None)
+                    self._wake(row["id"])
                 self._dispatch_ready()
                 self._gauge()
             except Exception as exc:  # the next sweep tries again
@@ -297,25 +301,18 @@ class ApprovalsService:
     async def _resume(self, turn: dict[str, Any]) -> None:
         """Ask a replica of the turn's own deployment to resume it (any replica; the claim
         makes it one). Not awaited by the decision: a lost call is sent again by the sweep."""
-        key = (turn["app"], turn["deployment"])
-        handle = self._handles.get(key)
         try:
-            if handle is None:
-                handle = self._handles[key] = rayserve.get_deployment_handle(turn["deployment"], turn["app"])
-            await handle.resume.remote(turn["id"])
+            await self._send(turn["app"], turn["deployment"], turn["id"])
         except Exception as exc:
             log.warning(
                 "resuming turn %s failed (%s); the sweep sends it again", turn["id"], type(exc).__name__
             )
 
-    def _rows(self, turn_id: str) -> list[dict[str, Any]]:
-        return [r for r in self._store.approvals() if r["turn"] == turn_id]
-
-    def _tree(self, root_id: str) -> list[dict[str, Any]]:
-        """Every approval of a request tree whose top turn is ``root_id``."""
-        return [
-            r for r in self._store.approvals() if (self._store.root(r["turn"]) or {}).get("id") == root_id
-        ]
+    async def _call_resume(self, app: str, deployment: str, turn_id: str) -> None:
+        handle = self._handles.get((app, deployment))
+        if handle is None:
+            handle = self._handles[(app, deployment)] = rayserve.get_deployment_handle(deployment, app)
+        await handle.resume.remote(turn_id)
 
     async def _may_view(self, row: dict[str, Any], principal: Principal, principal_id: str) -> bool:
         """The requester sees its own; others as the ``approval`` policy's ``view`` says

@@ -160,6 +160,21 @@ class SqliteApprovals:
             rows = [r for r in rows if self.status(r) == status]
         return rows
 
+    def of_turn(self, turn_id: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE turn=?", (turn_id,))
+        return [dict(r) for r in rows]
+
+    def of_tree(self, root_id: str) -> list[dict[str, Any]]:
+        """Every approval of the request tree whose top turn is ``root_id``."""
+        turns, frontier = [root_id], [root_id]
+        while frontier:
+            marks = ",".join("?" * len(frontier))
+            frontier = [
+                r[0] for r in self._db.execute(f"SELECT id FROM turns WHERE parent IN ({marks})", frontier)
+            ]
+            turns += frontier
+        return [row for turn in turns for row in self.of_turn(turn)]
+
     def turn(self, turn_id: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT * FROM turns WHERE id=?", (turn_id,)).fetchone()
         return None if row is None else dict(row)
@@ -251,7 +266,7 @@ class SqliteApprovals:
                 return None
             turn = dict(db.execute("SELECT * FROM turns WHERE id=?", (turn_id,)).fetchone())
         resolutions: dict[str, dict[str, Any]] = {}
-        for row in self._db.execute(f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE turn=?", (turn_id,)):
+        for row in self.of_turn(turn_id):
             resolutions[row["call_id"]] = {
                 "kind": "approval",
                 "id": row["id"],
@@ -276,7 +291,8 @@ class SqliteApprovals:
     def start_run(self, approval_id: str, holder: str) -> tuple[str, str | None]:
         """Mark an approved call's run started, once: ``("start", None)`` the first time;
         ``("done", outcome)`` if it ran already; ``("unknown", None)`` if a run started and
-        its outcome never came (its replica was lost); ``("refused", None)`` if the
+        its outcome never came (its replica was lost: ``"lost"`` when this call found it
+        so); ``("refused", None)`` if the
         approval is not approved (a forged or replayed resume)."""
         with self._tx() as db:
             row = db.execute(
@@ -286,9 +302,11 @@ class SqliteApprovals:
                 return "refused", None
             if row["run"] == "done":
                 return "done", row["outcome"]
-            if row["run"] is not None:  # started by another (lost) resume, or unknown
-                db.execute("UPDATE approvals SET run='unknown' WHERE id=?", (approval_id,))
+            if row["run"] == "unknown":
                 return "unknown", None
+            if row["run"] == "started":  # by a resume that is gone (this one started afresh)
+                db.execute("UPDATE approvals SET run='unknown' WHERE id=?", (approval_id,))
+                return "lost", None
             db.execute("UPDATE approvals SET run='started', run_holder=? WHERE id=?", (holder, approval_id))
         return "start", None
 
@@ -314,32 +332,34 @@ class SqliteApprovals:
                 return None
             return dict(db.execute("SELECT * FROM turns WHERE id=?", (turn_id,)).fetchone())
 
-    def lapsed(self) -> list[dict[str, Any]]:
-        """Turns whose resuming replica stopped renewing: handed back, ready to send again.
-        A run such a replica started and never finished is marked unknown (never run again)."""
+    def lapsed(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Turns whose resuming replica stopped renewing, handed back (ready to send again);
+        and the approved calls such a replica started and never finished, now marked
+        unknown (never run again)."""
         now = self._now()
         with self._tx() as db:
-            rows = [
+            turns = [
                 dict(r)
                 for r in db.execute("SELECT * FROM turns WHERE status='resuming' AND lease_until < ?", (now,))
             ]
-            for row in rows:
+            lost = []
+            for turn in turns:
+                lost += [
+                    dict(r)
+                    for r in db.execute(
+                        f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE turn=? AND run='started' AND run_holder=?",
+                        (turn["id"], turn["holder"]),
+                    )
+                ]
                 db.execute(
                     "UPDATE approvals SET run='unknown' WHERE turn=? AND run='started' AND run_holder=?",
-                    (row["id"], row["holder"]),
+                    (turn["id"], turn["holder"]),
                 )
                 db.execute(
-                    "UPDATE turns SET status='parked', holder=NULL, lease_until=NULL, dispatched=NULL "
-                    "WHERE id=?",
-                    (row["id"],),
+                    "UPDATE turns SET status='parked', holder=NULL, lease_until=NULL, dispatched=NULL WHERE id=?",
+                    (turn["id"],),
                 )
-        return rows
-
-    def unknown_runs(self, turn_id: str) -> list[dict[str, Any]]:
-        rows = self._db.execute(
-            f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE turn=? AND run='unknown'", (turn_id,)
-        )
-        return [dict(r) for r in rows]
+        return turns, lost
 
     def pending_counts(self) -> dict[str, int]:
         rows = self._db.execute("SELECT agent, count(*) FROM approvals WHERE decision IS NULL GROUP BY agent")
