@@ -24,6 +24,7 @@ from ray import serve as rayserve
 from ray.serve.exceptions import BackPressureError
 
 from serve.app import agent_card
+from serve.approvals.inbox import render_inbox
 from serve.auth import TenantKey, hash_key
 from serve.budget.config import BudgetLimits, BudgetsConfig
 from serve.cards import AgentCard
@@ -482,6 +483,19 @@ def test_with_keys_every_endpoint_but_health_needs_one(serve_with: Any) -> None:
         assert keyed[-2].headers["content-type"].startswith("text/html")
         # Health answers anyone, and says no more than that the ingress lives.
         assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+    run(scenario())
+
+
+def test_the_approvals_inbox_page_answers_anyone_its_list_needs_a_key(serve_with: Any) -> None:
+    async def scenario() -> None:
+        fleet = serve_with(FakeAgent(), config=KEYED)
+        page = await fleet.http.get("/v1/approvals", params={"format": "html"})
+        listed = await fleet.http.get("/v1/approvals", params={"status": "pending"})
+        await fleet.settle()
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.text == render_inbox()  # the page holds no data: it asks with the key typed in
+        assert listed.status_code == 401
 
     run(scenario())
 
