@@ -32,7 +32,8 @@ up: install
 down:
 	$(BIN)/fleet down
 
-# The explanation page's test reads it in a real headless browser: Debian's chromium.
+# The explanation and approvals inbox pages' tests use a real headless browser: Debian's
+# chromium (the inbox test drives it with Playwright, whose own browser downloads it never runs).
 browser:
 	@command -v chromium >/dev/null || { echo "installing chromium (Debian's package) for the browser test ..."; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
