@@ -24,7 +24,7 @@ table{border-collapse:collapse;width:100%;margin-bottom:1.5rem}
 td,th{border:1px solid #ccc;padding:.3rem .5rem;text-align:left;vertical-align:top}th{background:#f4f4f4}
 pre{margin:0;white-space:pre-wrap;word-break:break-word;font-size:.85rem;max-height:16rem;overflow:auto}
 .id,.version{color:#666;font-size:.8rem}.id{font-family:ui-monospace,monospace}
-.decide{white-space:nowrap}.decide input{width:12rem}
+.age,.expires,.decide{white-space:nowrap}.decide input{width:12rem}
 button.approve{color:#060}button.reject{color:#a00}
 #status{min-height:1.5em}#status.error{color:#a00}
 </style></head><body>
@@ -129,9 +129,13 @@ function buildRow(approval) {
 }
 
 function showTimes(row, approval, now) {
-  row.querySelector(".age").textContent = `${span(now - approval.created_at)} ago`;
+  const age = row.querySelector(".age");
+  const expires = row.querySelector(".expires");
+  age.textContent = `${span(now - approval.created_at)} ago`;
   const left = approval.expires_at - now;
-  row.querySelector(".expires").textContent = left > 0 ? `in ${span(left)}` : "expired";
+  expires.textContent = left > 0 ? `in ${span(left)}` : "expired";
+  age.title = new Date(approval.created_at * 1000).toLocaleString();  // the moment, on hover
+  expires.title = new Date(approval.expires_at * 1000).toLocaleString();
 }
 
 // Rows already shown are kept, not rebuilt: a reason half typed survives a refresh.
