@@ -172,6 +172,7 @@ def session_id(request: Request, chat: ChatRequest) -> str | None:
 
 
 APPROVAL_HEADER = "x-fleet-approval-id"
+INBOX_HEADERS = {"x-frame-options": "DENY", "content-security-policy": "frame-ancestors 'none'"}
 APPROVAL_STATUSES = (
     "pending", "approved", "rejected", "expired", "running", "completed", "outcome_unknown", "failed"
 )  # fmt: skip
@@ -386,7 +387,9 @@ class Ingress:
         """The approvals this caller may see (``?status=pending``, ``?agent=``); the inbox
         page with ``?format=html`` (it asks for the list itself, with the key typed in)."""
         if request.query_params.get("format") == "html":
-            return HTMLResponse(render_inbox())  # no data in it: the page fetches with a key
+            # No data in it: the page fetches with a key. Never framed (a click on Approve
+            # must be the approver's own).
+            return HTMLResponse(render_inbox(), headers=INBOX_HEADERS)
         principal, principal_id = identify(request.headers.get("authorization"), self._tenants)
         status, agent = request.query_params.get("status"), request.query_params.get("agent")
         if status is not None and status not in APPROVAL_STATUSES:

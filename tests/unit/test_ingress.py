@@ -495,6 +495,7 @@ def test_the_approvals_inbox_page_answers_anyone_its_list_needs_a_key(serve_with
         await fleet.settle()
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert page.text == render_inbox()  # the page holds no data: it asks with the key typed in
+        assert page.headers["x-frame-options"] == "DENY"  # never framed: a click on Approve is the approver's
         assert listed.status_code == 401
 
     run(scenario())
