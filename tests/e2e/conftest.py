@@ -51,9 +51,16 @@ def refuse_if_taken(ports: dict[int, str]) -> None:
 
 
 @pytest.fixture(scope="package")
-def fleet_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def up_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment `make up` ran in (its HOME holds the cluster's Ray token): commands
+    that reach the cluster through Ray (`fleet approvals` as the operator) run in it too."""
+    return fresh_home(tmp_path_factory)
+
+
+@pytest.fixture(scope="package")
+def fleet_up(tmp_path_factory: pytest.TempPathFactory, up_env: dict[str, str]) -> Iterator[str]:
     log = tmp_path_factory.mktemp("e2e") / "make-up.log"
-    env = fresh_home(tmp_path_factory)
+    env = up_env
     refuse_if_taken({8000: "the fleet's HTTP", 8265: "Ray's dashboard", 6379: "Ray's GCS"})
     commands = readme_block("bash", "## Two commands on a fresh machine")
     up = next(line.split("#")[0].strip() for line in commands.splitlines() if line.startswith("make up"))

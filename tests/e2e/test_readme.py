@@ -92,3 +92,42 @@ def test_readme_memory_commands(fleet_up: str) -> None:
     # The same question, with the session's first turn (question and answer) before it.
     assert first["choices"][0]["message"]["content"]
     assert first_prompt(second) >= first_prompt(without) + 8
+
+
+def test_readme_approval_commands(fleet_up: str, up_env: dict[str, str]) -> None:
+    """The README's approval walk-through on the real engine: the forced call parks, the
+    operator approves it through Ray, the turn resumes and the tool runs once."""
+    block = readme_block("bash", "### Human approval").replace("\\\n", " ")
+    script = "set -euo pipefail\n" + block + 'echo "approval=$APPROVAL"\n'
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=up_env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    approval_id = done.stdout.rsplit("approval=", 1)[1].strip()
+    assert approval_id.startswith("apr_") and approval_id in done.stdout  # listed, shown, approved
+    assert "request_leave" in done.stdout
+    start = done.stdout.index('{"object":"approval"')
+    final, _ = json.JSONDecoder().raw_decode(done.stdout[start:])
+    assert final["status"] == "completed", final
+    assert final["decision"] == {
+        **final["decision"],
+        "outcome": "approved",
+        "by": "operator",
+        "reason": "manager agreed",
+    }
+    completion = final["result"]["completion"]
+    assert completion["object"] == "chat.completion" and completion["choices"][0]["finish_reason"] in (
+        "stop",
+        "length",
+    )
+    report = json.loads(
+        subprocess.run(
+            ["curl", "-s", f"{BASE_URL}/v1/requests/{final['request_id']}/explain"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    steps = [a["event"] for a in report["approvals"]]
+    assert steps[:2] == ["requested", "approved"] and "ran" in steps and steps[-1] == "completed", steps
+    ran = [t for t in report["tool_calls"] if t["tool"] == "request_leave"]
+    assert [t["status"] for t in ran] == ["escalated", "ok"], ran

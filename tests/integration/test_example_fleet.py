@@ -146,8 +146,10 @@ def test_agent_cards(api: httpx.Client) -> None:
 def test_each_agent_deployment_carries_its_manifest_autoscaling(fleet: Fleet) -> None:
     details = serve_details(fleet.dashboard)
     deployments = details["applications"]["fleet"]["deployments"]
-    # budget: the ledger, since the example agents set budgets per day (policies.cost.per_day_usd)
-    assert sorted(deployments) == sorted([*AGENTS, "ingress", "model-default", "audit", "memory", "budget"])
+    # budget: the ledger, since the example agents set budgets per day (policies.cost.per_day_usd);
+    # approvals: always (hr-policy-advisor's request_leave waits for a person)
+    services = ["ingress", "model-default", "audit", "memory", "budget", "approvals"]
+    assert sorted(deployments) == sorted([*AGENTS, *services])
     for name in AGENTS:
         manifest = yaml.safe_load((ROOT / "agents" / name / "agent.yaml").read_text())["autoscaling"]
         config = deployments[name]["deployment_config"]
