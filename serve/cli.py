@@ -31,7 +31,7 @@ from serve.manifest import load_agent, manifest_json_schema
 from serve.placement import audit_path, project_root
 from serve.policy.schema import policy_input_json_schema
 from serve.settings import settings
-from serve.telemetry.alerts import SOFT_THRESHOLD, alert_rules, dashboard
+from serve.telemetry.alerts import APPROVALS_ALERT_AFTER_S, SOFT_THRESHOLD, alert_rules, dashboard
 from serve.tools import load_tools
 
 __all__ = ["main", "serve_details", "validate_config", "wait_running"]
@@ -111,18 +111,19 @@ def schema(output: Path | None, policy_input: bool) -> None:
         output.write_text(text, encoding="utf-8")
 
 
-def _fleet_of(config: Path) -> tuple[dict[str, Any], float]:
-    """The agents of a deploy config's Fleet applications, and the budgets' soft threshold
-    (the lowest, if its applications set several)."""
+def _fleet_of(config: Path) -> tuple[dict[str, Any], float, float]:
+    """The agents of a deploy config's Fleet applications, the budgets' soft threshold and
+    how long approvals may wait before an alert (the lowest, if its applications set several)."""
     raw = yaml.safe_load(config.read_text(encoding="utf-8"))
     specs: dict[str, Any] = {}
-    thresholds = []
+    thresholds, waits = [], []
     for app in raw.get("applications", []):
         if app.get("import_path") == BUILDER:
             fleet, _, agents = validate_fleet(app.get("args") or {})
             specs.update(agents)
             thresholds.append(fleet.budgets.soft_threshold)
-    return specs, min(thresholds, default=SOFT_THRESHOLD)
+            waits.append(fleet.approvals.alert_after_s)
+    return specs, min(thresholds, default=SOFT_THRESHOLD), min(waits, default=APPROVALS_ALERT_AFTER_S)
 
 
 def _write(doc: Any, output: Path | None, as_yaml: bool) -> None:
@@ -139,7 +140,7 @@ def _write(doc: Any, output: Path | None, as_yaml: bool) -> None:
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None)
 def alerts(config: Path, output: Path | None) -> None:
-    """Prometheus alerting rules from the agents' SLAs (and tool-quality and budget rules)."""
+    """Prometheus alerting rules from the agents' SLAs (and tool-quality, budget and approval rules)."""
     _write(alert_rules(*_fleet_of(config)), output, as_yaml=True)
 
 

@@ -38,6 +38,12 @@ class ApprovalsConfig(BaseModel):
         description="A URL per agent that gets a POST of each approval it asks for (over the "
         "manifest's approval_webhook): how a platform team routes them to its chat or ticket tool.",
     )
+    alert_after_s: float = Field(
+        default=3600.0,
+        ge=60,
+        description="`fleet alerts`: FleetApprovalsWaiting fires once an agent has had approvals "
+        "pending for this long without a break (rounded to whole seconds).",
+    )
     test_clock: bool = Field(
         default=False,
         description="Let a test move the service's clock (`advance`): for expiry tests only.",

@@ -6,7 +6,9 @@ spikes against the agent's own last hour). Latency is the agent's own (``hop="ag
 every call it serves, a delegate's included); availability fails on either view, the
 agent's or the ingress's (which also sees an agent whose replicas could not be reached).
 A fleet-wide group warns when a budget's used fraction (``ray_fleet_budget_used_ratio``)
-passes the deploy config's ``budgets.soft_threshold``, and pages when it is all used.
+passes the deploy config's ``budgets.soft_threshold``, and pages when it is all used;
+another warns when an agent's approvals have waited for a person longer than
+``approvals.alert_after_s`` (pending without a break: the gauge never fell to zero).
 ``fleet dashboard`` writes the fleet view.
 Both use only metrics Fleet exports (:data:`serve.telemetry.metrics.EXPORTED`) and Ray Serve's
 replica gauge.
@@ -27,6 +29,9 @@ INVALID_TOOL_CALL_RATE = 0.05  # unknown tools or arguments that fail the schema
 SOFT_THRESHOLD = 0.8  # budgets.soft_threshold's default
 # One series per budget: the ledger's one replica sets it (two, briefly, if it moved).
 USED_RATIO = "max by (budget) (ray_fleet_budget_used_ratio)"
+APPROVALS_ALERT_AFTER_S = 3600.0  # approvals.alert_after_s's default
+# One series per agent, set by the approvals service's one replica (as the ledger's).
+PENDING = "max by (agent) (ray_fleet_approvals_pending)"
 
 
 def metric_names(expr: str) -> set[str]:
@@ -114,10 +119,42 @@ def _budget_rules(soft_threshold: float) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def alert_rules(specs: dict[str, AgentSpec], soft_threshold: float = SOFT_THRESHOLD) -> dict[str, Any]:
-    """A Prometheus rules file: one group per agent, and the budgets' group."""
+def _duration(seconds: float) -> str:
+    """Seconds as a Prometheus duration in its largest whole unit: 3600 -> 1h, 5400 -> 90m."""
+    whole = max(round(seconds), 1)
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if whole % size == 0:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+def _approval_rules(alert_after_s: float) -> list[dict[str, Any]]:
+    # The gauge counts what is pending now, not how old it is: "pending for an hour" is
+    # an agent whose approvals never all got decided in that hour.
+    wait = _duration(alert_after_s)
+    return [
+        _rule(
+            "FleetApprovalsWaiting", f"{PENDING} > 0", wait, {}, "warning",
+            f"{{{{ $labels.agent }}}}: approvals have waited for a person for over {wait} "
+            "({{ $value }} pending now; see `fleet approvals list`)",
+        ),
+    ]  # fmt: skip
+
+
+def alert_rules(
+    specs: dict[str, AgentSpec],
+    soft_threshold: float = SOFT_THRESHOLD,
+    approvals_alert_after_s: float = APPROVALS_ALERT_AFTER_S,
+) -> dict[str, Any]:
+    """A Prometheus rules file: one group per agent, the budgets' group and the approvals'."""
     groups = [{"name": f"fleet-{n}", "rules": _agent_rules(specs[n])} for n in sorted(specs)]
-    return {"groups": [*groups, {"name": "fleet-budgets", "rules": _budget_rules(soft_threshold)}]}
+    return {
+        "groups": [
+            *groups,
+            {"name": "fleet-budgets", "rules": _budget_rules(soft_threshold)},
+            {"name": "fleet-approvals", "rules": _approval_rules(approvals_alert_after_s)},
+        ]
+    }
 
 
 def _panel(
@@ -171,6 +208,7 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
     ("Delegations", [('sum by (agent, target) (rate(ray_fleet_delegations_total{agent=~"$agent"}[5m]))', "{{agent}} -> {{target}}")], "reqps"),
     ("Model calls by finish reason", [('sum by (agent, finish_reason) (rate(ray_fleet_model_calls_total{agent=~"$agent"}[5m]))', "{{agent}} {{finish_reason}}")], "reqps"),
     ("Healthy replicas", [('sum by (deployment) (ray_serve_deployment_replica_healthy{deployment=~"$agent"})', "{{deployment}}")], "short"),
+    ("Approvals pending by agent", [('max by (agent) (ray_fleet_approvals_pending{agent=~"$agent"})', "{{agent}}")], "short"),
 ]  # fmt: skip
 
 
@@ -189,9 +227,32 @@ def _budget_panel(pid: int, x: int, y: int, soft_threshold: float) -> dict[str, 
     )  # fmt: skip
 
 
-def dashboard(specs: dict[str, AgentSpec], soft_threshold: float = SOFT_THRESHOLD) -> dict[str, Any]:
+def _decision(quantile: float) -> str:
+    # Over an hour: people decide in minutes or hours, and a 5m window is mostly empty.
+    series = 'rate(ray_fleet_approval_decision_seconds_bucket{agent=~"$agent"}[1h])'
+    return f"histogram_quantile({quantile:g}, sum by (agent, le) ({series}))"
+
+
+def _decision_panel(pid: int, x: int, y: int, alert_after_s: float) -> dict[str, Any]:
+    """Time from parking to decision (expiries included), with the waiting alert's line."""
+    steps = [{"color": "green", "value": None}, {"color": "orange", "value": alert_after_s}]
+    return _panel(
+        pid, f"Approvals: time to decision p50 / p95 (alert when pending over {_duration(alert_after_s)})",
+        [(_decision(0.5), "{{agent}} p50"), (_decision(0.95), "{{agent}} p95")], "s", x, y,
+        thresholds={"mode": "absolute", "steps": steps},
+        custom={"thresholdsStyle": {"mode": "line"}},
+    )  # fmt: skip
+
+
+def dashboard(
+    specs: dict[str, AgentSpec],
+    soft_threshold: float = SOFT_THRESHOLD,
+    approvals_alert_after_s: float = APPROVALS_ALERT_AFTER_S,
+) -> dict[str, Any]:
     """A Grafana dashboard of the fleet, with an agent selector."""
     panels = [_panel(i + 1, t, e, u, 12 * (i % 2), 8 * (i // 2)) for i, (t, e, u) in enumerate(PANELS)]
+    n = len(panels)
+    panels.append(_decision_panel(n + 1, 12 * (n % 2), 8 * (n // 2), approvals_alert_after_s))
     n = len(panels)
     panels.append(_budget_panel(n + 1, 12 * (n % 2), 8 * (n // 2), soft_threshold))
     return {

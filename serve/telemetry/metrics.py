@@ -53,12 +53,16 @@ EXPORTED = {
         "What each budget has used of its current period's limit, (spent + held) / limit, by budget "
         "(tenant:acme:day, key:<tenant>:<16 hex>:month, agent:<name>:day), set by the ledger."
     ),
-    "ray_fleet_approvals_pending": "Gated calls waiting for a person's decision, by agent (set by the approvals service).",
-    "ray_fleet_approvals_decided_total": "Approvals decided, by agent and outcome (approved/rejected/expired).",
-    "ray_fleet_approval_decision_seconds": "Time from an approval's request to its decision, by agent (histogram).",
     "ray_fleet_memory_items": "Items the memory service holds, by store (sessions, context, facts, artifacts).",
     "ray_fleet_memory_bytes": "Bytes the memory service holds, by store.",
     "ray_fleet_memory_evictions_total": "Items evicted at the limits or by age since the service started, by store.",
+    "ray_fleet_approvals_pending": "Approvals waiting for a person, by agent, set by the approvals service.",
+    "ray_fleet_approvals_decided_total": (
+        "Approvals decided, by agent and outcome (approved, rejected, expired: none decided in time)."
+    ),
+    "ray_fleet_approval_decision_seconds": (
+        "Time from a call's parking to its approval's decision (expiry included), by agent (histogram)."
+    ),
 }
 
 

@@ -56,7 +56,7 @@ def test_rules_are_a_valid_prometheus_rules_file() -> None:
             assert metric_names(rule["expr"]) <= KNOWN, rule["expr"]
             names.add((group["name"], rule["alert"]))
     agents = {s for s in specs()}
-    assert {g for g, _ in names} == {f"fleet-{a}" for a in agents} | {"fleet-budgets"}
+    assert {g for g, _ in names} == {f"fleet-{a}" for a in agents} | {"fleet-budgets", "fleet-approvals"}
 
 
 def test_sla_targets_become_thresholds() -> None:
@@ -106,6 +106,99 @@ def test_the_dashboard_shows_each_budgets_used_ratio_against_the_threshold() -> 
     assert [s["value"] for s in defaults["thresholds"]["steps"]] == [None, 0.8, 1]
 
 
+def test_approvals_pending_an_hour_on_end_warn_per_agent() -> None:
+    from serve.approvals.config import ApprovalsConfig
+    from serve.telemetry.alerts import APPROVALS_ALERT_AFTER_S
+
+    assert fleet_of()[2] == ApprovalsConfig().alert_after_s == APPROVALS_ALERT_AFTER_S == 3600
+    groups = {g["name"]: g["rules"] for g in yaml.safe_load(RULES.read_text())["groups"]}
+    [waiting] = groups["fleet-approvals"]
+    assert waiting["alert"] == "FleetApprovalsWaiting"
+    assert waiting["expr"] == "max by (agent) (ray_fleet_approvals_pending) > 0"
+    assert (waiting["labels"], waiting["for"]) == ({"severity": "warning"}, "1h")
+    assert "{{ $labels.agent }}" in waiting["annotations"]["summary"]
+    assert "over 1h" in waiting["annotations"]["summary"]
+
+
+@pytest.mark.parametrize(("seconds", "wait"), [(5400, "90m"), (172_800, "2d"), (90, "90s"), (600.4, "10m")])
+def test_the_approvals_wait_comes_from_the_deploy_config(tmp_path: Path, seconds: float, wait: str) -> None:
+    config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    config["applications"][0]["args"].setdefault("approvals", {})["alert_after_s"] = seconds
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["alerts", "--config", str(path)])
+    rules = {r["alert"]: r for g in yaml.safe_load(result.output)["groups"] for r in g["rules"]}
+    assert rules["FleetApprovalsWaiting"]["for"] == wait
+    promql_parser.parse_duration(wait)
+    assert f"over {wait}" in rules["FleetApprovalsWaiting"]["annotations"]["summary"]
+    result = CliRunner().invoke(main, ["dashboard", "--config", str(path)])
+    [panel] = [p for p in json.loads(result.output)["panels"] if p["title"].startswith("Approvals: time")]
+    assert [s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]] == [None, seconds]
+
+
+def test_an_approvals_wait_under_a_minute_is_refused(tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    config["applications"][0]["args"]["approvals"] = {"alert_after_s": 30}
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["alerts", "--config", str(path)])
+    assert result.exit_code != 0
+    assert "alert_after_s" in str(result.exception)
+
+
+def test_the_dashboard_shows_pending_approvals_and_time_to_decision() -> None:
+    panels = {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"]}
+    pending = panels["Approvals pending by agent"]
+    assert pending["targets"] == [
+        {
+            "refId": "A",
+            "expr": 'max by (agent) (ray_fleet_approvals_pending{agent=~"$agent"})',
+            "legendFormat": "{{agent}}",
+        }
+    ]
+    assert pending["fieldConfig"]["defaults"]["unit"] == "short"
+    decision = panels["Approvals: time to decision p50 / p95 (alert when pending over 1h)"]
+    bucket = 'rate(ray_fleet_approval_decision_seconds_bucket{agent=~"$agent"}[1h])'
+    assert [(t["expr"], t["legendFormat"]) for t in decision["targets"]] == [
+        (f"histogram_quantile(0.5, sum by (agent, le) ({bucket}))", "{{agent}} p50"),
+        (f"histogram_quantile(0.95, sum by (agent, le) ({bucket}))", "{{agent}} p95"),
+    ]
+    defaults = decision["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "s"
+    assert [s["value"] for s in defaults["thresholds"]["steps"]] == [None, 3600]
+    ids = [p["id"] for p in panels.values()]
+    assert len(set(ids)) == len(ids)
+    positions = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in panels.values()]
+    assert len(set(positions)) == len(positions)  # no panel drawn over another
+
+
+def test_the_approvals_service_registers_exported_metrics(tmp_path: Path) -> None:
+    """Its Ray metrics are scraped with ``ray_`` (and a counter's ``_total``): EXPORTED's names."""
+    from serve.approvals.config import ApprovalsConfig
+    from serve.approvals.service import ApprovalsService
+    from serve.governance.config import GovernanceConfig
+
+    service = ApprovalsService(
+        str(tmp_path / "approvals.db"), ApprovalsConfig(), {}, GovernanceConfig(), str(ROOT), None
+    )
+    made = {
+        f"ray_{m.info['name']}" + ("_total" if kind == "counter" else ""): (kind, m.info)
+        for kind, m in (
+            ("gauge", service._pending),
+            ("counter", service._decided),
+            ("histogram", service._latency),
+        )
+    }
+    assert set(made) == {
+        "ray_fleet_approvals_pending",
+        "ray_fleet_approvals_decided_total",
+        "ray_fleet_approval_decision_seconds",
+    }
+    for name, (_, info) in made.items():
+        assert info["description"] == EXPORTED[name]
+        assert set(info["tag_keys"]) <= {"agent", "outcome"}  # bounded labels only
+
+
 def test_dashboard_queries_parse_and_use_exported_metrics() -> None:
     doc = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
@@ -119,6 +212,8 @@ def test_dashboard_queries_parse_and_use_exported_metrics() -> None:
         "ray_fleet_tool_calls_total",
         "ray_fleet_policy_decisions_total",
         "ray_fleet_budget_used_ratio",
+        "ray_fleet_approvals_pending",
+        "ray_fleet_approval_decision_seconds",
     } <= used
     assert "ray_serve_deployment_replica_healthy" in used
 
