@@ -130,8 +130,9 @@ def test_agent_cards(api: httpx.Client) -> None:
     hr = api.get("/v1/agents/hr-policy-advisor").json()
     assert hr["role"] == "domain" and hr["version"] == "1.0.0"
     assert hr["owner"]["team"] == "People Operations"
-    assert [t["name"] for t in hr["tools"]] == ["search_handbook", "leave_balance"]
+    assert [t["name"] for t in hr["tools"]] == ["search_handbook", "leave_balance", "request_leave"]
     assert hr["tools"][1]["scope"] == "hr.leave.read" and "leave" in hr["tools"][1]["description"].lower()
+    assert (hr["tools"][2]["scope"], hr["tools"][2]["approval"]) == ("hr.leave.write", True)
     assert hr["sla"] == {"p95_latency_ms": 4000, "availability": 0.995}
     assert hr["kpis"][0]["name"] == "resolution_rate"
     assert api.get("/v1/agents/orchestrator").json()["delegates"] == [

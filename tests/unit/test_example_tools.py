@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 
 from serve.errors import InvalidToolArguments, ToolError
 from serve.tools import Tool, load_tools
-from tests.unit.conftest import AGENTS, run
+from tests.unit.conftest import AGENTS, ROOT, run
 
 HR = AGENTS / "hr-policy-advisor"
 SCM = AGENTS / "supply-chain-optimizer"
@@ -26,7 +28,7 @@ def call(t: Tool, **arguments: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def hr() -> dict[str, Tool]:
-    return load_tools(HR, ["leave_balance", "search_handbook"])
+    return load_tools(HR, ["leave_balance", "search_handbook", "request_leave"])
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +87,92 @@ def test_leave_balance_rejects_a_malformed_id(hr: dict[str, Tool]) -> None:
         InvalidToolArguments, match="invalid arguments for leave_balance: employee_id: String should"
     ):
         run(hr["leave_balance"].run('{"employee_id": "1001"}', 5))
+
+
+def request_leave(tools: dict[str, Tool], **arguments: Any) -> str:
+    return run(tools["request_leave"].run(json.dumps(arguments), 5))  # a text result, not JSON
+
+
+def test_request_leave_files_a_numbered_request(hr: dict[str, Tool]) -> None:
+    filed = request_leave(hr, employee_id="E1001", days=3, start_date="2026-12-14")
+    assert re.fullmatch(
+        r"leave request LR-\d{4} filed: E1001, 3 days from 2026-12-14; pending the manager's sign-off", filed
+    )
+    one = request_leave(hr, employee_id="E1002", days=1, start_date="2027-01-04")
+    assert one.endswith("filed: E1002, 1 day from 2027-01-04; pending the manager's sign-off")
+
+
+def test_request_leave_numbers_a_request_by_what_it_asks() -> None:
+    """The same request gets the same number in any process (a demo's answer does not drift)."""
+    script = (
+        "import asyncio, json, sys; from pathlib import Path; from serve.tools import load_tools; "
+        "t = load_tools(Path(sys.argv[1]), ['request_leave'])['request_leave']; "
+        "print(asyncio.run(t.run(json.dumps({'employee_id': 'E1001', 'days': 3, 'start_date': '2026-12-14'}), 5)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(HR)], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    tools = load_tools(HR, ["request_leave"])
+    here = request_leave(tools, employee_id="E1001", days=3, start_date="2026-12-14")
+    assert done.stdout.strip() == here
+    numbers = {
+        request_leave(tools, employee_id=e, days=d, start_date="2026-12-14").split()[2]
+        for e in ("E1001", "E1002")
+        for d in (1, 2, 3)
+    }
+    assert len(numbers) == 6  # each request its own number
+
+
+def test_request_leave_unknown_employee(hr: dict[str, Tool]) -> None:
+    with pytest.raises(ToolError) as info:
+        run(hr["request_leave"].run('{"employee_id": "E9999", "days": 2, "start_date": "2026-12-14"}', 5))
+    assert str(info.value) == "request_leave failed: LookupError: no employee E9999"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ({"employee_id": "1001", "days": 2, "start_date": "2026-12-14"}, "employee_id: String should match"),
+        (
+            {"employee_id": "E1001", "days": 0, "start_date": "2026-12-14"},
+            "days: Input should be greater than",
+        ),
+        ({"employee_id": "E1001", "days": 31, "start_date": "2026-12-14"}, "days: Input should be less than"),
+        ({"employee_id": "E1001", "days": 2, "start_date": "14.12.2026"}, "start_date: String should match"),
+        (
+            {"employee_id": "E1001", "days": 2, "start_date": "2026-02-30"},
+            "start_date: Value error, day is out",
+        ),
+        ({"employee_id": "E1001", "days": 2}, "start_date: Field required"),
+    ],
+)
+def test_request_leave_rejects_bad_arguments(
+    hr: dict[str, Tool], arguments: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(
+        InvalidToolArguments, match=f"invalid arguments for request_leave: {re.escape(problem)}"
+    ):
+        run(hr["request_leave"].run(json.dumps(arguments), 5))
+
+
+def test_request_leave_is_gated_and_constrained_as_the_manifest_and_policy_say() -> None:
+    import yaml
+
+    from serve.manifest import load_agent
+
+    manifest = load_agent(HR).manifest
+    [grant] = [t for t in manifest.tools if t.name == "request_leave"]
+    assert (grant.scope, grant.approval, grant.approval_ttl_s) == ("hr.leave.write", True, None)
+    assert "hr.leave.write" in manifest.scopes
+    assert manifest.approval_webhook is None
+    access = yaml.safe_load((ROOT / "configs/policies/access.yaml").read_text(encoding="utf-8"))
+    assert access["tools"]["request_leave"] == {
+        "employee_id": access["tools"]["leave_balance"]["employee_id"],
+        "days": {"min": 1, "max": 30},
+    }
+    schema = load_tools(HR, ["request_leave"])["request_leave"].openai_schema()["function"]["parameters"]
+    assert schema["required"] == ["employee_id", "days", "start_date"]
+    assert (schema["properties"]["days"]["minimum"], schema["properties"]["days"]["maximum"]) == (1, 30)
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ def test_example_manifest_values() -> None:
     assert [(t.name, t.scope, t.timeout_s, t.approval) for t in m.tools] == [
         ("search_handbook", "hr.handbook.read", 5.0, False),
         ("leave_balance", "hr.leave.read", 5.0, False),
+        ("request_leave", "hr.leave.write", 5.0, True),
     ]
     assert m.prompt.variables["company"].default == "Acme Corp"
     assert str(m.policies.cost.per_request_usd) == "0.05"
