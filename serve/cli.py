@@ -1,5 +1,5 @@
 """``fleet``: validate agents and configs, export the manifest schema, bring a fleet up,
-show a tenant's spend (``fleet usage``).
+show a tenant's spend (``fleet usage``), decide on gated calls (``fleet approvals``).
 
 ``fleet up`` is what the README's first command runs: it starts a local Ray cluster
 (unless a dashboard already answers at ``FLEET_DASHBOARD_ADDRESS``), deploys the config with ``serve deploy`` (the
@@ -9,14 +9,18 @@ very path a platform team uses), and waits, showing progress, until the fleet an
 from __future__ import annotations
 
 import json
+import logging
+import os
 import secrets
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, get_args
+from urllib.parse import quote
 
 import click
 import httpx
@@ -24,9 +28,11 @@ import yaml
 from pydantic import ValidationError
 
 from serve.app import validate_fleet
+from serve.approvals.service import OPERATOR, OPERATOR_ID
+from serve.approvals.store import Status as ApprovalStatus
 from serve.audit.log import audit_key, verify
 from serve.auth import hash_key
-from serve.errors import ConfigError
+from serve.errors import ConfigError, RequestError
 from serve.manifest import load_agent, manifest_json_schema
 from serve.placement import audit_path, project_root
 from serve.policy.schema import policy_input_json_schema
@@ -157,24 +163,52 @@ def dashboard_command(config: Path, output: Path | None) -> None:
 USAGE_COLUMNS = ("budget", "period", "spent USD", "held USD", "limit USD", "remaining USD", "% used")
 
 
+def _api_url(url: str, path: str) -> str:
+    """``--url`` names the fleet (``http://host:8000``, or one under a prefix:
+    ``http://host:8000/test``), or its OpenAI base URL (``.../v1``); ``path`` follows ``/v1``."""
+    return url.rstrip("/").removesuffix("/v1") + "/v1" + path
+
+
 def _usage_url(url: str) -> str:
-    """``--url`` names the fleet (``http://host:8000``), or its OpenAI base URL (``.../v1``)."""
-    return url.rstrip("/").removesuffix("/v1") + "/v1/usage"
+    return _api_url(url, "/usage")
 
 
 def _fetch_usage(url: str, api_key: str | None) -> dict[str, Any]:
     """``GET /v1/usage``'s body; a one-line error if no answer or an error came back."""
+    return _call_fleet("GET", url, api_key, listed=True)
+
+
+def _call_fleet(
+    method: str,
+    url: str,
+    api_key: str | None,
+    *,
+    listed: bool = False,
+    params: dict[str, str] | None = None,
+    body: dict[str, Any] | None = None,
+    timeout_s: float = 10.0,
+) -> dict[str, Any]:
+    """A Fleet API call's JSON object (``listed``: a list object); a one-line error if no
+    answer or an error came back. The key is sent as a bearer key, and never shown."""
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(url, headers=headers, timeout=10.0)
+        response = httpx.request(method, url, headers=headers, params=params, json=body, timeout=timeout_s)
     except httpx.HTTPError as exc:
         raise click.ClickException(f"could not reach Fleet at {url}: {exc or type(exc).__name__}") from None
     try:
-        body = response.json()
+        got = response.json()
     except ValueError:
-        body = None
-    if response.status_code == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
-        return body
+        got = None
+    if (
+        response.status_code == 200
+        and isinstance(got, dict)
+        and (not listed or isinstance(got.get("data"), list))
+    ):
+        return got
+    _refused(url, response, got)
+
+
+def _refused(url: str, response: httpx.Response, body: Any) -> NoReturn:
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and "message" in error:  # the OpenAI error envelope
         why = f"{error.get('code') or error.get('type')}: {error['message']}"
@@ -224,6 +258,280 @@ def usage(url: str, api_key: str | None, as_json: bool) -> None:
         click.echo("no budget has been charged yet")
     else:
         click.echo(_usage_table(body["data"]))
+
+
+# -- fleet approvals ----------------------------------------------------------------------
+
+APPROVAL_COLUMNS = ("id", "agent", "tool", "requester", "age", "expires", "status")
+
+
+def _now() -> float:
+    """What ages and expiries are counted from (a test holds it still)."""
+    return time.time()
+
+
+def _span(seconds: float) -> str:
+    """A span as people read it, to the two largest units: 45s, 12m, 3h05m, 2d04h."""
+    s = int(max(seconds, 0))
+    days, hours, minutes = s // 86_400, s % 86_400 // 3600, s % 3600 // 60
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m" if minutes else f"{s}s"
+
+
+def _expiry(approval: dict[str, Any], now: float) -> str:
+    if approval["status"] != "pending":
+        return "-"
+    left = approval["expires_at"] - now
+    return f"in {_span(left)}" if left > 0 else "now"
+
+
+def _approvals_table(rows: list[dict[str, Any]], now: float) -> str:
+    cells = [
+        [
+            a["id"],
+            a["agent"],
+            a["tool"],
+            a["requester"],
+            _span(now - a["created_at"]),
+            _expiry(a, now),
+            a["status"],
+        ]
+        for a in rows
+    ]
+    table = [list(APPROVAL_COLUMNS), *cells]
+    widths = [max(map(len, column)) for column in zip(*table, strict=True)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    )
+
+
+def _when(at: float, now: float) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+    return f"{stamp} ({_span(now - at)} ago)" if at <= now else f"{stamp} (in {_span(at - now)})"
+
+
+def _answer(result: dict[str, Any]) -> str:
+    """The request's answer: its chat completion's message content."""
+    choices = result.get("choices") or [{}]
+    content = (choices[0].get("message") or {}).get("content")
+    return content if isinstance(content, str) else json.dumps(content)
+
+
+def _approval_lines(a: dict[str, Any], now: float) -> str:
+    lines = [
+        ("id", a["id"]),
+        ("status", a["status"]),
+        ("agent", f"{a['agent']} {a['agent_version']}"),
+        ("tool", a["tool"]),
+        ("arguments", json.dumps(a["arguments"], ensure_ascii=False)),
+        ("requester", f"{a['requester']} (tenant {a['tenant']})"),
+        ("request", a["request_id"]),
+        ("created", _when(a["created_at"], now)),
+        ("expires", _when(a["expires_at"], now)),
+    ]
+    decision = a.get("decision")
+    if decision is not None:
+        lines.append(("decision", f"{decision['outcome']} by {decision['by']}, {_when(decision['at'], now)}"))
+        if decision.get("reason"):
+            lines.append(("reason", decision["reason"]))
+    if a.get("result") is not None:
+        lines.append(("result", _answer(a["result"])))
+    width = max(len(k) for k, _ in lines) + 1
+    return "\n".join(f"{k + ':':<{width}} {v}" for k, v in lines)
+
+
+class _HttpApprovals:
+    """The approvals routes of the fleet at ``url``, as the key's principal."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        self._url, self._key = url, api_key
+
+    def inbox(self, status: str | None, agent: str | None) -> dict[str, Any]:
+        params = {k: v for k, v in (("status", status), ("agent", agent)) if v is not None}
+        return _call_fleet("GET", _api_url(self._url, "/approvals"), self._key, listed=True, params=params)
+
+    def get(self, approval_id: str, wait_s: float) -> dict[str, Any]:
+        params = {"wait": f"{wait_s:g}"} if wait_s else None
+        url = _api_url(self._url, f"/approvals/{quote(approval_id, safe='')}")
+        return _call_fleet("GET", url, self._key, params=params, timeout_s=10.0 + wait_s)
+
+    def decide(self, approval_id: str, approve: bool, reason: str | None) -> dict[str, Any]:
+        url = _api_url(
+            self._url, f"/approvals/{quote(approval_id, safe='')}/{'approve' if approve else 'reject'}"
+        )
+        return _call_fleet("POST", url, self._key, body={} if reason is None else {"reason": reason})
+
+
+class _OperatorApprovals:
+    """The approvals service itself, reached through Ray as the cluster's operator (who
+    holds the cluster's token): how approvals are decided when the fleet has no keys."""
+
+    def __init__(self, app: str) -> None:
+        import ray
+        from ray import serve as rayserve
+
+        # As the Makefile exports it: Ray 2.60 clusters take token auth, and a driver must say so.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # a handle's routing news is noise here
+        try:
+            if not ray.is_initialized():
+                ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
+            self._handle = rayserve.get_deployment_handle("approvals", app_name=app)
+        except Exception as exc:  # no cluster, no Serve, no such application
+            raise click.ClickException(
+                f"could not reach the approvals service of application {app!r} through Ray "
+                f"({type(exc).__name__}: {_first_line(exc)}); give --api-key to use the fleet's HTTP API"
+            ) from None
+
+    def inbox(self, status: str | None, agent: str | None) -> dict[str, Any]:
+        rows = self._call("inbox", OPERATOR, OPERATOR_ID, status, agent)
+        return {"object": "list", "data": rows}
+
+    def get(self, approval_id: str, wait_s: float) -> dict[str, Any]:
+        got: dict[str, Any] = self._call(
+            "get", approval_id, OPERATOR, OPERATOR_ID, wait_s, timeout_s=30.0 + wait_s
+        )
+        return got
+
+    def decide(self, approval_id: str, approve: bool, reason: str | None) -> dict[str, Any]:
+        got: dict[str, Any] = self._call("decide", approval_id, approve, OPERATOR, OPERATOR_ID, reason)
+        return got
+
+    def _call(self, method: str, *args: Any, timeout_s: float = 30.0) -> Any:
+        try:
+            got = getattr(self._handle, method).remote(*args).result(timeout_s=timeout_s)
+        except Exception as exc:
+            raise click.ClickException(
+                f"the approvals service did not answer ({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
+        if isinstance(got, RequestError):
+            raise click.ClickException(f"{got.code or got.type}: {got.message}")
+        return got
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def _approvals_of(url: str, api_key: str | None, app: str) -> _HttpApprovals | _OperatorApprovals:
+    return _HttpApprovals(url, api_key) if api_key else _OperatorApprovals(app)
+
+
+def _approval_options(command: Callable[..., None]) -> Callable[..., None]:
+    """What every ``fleet approvals`` command takes: where the fleet is, and as whom."""
+    options = [
+        click.option(
+            "--url", default="http://127.0.0.1:8000", show_default=True, help="The fleet's address."
+        ),
+        click.option(
+            "--api-key",
+            envvar="FLEET_API_KEY",
+            show_envvar=True,
+            default=None,
+            help="A key to act with over HTTP; without one, act as the cluster's operator through Ray.",
+        ),
+        click.option(
+            "--app", default="fleet", show_default=True, help="The Fleet application (without --api-key)."
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the JSON instead."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.group()
+def approvals() -> None:
+    """Gated calls that wait for a person: list, show, approve, reject.
+
+    With --api-key (or FLEET_API_KEY) through the fleet's /v1/approvals as that key's
+    principal; without one, as the cluster's operator, through Ray (whoever may reach
+    the cluster: with auth off, the only way to decide on someone's request)."""
+
+
+@approvals.command("list")
+@_approval_options
+@click.option(
+    "--status",
+    type=click.Choice([*get_args(ApprovalStatus), "all"]),
+    default="pending",
+    show_default=True,
+    help="Only approvals in this state (all: any).",
+)
+@click.option("--agent", default=None, help="Only this agent's approvals.")
+def approvals_list(
+    url: str, api_key: str | None, app: str, as_json: bool, status: str, agent: str | None
+) -> None:
+    """The approvals you may see (yours, and those you may decide), newest first."""
+    body = _approvals_of(url, api_key, app).inbox(None if status == "all" else status, agent)
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+    elif not body["data"]:
+        click.echo(f"no approvals{'' if status == 'all' else ' ' + status}")
+    else:
+        click.echo(_approvals_table(body["data"], _now()))
+
+
+@approvals.command("show")
+@_approval_options
+@click.argument("approval_id")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Wait up to N seconds while it is pending or running (the fleet allows up to approvals.max_wait_s).",
+)
+def approvals_show(
+    url: str, api_key: str | None, app: str, as_json: bool, approval_id: str, wait_s: float
+) -> None:
+    """One approval; once its request finished, the request's answer."""
+    got = _approvals_of(url, api_key, app).get(approval_id, wait_s)
+    click.echo(json.dumps(got, indent=2) if as_json else _approval_lines(got, _now()))
+
+
+def _decide(
+    url: str,
+    api_key: str | None,
+    app: str,
+    as_json: bool,
+    approval_id: str,
+    approve: bool,
+    reason: str | None,
+) -> None:
+    got = _approvals_of(url, api_key, app).decide(approval_id, approve, reason)
+    if as_json:
+        click.echo(json.dumps(got, indent=2))
+    else:
+        click.echo(f"{got['status']} {got['id']}: {got['agent']} {got['tool']}, asked by {got['requester']}")
+
+
+REASON = click.option("--reason", default=None, help="Why (kept in the approval and its audit trail).")
+
+
+@approvals.command("approve")
+@_approval_options
+@click.argument("approval_id")
+@REASON
+def approvals_approve(
+    url: str, api_key: str | None, app: str, as_json: bool, approval_id: str, reason: str | None
+) -> None:
+    """Approve a gated call: its turn resumes and the call runs, once."""
+    _decide(url, api_key, app, as_json, approval_id, True, reason)
+
+
+@approvals.command("reject")
+@_approval_options
+@click.argument("approval_id")
+@REASON
+def approvals_reject(
+    url: str, api_key: str | None, app: str, as_json: bool, approval_id: str, reason: str | None
+) -> None:
+    """Reject a gated call: its turn resumes and the model is told the call was refused."""
+    _decide(url, api_key, app, as_json, approval_id, False, reason)
 
 
 @main.group()
