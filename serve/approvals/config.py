@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["DEFAULT_TTL_S", "ApprovalsConfig"]
-
-DEFAULT_TTL_S = 86_400.0  # a pending approval expires after a day unless the manifest says otherwise
+__all__ = ["ApprovalsConfig"]
 
 
 class ApprovalsConfig(BaseModel):

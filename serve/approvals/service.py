@@ -36,7 +36,7 @@ from serve.steps import ApprovalEvent, ApprovalStep
 from serve.telemetry import logs
 from serve.telemetry.metrics import EXPORTED, MetricsSink
 
-__all__ = ["OPERATOR", "ApprovalsService"]
+__all__ = ["OPERATOR", "OPERATOR_ID", "ApprovalsService"]
 
 log = logging.getLogger("fleet.approvals")
 

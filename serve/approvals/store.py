@@ -145,10 +145,14 @@ class SqliteApprovals:
     def approvals(
         self, status: str | None = None, agent: str | None = None, limit: int = 500
     ) -> list[dict[str, Any]]:
-        """Approvals, newest first; ``status`` ``pending`` is answered from the index."""
+        """The newest ``limit`` approvals with ``status`` (and of ``agent``), newest first."""
         where, args = [], []
         if status == "pending":
             where.append("decision IS NULL")
+        elif status is not None:  # what a status needs of the decision: the rest is worked out per row
+            where.append("decision IS NOT NULL" if status == "outcome_unknown" else "decision=?")
+            if status != "outcome_unknown":
+                args.append("approved" if status in ("approved", "running", "completed", "failed") else status)
         if agent is not None:
             where.append("agent=?")
             args.append(agent)

@@ -10,7 +10,9 @@ are counted there, not guessed from answers.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
 import threading
 import time
 from typing import Any
@@ -21,7 +23,7 @@ import pytest
 
 from serve.audit.log import audit_key, verify
 from serve.testing import CANARY_EMAIL, wait_until
-from tests.integration.conftest import APPROVER_KEY, QA2_KEY, QA_APPROVER_KEY, QA_KEY, Fleet
+from tests.integration.conftest import APPROVER_KEY, BIN, QA2_KEY, QA_APPROVER_KEY, QA_KEY, Fleet
 
 APP = "fleet-test"
 
@@ -392,3 +394,76 @@ def test_bad_approval_requests_get_clear_errors(fleet: Fleet) -> None:
         assert not_json.status_code == 400
     with httpx.Client(base_url=fleet.test_url, timeout=30) as anonymous:
         assert anonymous.get("/v1/approvals").status_code == 401
+
+
+def test_the_example_fleet_parks_a_routed_leave_request_and_the_operators_cli_approves_it(
+    fleet: Fleet,
+) -> None:
+    """configs/scripted.yaml, auth off: orchestrator routes to hr-policy-advisor, whose
+    request_leave waits; `fleet approvals` without a key acts as the cluster's operator
+    (through Ray), a principal other than the anonymous requester."""
+    needs_own_cluster(fleet)
+    with fleet.client() as client:
+        answer = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "orchestrator",
+                "messages": [{"role": "user", "content": "Book 3 days of leave for E1001 from 2026-12-14"}],
+            },
+        )
+    assert answer.status_code == 200, answer.text
+    approval = answer.json()["fleet"]["approval"]
+    assert (approval["agent"], approval["tool"]) == ("hr-policy-advisor", "request_leave")
+    env = {**os.environ, "RAY_ADDRESS": str(fleet.ray_address)}
+    fleet_cli = [str(BIN / "fleet"), "approvals"]
+    listed = subprocess.run(
+        [*fleet_cli, "list", "--app", "fleet"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0 and approval["id"] in listed.stdout, listed.stderr[-2000:]
+    shown = subprocess.run(
+        [*fleet_cli, "show", approval["id"], "--app", "fleet", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert json.loads(shown.stdout)["arguments"] == {
+        "employee_id": "E1001",
+        "days": 3,
+        "start_date": "2026-12-14",
+    }
+    approved = subprocess.run(
+        [*fleet_cli, "approve", approval["id"], "--app", "fleet", "--reason", "manager agreed"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert approved.returncode == 0, approved.stderr[-2000:]
+    with fleet.client() as client:
+        done = wait_until(
+            lambda: (
+                (got := client.get(f"/v1/approvals/{approval['id']}", params={"wait": 10}).json())["result"]
+                and got
+            ),
+            timeout_s=60,
+            interval_s=0.2,
+        )
+    assert done["status"] == "completed" and done["decision"]["by"] == "operator"
+    content = answer_of(done)
+    assert content.startswith("Done: leave request LR-") and "E1001, 3 days from 2026-12-14" in content
+    assert done["result"]["completion"]["fleet"]["agent"] == "orchestrator"
+    # Anonymous, the requester may not decide its own request.
+    with fleet.client() as client:
+        again = parked_example(client)
+        own = client.post(f"/v1/approvals/{again}/approve", json={})
+    assert own.status_code == 403 and "separation of duties" in own.json()["error"]["message"]
+
+
+def parked_example(client: httpx.Client) -> str:
+    answer = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "hr-policy-advisor",
+            "messages": [{"role": "user", "content": "Book 2 days of leave for E1002 from 2026-12-21"}],
+        },
+    )
+    approval_id: str = answer.json()["fleet"]["approval"]["id"]
+    return approval_id

@@ -41,6 +41,7 @@ def test_facts_narrow_to_the_scopes_held_in_the_agents_order() -> None:
     assert facts.declared_scopes == [
         "hr.handbook.read",
         "hr.leave.read",
+        "hr.leave.write",
         "scm.inventory.read",
         "platform.status.read",
     ]
