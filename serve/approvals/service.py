@@ -26,7 +26,7 @@ from serve.approvals.config import ApprovalsConfig
 from serve.approvals.store import Claim, SqliteApprovals, public
 from serve.audit.client import AuditClient
 from serve.cards import AgentCard
-from serve.context import Context
+from serve.context import Context, new_id
 from serve.errors import Conflict, Gone, InvalidRequest, NotFound, PolicyDenied, RequestError
 from serve.governance.config import GovernanceConfig, build_engines
 from serve.governance.governor import Governor
@@ -354,11 +354,12 @@ class ApprovalsService:
         )
 
     def _step(self, row: dict[str, Any], event: ApprovalEvent, by: str | None, detail: str | None) -> None:
-        """One step of the approval's story, in its request's audit trail (the requester's tenant)."""
-        requester = Principal(tenant=row["tenant"], authenticated=True)
-        ctx = Context(request_id=row["request_id"], principal=requester)
+        """One step of the approval's story: a record of the hash-chained log (not only a
+        step of the explanation), in its request's trail, with the requester's tenant."""
         shown = None if detail is None else redact(detail, scan(detail))
-        self._gov.step(ctx, ApprovalStep(row["agent"], row["id"], row["tool"], event, by, shown))
+        step = ApprovalStep(row["agent"], row["id"], row["tool"], event, by, shown)
+        record = step.record(round(self._now(), 6), row["request_id"], row["tenant"])
+        self._audit.append({**record, "record_id": new_id("rec_")})  # written once, as a decision is
 
     def _decided_metrics(self, row: dict[str, Any]) -> None:
         tags = {"agent": row["agent"]}

@@ -152,7 +152,9 @@ class SqliteApprovals:
         elif status is not None:  # what a status needs of the decision: the rest is worked out per row
             where.append("decision IS NOT NULL" if status == "outcome_unknown" else "decision=?")
             if status != "outcome_unknown":
-                args.append("approved" if status in ("approved", "running", "completed", "failed") else status)
+                args.append(
+                    "approved" if status in ("approved", "running", "completed", "failed") else status
+                )
         if agent is not None:
             where.append("agent=?")
             args.append(agent)
@@ -341,11 +343,11 @@ class SqliteApprovals:
         and the approved calls such a replica started and never finished, now marked
         unknown (never run again)."""
         now = self._now()
+        lapsed = "SELECT * FROM turns WHERE status='resuming' AND lease_until < ?"
+        if self._db.execute(lapsed, (now,)).fetchone() is None:  # the sweep's usual answer: no write
+            return [], []
         with self._tx() as db:
-            turns = [
-                dict(r)
-                for r in db.execute("SELECT * FROM turns WHERE status='resuming' AND lease_until < ?", (now,))
-            ]
+            turns = [dict(r) for r in db.execute(lapsed, (now,))]
             lost = []
             for turn in turns:
                 lost += [

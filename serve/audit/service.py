@@ -47,7 +47,10 @@ def explanation(
     steps = sorted(events, key=lambda e: e["time"])
     # In the order they were decided: a replica ships a request's records when it ends,
     # so an agent's admission record lands in the log after its delegate's decisions.
-    decisions = sorted(decisions, key=lambda d: (d["time"], d["seq"]))
+    # Approval steps are chained records too (serve/approvals/service.py), not decisions.
+    chained = sorted(decisions, key=lambda d: (d["time"], d["seq"]))
+    decisions = [d for d in chained if d.get("kind") != "approval"]
+    approvals = [d for d in chained if d.get("kind") == "approval"]
     agents: list[str] = []
     for item in [*decisions, *steps]:
         if item.get("agent") and item["agent"] not in agents:
@@ -75,7 +78,9 @@ def explanation(
         "delegations": [
             _without(e, "kind", "request_id", "tenant") for e in steps if e["kind"] == "delegation"
         ],
-        "approvals": [_without(e, "kind", "request_id", "tenant") for e in steps if e["kind"] == "approval"],
+        "approvals": [
+            _without(a, "kind", "request_id", "tenant", "prev", "hash", "seq", "record_id") for a in approvals
+        ],
         "decisions": [_without(d, "request_id", "tenant", "prev", "hash") for d in decisions],
         "outcome": outcome,
     }
@@ -219,11 +224,12 @@ class AuditWriter:
         """Writes a batch (the log stays locked until it is sealed); returns the records written."""
         records = self._first_time(records)
         for record in records:
-            record["input_digest"] = digest(self._key, record.pop("input_sha256", ""))
+            if "input_sha256" in record:  # a decision's (a step chained as a record has none)
+                record["input_digest"] = digest(self._key, record.pop("input_sha256"))
         chained = self._log.write(records) if records else []
         try:
             for record in records:  # only once on disk: a failed write is retried, not skipped
-                self._remember(record.get("decision_id"))
+                self._remember(record_key(record))
             if events:
                 os.write(self._events_fd, b"".join(canonical(e) + b"\n" for e in events))
             self._index(chained, events)
@@ -236,7 +242,7 @@ class AuditWriter:
     def _first_time(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         fresh, seen = [], set()
         for record in records:
-            key = record.get("decision_id")
+            key = record_key(record)
             if key is None or (key not in self._written and key not in seen):
                 fresh.append(record)
                 seen.add(key)
@@ -264,7 +270,14 @@ class AuditWriter:
                 items = [json.loads(line) for line in f if line.endswith(b"\n")]
             self._index(items, []) if kind == 0 else self._index([], items)
             for item in items[-KEEP_DECISION_IDS:] if kind == 0 else []:
-                self._remember(item.get("decision_id"))
+                self._remember(record_key(item))
+
+
+def record_key(record: dict[str, Any]) -> str | None:
+    """What makes a record one: a decision's id, or another record's own (an approval
+    step's): a batch sent again after a lost answer is not written twice."""
+    key = record.get("decision_id") or record.get("record_id")
+    return None if key is None else str(key)
 
 
 def _settle(batch: list[Any], count: int, error: Exception | None) -> None:

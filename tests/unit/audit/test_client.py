@@ -176,6 +176,28 @@ def test_the_service_writes_each_decision_once_even_after_a_restart(tmp_path: Pa
     assert verify(log, audit_key(log, None)).ok
 
 
+def test_a_record_that_is_not_a_decision_is_written_once_by_its_own_id(tmp_path: Path) -> None:
+    """An approval step (serve/approvals/service.py) is chained as a record with a record_id."""
+    from serve.audit.log import audit_key, verify
+    from serve.audit.service import AuditWriter
+
+    log = tmp_path / "audit.jsonl"
+    step = {"request_id": "req_1", "kind": "approval", "event": "requested", "record_id": "rec_1"}
+
+    async def scenario() -> None:
+        writer = AuditWriter(str(log))
+        await writer.append([dict(step), _record("dec_a")], [])
+        await writer.append([dict(step)], [])  # sent again after a lost answer
+        restarted = AuditWriter(str(log))
+        await restarted.append([dict(step), {**step, "record_id": "rec_2"}], [])
+
+    run(scenario())
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r.get("record_id") or r["decision_id"] for r in lines] == ["rec_1", "dec_a", "rec_2"]
+    assert "input_digest" not in lines[0] and "input_digest" in lines[1]
+    assert verify(log, audit_key(log, None)).ok
+
+
 def test_a_failed_write_is_written_when_retried(tmp_path: Path) -> None:
     from serve.audit.service import AuditWriter
 
