@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydantic import BaseModel
-from ray import serve as rayserve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve import telemetry
 from serve.approvals.client import ApprovalsClient, HeldRuns
-from serve.approvals.store import Claim
+from serve.approvals.parking import Parking
+from serve.approvals.records import Claim
 from serve.audit.client import AuditClient
 from serve.auth import key_budgets
 from serve.budget import Price
@@ -30,12 +30,12 @@ from serve.budget.client import LedgerClient
 from serve.budget.config import BudgetsConfig
 from serve.budget.slices import AgentLedger, Slices
 from serve.context import Context, new_id
-from serve.errors import ApprovalsUnavailable, MemoryUnavailable, RequestError, TurnParked
+from serve.errors import MemoryUnavailable, RequestError, TurnParked
 from serve.governance.config import GovernanceConfig, build_engines
 from serve.governance.governor import Governor
 from serve.governance.guard import AgentGuard
 from serve.handles import Transport, handle_error, over
-from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Event, Finished, Gate, ModelCaller
+from serve.loop.results import AgentResult, ContentDelta, DelegateTarget, Event, Finished, ModelCaller
 from serve.loop.runner import AgentLoop, Resumed
 from serve.loop.state import LoopState
 from serve.manifest import delegate_tool_name, load_agent
@@ -44,8 +44,7 @@ from serve.memory.tools import MEMORY_TOOLS
 from serve.models import BackendConfig, make_backend
 from serve.models.base import ModelChunk, ModelRequest
 from serve.models.deployment import raise_errors, stream_model
-from serve.policy.pii import redact, scan
-from serve.protocol import ChatRequest, completion, completion_id, extension
+from serve.protocol import ChatRequest
 from serve.telemetry import logs
 from serve.telemetry.metrics import MetricsSink, RequestMetrics
 from serve.tools import load_tools
@@ -188,8 +187,11 @@ class AgentDeployment:
             self._ledger,
             parking=approvals is not None,
         )
-        self._manifest = spec.manifest
-        self._approvals = None if approvals is None else ApprovalsClient(approvals, approvals_timeout_s)
+        self._parking = (
+            None
+            if approvals is None
+            else Parking(ApprovalsClient(approvals, approvals_timeout_s), name, spec.manifest)
+        )
         self._lease_s = approvals_lease_s
 
     async def __del__(self) -> None:
@@ -304,79 +306,18 @@ class AgentDeployment:
         yield failure
 
     async def _park(self, request: ChatRequest, ctx: Context, parked: TurnParked) -> AgentOutcome:
-        """Store a turn that waits for people, durably; the answer says what it waits for."""
-        if self._approvals is None:  # pragma: no cover - the loop parks only with a service
+        if self._parking is None:  # pragma: no cover - the loop parks only with a service
             raise AssertionError("a turn parked without an approvals service")
-        state: LoopState = parked.state  # type: ignore[attr-defined]
-        turn = self._turn(new_id("turn_"), request, ctx, state)
-        shown = await self._store_park(turn, parked.gates, None)
-        if shown is None:
-            return ApprovalsUnavailable("the approvals service lost the parked turn; retry later")
-        said = state.text()
-        tools = ", ".join(sorted({a["tool"] for a in shown}))
-        sentence = (
-            f"The action ({tools}) awaits approval; its approval id is {shown[0]['id']}."
-            if len(shown) == 1
-            else f"{len(shown)} actions ({tools}) await approval; their ids are {', '.join(a['id'] for a in shown)}."
-        )
-        content = f"{said} {sentence}" if said else sentence
-        transcript = [*state.asked, {"role": "assistant", "content": content}]
-        return AgentResult(
-            content, [], "stop", state.usage, state.stats, transcript, parked=turn["id"], approvals=shown
-        )
-
-    async def _store_park(
-        self, turn: dict[str, Any], gates: list[Gate], holder: str | None
-    ) -> list[dict[str, Any]] | None:
-        """The turn and its gates in the approvals store; the approvals it (and its delegates) wait for."""
-        assert self._approvals is not None
-        redacting = self._manifest.policies.pii != "allow"
-        own = [
-            {
-                "id": new_id("apr_"),
-                "call_id": g.call_id,
-                "tool": g.tool,
-                "arguments": g.arguments,
-                "shown": _redacted(g.arguments) if redacting else g.arguments,
-                "decision_id": g.decision_id,
-                "ttl_s": g.ttl_s,
-            }
-            for g in gates
-            if g.child is None
-        ]
-        children = {g.call_id: g.child for g in gates if g.child is not None}
-        shown = await self._approvals.park(turn, own, children, holder)
-        if shown is None:
-            return None
-        return [*shown, *(a for g in gates for a in g.approvals)]
-
-    def _turn(self, turn_id: str, request: ChatRequest, ctx: Context, state: LoopState) -> dict[str, Any]:
-        principal = ctx.principal
-        return {
-            "id": turn_id,
-            "agent": self.name,
-            "version": self._manifest.version,
-            "deployment": self.name,
-            "app": rayserve.get_replica_context().app_name,
-            "request_id": ctx.request_id,
-            "tenant": principal.tenant if principal is not None else "anonymous",
-            "requester": ctx.principal_id,
-            "nested": len(ctx.chain) > 1,
-            "parked": {
-                "state": state.to_json().decode(),
-                "request": request.model_dump_json(),
-                "context": ctx.to_dict(),
-            },
-        }
+        return await self._parking.park(request, ctx, parked)
 
     async def resume(self, turn_id: str) -> None:
         """Go on with a parked turn whose waits are resolved (the approvals service asks any
         replica; the claim lets one have it). The outcome goes to the store: the request's
         answer, or a delegate's answer for its caller's turn."""
-        if self._approvals is None:
+        if self._parking is None:
             return
         holder = new_id("run_")
-        claim = await self._approvals.claim(turn_id, holder)
+        claim = await self._parking.client.claim(turn_id, holder)
         if claim is None:  # another replica has it, it is done, or it still waits
             return
         renewing = asyncio.get_running_loop().create_task(self._renew(turn_id, holder))
@@ -386,8 +327,8 @@ class AgentDeployment:
             renewing.cancel()
 
     async def _resume(self, claim: Claim, holder: str) -> None:
-        assert self._approvals is not None
-        parked = claim.parked
+        assert self._parking is not None
+        parking, parked = self._parking, claim.parked
         ctx = Context.from_dict(parked["context"])
         request = ChatRequest.model_validate_json(parked["request"])
         state = LoopState.from_json(parked["state"])
@@ -395,17 +336,17 @@ class AgentDeployment:
         nested = len(ctx.chain) > 1
         failed = False
         try:
-            resumed = Resumed(state, claim.resolutions, HeldRuns(self._approvals, holder))
+            resumed = Resumed(state, claim.resolutions, HeldRuns(parking.client, holder))
             try:
                 result = await self._loop.run(request, ctx, None, resumed)
             except TurnParked as again:  # it waits anew (an approved delegate's turn parked)
                 await self._audit.commit()
-                turn = self._turn(claim.turn, request, ctx, again.state)  # type: ignore[attr-defined]
-                await self._store_park(turn, again.gates, holder)
+                turn = parking.turn(claim.turn, request, ctx, again.state)  # type: ignore[attr-defined]
+                await parking.store(turn, again.gates, holder)
                 return
             if not nested:
                 await self._remember(ctx, result)
-            outcome = self._finished(ctx, request, result, nested)
+            outcome = parking.outcome(ctx, request, result)
         except RequestError as exc:
             failed, outcome = True, {"error": exc.to_dict()}
         except Exception as exc:
@@ -417,41 +358,14 @@ class AgentDeployment:
         except RequestError as exc:
             log.error("resumed turn %s: audit not durable (%s)", claim.turn, exc.message)
             return  # not finished: the lease lapses and the turn goes on elsewhere, its runs kept
-        await self._approvals.finish(claim.turn, holder, outcome, failed)
-
-    def _finished(
-        self, ctx: Context, request: ChatRequest, result: AgentResult, nested: bool
-    ) -> dict[str, Any]:
-        """A resumed turn's outcome as stored: a delegate's answer, or the request's completion."""
-        if nested:
-            return {"content": result.content, "usage": result.usage.model_dump(mode="json")}
-        trace = ctx.trace.get("traceparent", "")
-        body = completion(
-            completion_id=completion_id(ctx.request_id),
-            model=request.model,
-            content=result.content,
-            tool_calls=result.tool_calls,
-            finish_reason=result.finish_reason,
-            usage=result.usage,
-            extension=extension(
-                request_id=ctx.request_id,
-                correlation_id=ctx.correlation_id,
-                trace_id=trace.split("-")[1] if trace.count("-") == 3 else None,
-                session_id=ctx.session,
-                agent=self.name,
-                agent_version=self._manifest.version,
-                stats=result.stats,
-                cost_usd=result.usage.cost_usd,
-            ),
-        )
-        return {"completion": body}
+        await parking.client.finish(claim.turn, holder, outcome, failed)
 
     async def _renew(self, turn_id: str, holder: str) -> None:
-        assert self._approvals is not None
+        assert self._parking is not None
         while True:
             await asyncio.sleep(self._lease_s / 3)
             with contextlib.suppress(RequestError):
-                await self._approvals.renew(turn_id, holder)
+                await self._parking.client.renew(turn_id, holder)
 
     def _session(self, ctx: Context) -> tuple[str, str, str] | None:
         """The session this call continues: only the agent the client called keeps one."""
@@ -482,21 +396,6 @@ class AgentDeployment:
 
     def _internal(self, exc: Exception, ctx: Context) -> RequestError:
         return handle_error(exc, self.name, "behind", ctx.request_id)
-
-
-def _redacted(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Arguments as approvers see them: PII in their strings redacted."""
-
-    def scrub(value: Any) -> Any:
-        if isinstance(value, str):
-            return redact(value, scan(value))
-        if isinstance(value, dict):
-            return {k: scrub(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [scrub(v) for v in value]
-        return value
-
-    return {k: scrub(v) for k, v in arguments.items()}
 
 
 def _status(outcome: object, otherwise: int) -> int:

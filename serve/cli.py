@@ -28,8 +28,8 @@ import yaml
 from pydantic import ValidationError
 
 from serve.app import validate_fleet
+from serve.approvals.records import Status as ApprovalStatus
 from serve.approvals.service import OPERATOR, OPERATOR_ID
-from serve.approvals.store import Status as ApprovalStatus
 from serve.audit.log import audit_key, verify
 from serve.auth import hash_key
 from serve.errors import ConfigError, RequestError

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from serve.approvals.store import Claim
+from serve.approvals.records import Claim
 from serve.errors import ApprovalsUnavailable
 
 __all__ = ["ApprovalsClient", "HeldRuns"]

@@ -23,7 +23,8 @@ from ray import serve as rayserve
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from serve.approvals.config import ApprovalsConfig
-from serve.approvals.store import Claim, SqliteApprovals, public
+from serve.approvals.records import ApprovalStore, Claim, public
+from serve.approvals.store import SqliteApprovals
 from serve.audit.client import AuditClient
 from serve.cards import AgentCard
 from serve.context import Context, new_id
@@ -64,7 +65,7 @@ class ApprovalsService:
         logs.route_to_serve()
         self._config = config
         self._clock, self._offset = clock, 0.0
-        self._store = SqliteApprovals(Path(path), self._now)
+        self._store: ApprovalStore = SqliteApprovals(Path(path), self._now)
         self._cards = cards
         self._audit = AuditClient(audit, governance.audit.commit_timeout_s)
         self._engine, _ = build_engines(governance, Path(root))

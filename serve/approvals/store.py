@@ -18,16 +18,12 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-__all__ = ["Claim", "Decided", "SqliteApprovals", "Status", "public"]
+from serve.approvals.records import Claim, Decided, Status
 
-Status = Literal[
-    "pending", "approved", "rejected", "expired", "running", "completed", "outcome_unknown", "failed"
-]
-Decided = Literal["approved", "rejected", "expired"]
+__all__ = ["SqliteApprovals"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -52,17 +48,6 @@ _APPROVAL_COLUMNS = (
     "id, turn, call_id, agent, version, tool, arguments, shown, request_id, tenant, requester, "
     "decision_id, created, expires, decision, decided_by, reason, decided_at, run, run_holder, outcome"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A ready turn, claimed by one replica: what it parked, and how each waiting call was resolved."""
-
-    turn: str
-    parked: dict[str, Any]
-    # call id -> {"kind": "approval", "id", "decision", "by", "reason"} or
-    # {"kind": "child", "result": {...}} (a delegate's finished turn)
-    resolutions: dict[str, dict[str, Any]]
 
 
 class SqliteApprovals:
@@ -370,31 +355,3 @@ class SqliteApprovals:
     def pending_counts(self) -> dict[str, int]:
         rows = self._db.execute("SELECT agent, count(*) FROM approvals WHERE decision IS NULL GROUP BY agent")
         return {agent: n for agent, n in rows}
-
-
-def public(row: dict[str, Any], status: Status, result: dict[str, Any] | None) -> dict[str, Any]:
-    """An approval as the API shows it: its arguments as redacted at parking (``shown``)."""
-    decision = None
-    if row["decision"] is not None:
-        decision = {
-            "outcome": row["decision"],
-            "by": row["decided_by"],
-            "reason": row["reason"],
-            "at": row["decided_at"],
-        }
-    return {
-        "object": "approval",
-        "id": row["id"],
-        "status": status,
-        "agent": row["agent"],
-        "agent_version": row["version"],
-        "tool": row["tool"],
-        "arguments": json.loads(row["shown"]),
-        "request_id": row["request_id"],
-        "tenant": row["tenant"],
-        "requester": row["requester"],
-        "created_at": row["created"],
-        "expires_at": row["expires"],
-        "decision": decision,
-        "result": result,
-    }

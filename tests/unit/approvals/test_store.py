@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from serve.approvals.store import SqliteApprovals, public
+from serve.approvals.records import public
+from serve.approvals.store import SqliteApprovals
 from tests.unit.budget.fakes import Clock
 
 
