@@ -45,6 +45,9 @@ log = logging.getLogger("fleet.approvals")
 OPERATOR = Principal(tenant="operator", roles=["operator", "approver"], authenticated=True)
 OPERATOR_ID = "operator"
 SWEEP_S = 1.0
+# With nothing pending or resuming, the sweep waits this long (a park wakes it at once):
+# an idle fleet's approvals replica costs the other replicas on its node nothing.
+IDLE_SWEEP_S = 30.0
 WEBHOOK_TRIES = 5
 DECISION_BUCKETS = [1.0, 10, 60, 300, 900, 3600, 4 * 3600, 86_400, 7 * 86_400]
 
@@ -75,6 +78,8 @@ class ApprovalsService:
         self._send = resume or self._call_resume  # (app, deployment, turn id): a test's double
         self._changed: dict[str, asyncio.Event] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._kick: asyncio.Event | None = None  # a park wakes an idle sweep
+        self._gauged: dict[str, int] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._pending = Gauge("fleet_approvals_pending", EXPORTED["ray_fleet_approvals_pending"], ("agent",))
         self._decided = Counter(
@@ -114,6 +119,8 @@ class ApprovalsService:
         await self._audit.commit()
         self._gauge()
         self._dispatch_ready()
+        if self._kick is not None:
+            self._kick.set()  # an idle sweep watches again each second
         return shown
 
     async def claim(self, turn_id: str, holder: str) -> Claim | None:
@@ -267,6 +274,7 @@ class ApprovalsService:
 
     def _start(self) -> None:
         if self._sweeper is None or self._sweeper.done():
+            self._kick = asyncio.Event()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
@@ -283,7 +291,11 @@ class ApprovalsService:
                 self._gauge()
             except Exception as exc:  # the next sweep tries again
                 log.error("approvals sweep failed", exc_info=exc)
-            await asyncio.sleep(SWEEP_S)
+            assert self._kick is not None
+            idle = not self._store.in_flight()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), IDLE_SWEEP_S if idle else SWEEP_S)
+            self._kick.clear()
 
     def _expire(self) -> None:
         """Pending approvals past their expiry are rejected, as if by a person."""
@@ -372,7 +384,10 @@ class ApprovalsService:
     def _gauge(self) -> None:
         counts = self._store.pending_counts()
         for agent in self._cards:
-            self._pending.set(counts.get(agent, 0), {"agent": agent})
+            n = counts.get(agent, 0)
+            if self._gauged.get(agent) != n:  # Ray's agent keeps the last value it was set to
+                self._pending.set(n, {"agent": agent})
+                self._gauged[agent] = n
 
     def _wake(self, approval_id: str) -> None:
         changed = self._changed.pop(approval_id, None)

@@ -352,6 +352,14 @@ class SqliteApprovals:
                 )
         return turns, lost
 
+    def in_flight(self) -> bool:
+        """Whether anything waits: a pending approval, or a turn parked or resuming."""
+        row = self._db.execute(
+            "SELECT 1 WHERE EXISTS (SELECT 1 FROM approvals WHERE decision IS NULL) "
+            "OR EXISTS (SELECT 1 FROM turns WHERE status IN ('parked', 'resuming'))"
+        ).fetchone()
+        return row is not None
+
     def pending_counts(self) -> dict[str, int]:
         rows = self._db.execute("SELECT agent, count(*) FROM approvals WHERE decision IS NULL GROUP BY agent")
         return {agent: n for agent, n in rows}

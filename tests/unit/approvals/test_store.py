@@ -167,3 +167,16 @@ def test_a_replica_that_lost_its_turn_cannot_park_or_finish_it(tmp_path: Path) -
     assert not s.park(turn(), [approval("apr_2", "c2")], {}, holder="run_a")
     assert s.finish("turn_1", "run_a", {"completion": {}}, failed=False) is None
     assert s.finish("turn_1", "run_b", {"completion": {}}, failed=False) is not None
+
+
+def test_in_flight_tells_an_idle_store_from_one_with_work(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    assert not s.in_flight()
+    s.park(turn(), [approval()], {})
+    assert s.in_flight()  # pending
+    s.decide("apr_1", "approved", "ops:9a", None)
+    assert s.in_flight()  # parked, ready
+    s.claim("turn_1", "run_a", 30)
+    assert s.in_flight()  # resuming
+    s.finish("turn_1", "run_a", {"completion": {}}, failed=False)
+    assert not s.in_flight()
