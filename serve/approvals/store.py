@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from serve.approvals.records import Claim, Decided, Status
+from serve.sqlite import transaction
 
 __all__ = ["SqliteApprovals"]
 
@@ -60,16 +60,6 @@ class SqliteApprovals:
         self._db.executescript(_SCHEMA)
         self._now = clock
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
     # -- parking -----------------------------------------------------------------------
 
     def park(
@@ -83,7 +73,7 @@ class SqliteApprovals:
         its new approvals, and the delegate turns it waits for (call id -> turn id).
         False when ``holder`` no longer holds the turn."""
         now = self._now()
-        with self._tx() as db:
+        with transaction(self._db) as db:
             if holder is None:
                 db.execute(
                     "INSERT INTO turns (id, agent, version, deployment, app, request_id, tenant, requester, "
@@ -202,7 +192,7 @@ class SqliteApprovals:
 
     def decide(self, approval_id: str, decision: Decided, by: str, reason: str | None) -> bool:
         """Record the decision of a pending approval; False if it was decided already."""
-        with self._tx() as db:
+        with transaction(self._db) as db:
             cursor = db.execute(
                 "UPDATE approvals SET decision=?, decided_by=?, reason=?, decided_at=? "
                 "WHERE id=? AND decision IS NULL",
@@ -247,7 +237,7 @@ class SqliteApprovals:
         if not self.ready(turn_id):
             return None
         now = self._now()
-        with self._tx() as db:
+        with transaction(self._db) as db:
             cursor = db.execute(
                 "UPDATE turns SET status='resuming', holder=?, lease_until=?, updated=? "
                 "WHERE id=? AND status='parked'",
@@ -285,7 +275,7 @@ class SqliteApprovals:
         its outcome never came (its replica was lost: ``"lost"`` when this call found it
         so); ``("refused", None)`` if the
         approval is not approved (a forged or replayed resume)."""
-        with self._tx() as db:
+        with transaction(self._db) as db:
             row = db.execute(
                 "SELECT decision, run, outcome FROM approvals WHERE id=?", (approval_id,)
             ).fetchone()
@@ -313,7 +303,7 @@ class SqliteApprovals:
     ) -> dict[str, Any] | None:
         """Store a resumed turn's outcome; the turn as it is now, or None if ``holder`` lost it."""
         now = self._now()
-        with self._tx() as db:
+        with transaction(self._db) as db:
             cursor = db.execute(
                 "UPDATE turns SET status=?, result=?, holder=NULL, lease_until=NULL, updated=? "
                 "WHERE id=? AND holder=? AND status='resuming'",
@@ -331,7 +321,7 @@ class SqliteApprovals:
         lapsed = "SELECT * FROM turns WHERE status='resuming' AND lease_until < ?"
         if self._db.execute(lapsed, (now,)).fetchone() is None:  # the sweep's usual answer: no write
             return [], []
-        with self._tx() as db:
+        with transaction(self._db) as db:
             turns = [dict(r) for r in db.execute(lapsed, (now,))]
             lost = []
             for turn in turns:

@@ -205,26 +205,19 @@ class AgentLoop:
         resumed: Resumed | None,
     ) -> AsyncGenerator[Event, None]:
         schemas = self._calls.schemas + [t.model_dump(exclude_none=True) for t in request.tools or []]
-        first = 1
-        if resumed is not None:
+        first, handed = 1, None
+        if resumed is not None:  # the parked turn's calls first, as they were resolved
             handed = await self._resume_calls(ctx, state, span, resumed)
-            if handed is not None:  # a routed request: the delegate's reply is the answer
-                if handed:
-                    yield ContentDelta(handed)
-                state.said.append(handed)
-                yield Finished(_answer(state, "stop"))
-                return
             first = state.turn + 1
-        routing = None if resumed is not None else self._routes_first(request, state, client_tools)
-        if routing is not None:
+        elif (routing := self._routes_first(request, state, client_tools)) is not None:
             handed = await self._route(ctx, state, span, routing)
-            if handed is not None:  # the delegate's reply is the answer
-                if handed:
-                    yield ContentDelta(handed)
-                state.said.append(handed)
-                yield Finished(_answer(state, "stop"))
-                return
             first = state.turn + 1
+        if handed is not None:  # a routed request: the delegate's reply is the answer
+            if handed:
+                yield ContentDelta(handed)
+            state.said.append(handed)
+            yield Finished(_answer(state, "stop"))
+            return
         for turn in range(first, self.manifest.max_turns + 1):
             state.turn = turn
             state.stats.turns += 1

@@ -19,12 +19,11 @@ session, per request context and per tenant, evicting the oldest first.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +31,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.errors import MemoryFull
+from serve.sqlite import transaction
 
 __all__ = ["MemoryConfig", "MemoryLimits", "MemoryStats", "MemoryStore", "SqliteStore"]
 
@@ -162,17 +162,6 @@ class SqliteStore:
     def close(self) -> None:
         self._db.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic change: committed when the block ends, rolled back if it raises."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
     def _count_evicted(self, store: str, cursor: sqlite3.Cursor) -> None:
         self._evicted[store] += max(cursor.rowcount, 0)
 
@@ -197,7 +186,7 @@ class SqliteStore:
     def append_session(self, tenant: str, agent: str, session: str, messages: list[dict[str, Any]]) -> None:
         now, key = self._clock(), (tenant, agent, session)
         texts = [json.dumps(m, separators=(",", ":"), ensure_ascii=False) for m in messages]
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             stale = db.execute(
                 "SELECT used FROM sessions WHERE tenant=? AND agent=? AND session=?", key
             ).fetchone()
@@ -254,7 +243,7 @@ class SqliteStore:
             raise MemoryFull(
                 f"the value is {size} bytes; a request context holds {self.limits.context_max_bytes}"
             )
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "INSERT OR REPLACE INTO context VALUES (?, ?, ?, ?, ?, ?)",
                 (tenant, request, key, text, size, self._clock()),
@@ -286,7 +275,7 @@ class SqliteStore:
         size = len(text.encode()) + len(key.encode())
         if size > self.limits.fact_max_bytes:
             raise MemoryFull(f"the fact is {size} bytes; at most {self.limits.fact_max_bytes} are kept")
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "INSERT OR REPLACE INTO facts VALUES (?, ?, ?, ?, ?, ?)",
                 (tenant, namespace, key, text, size, self._clock()),
@@ -335,7 +324,7 @@ class SqliteStore:
     def expire(self) -> None:
         """Drop idle sessions and old request contexts."""
         now = self._clock()
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             stale = db.execute(
                 "SELECT tenant, agent, session FROM sessions WHERE used<?", (now - self.limits.session_ttl_s,)
             ).fetchall()
