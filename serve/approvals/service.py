@@ -45,8 +45,7 @@ log = logging.getLogger("fleet.approvals")
 OPERATOR = Principal(tenant="operator", roles=["operator", "approver"], authenticated=True)
 OPERATOR_ID = "operator"
 SWEEP_S = 1.0
-# With nothing pending or resuming, the sweep waits this long (a park wakes it at once):
-# an idle fleet's approvals replica costs the other replicas on its node nothing.
+# With nothing pending or resuming, the sweep's full work waits this long.
 IDLE_SWEEP_S = 30.0
 WEBHOOK_TRIES = 5
 DECISION_BUCKETS = [1.0, 10, 60, 300, 900, 3600, 4 * 3600, 86_400, 7 * 86_400]
@@ -78,8 +77,7 @@ class ApprovalsService:
         self._send = resume or self._call_resume  # (app, deployment, turn id): a test's double
         self._changed: dict[str, asyncio.Event] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        self._kick: asyncio.Event | None = None  # a park wakes an idle sweep
-        self._gauged: dict[str, int] = {}
+        self._counts: dict[str, int] = {}  # pending approvals by agent, for the gauge
         self._background: set[asyncio.Task[Any]] = set()
         self._pending = Gauge("fleet_approvals_pending", EXPORTED["ray_fleet_approvals_pending"], ("agent",))
         self._decided = Counter(
@@ -119,8 +117,6 @@ class ApprovalsService:
         await self._audit.commit()
         self._gauge()
         self._dispatch_ready()
-        if self._kick is not None:
-            self._kick.set()  # an idle sweep watches again each second
         return shown
 
     async def claim(self, turn_id: str, holder: str) -> Claim | None:
@@ -274,28 +270,30 @@ class ApprovalsService:
 
     def _start(self) -> None:
         if self._sweeper is None or self._sweeper.done():
-            self._kick = asyncio.Event()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
+        """Each second: the pending gauge (Ray drops a gauge not set within two export
+        intervals); while anything waits (or every IDLE_SWEEP_S), expiry, lost leases and
+        dispatch too: an idle fleet's approvals replica asks its store one indexed question."""
+        full_at = 0.0
         while True:
             try:
-                self._expire()
-                turns, lost = self._store.lapsed()
-                for turn in turns:
-                    log.warning("turn %s: its replica was lost; sending it again", turn["id"])
-                for row in lost:
-                    self._step(row, "outcome_unknown", None, None)
-                    self._wake(row["id"])
-                self._dispatch_ready()
-                self._gauge()
+                if self._store.in_flight() or time.monotonic() >= full_at:
+                    full_at = time.monotonic() + IDLE_SWEEP_S
+                    self._expire()
+                    turns, lost = self._store.lapsed()
+                    for turn in turns:
+                        log.warning("turn %s: its replica was lost; sending it again", turn["id"])
+                    for row in lost:
+                        self._step(row, "outcome_unknown", None, None)
+                        self._wake(row["id"])
+                    self._dispatch_ready()
+                    self._counts = self._store.pending_counts()
+                self._publish()
             except Exception as exc:  # the next sweep tries again
                 log.error("approvals sweep failed", exc_info=exc)
-            assert self._kick is not None
-            idle = not self._store.in_flight()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), IDLE_SWEEP_S if idle else SWEEP_S)
-            self._kick.clear()
+            await asyncio.sleep(SWEEP_S)
 
     def _expire(self) -> None:
         """Pending approvals past their expiry are rejected, as if by a person."""
@@ -382,12 +380,12 @@ class ApprovalsService:
         self._gauge()
 
     def _gauge(self) -> None:
-        counts = self._store.pending_counts()
+        self._counts = self._store.pending_counts()
+        self._publish()
+
+    def _publish(self) -> None:
         for agent in self._cards:
-            n = counts.get(agent, 0)
-            if self._gauged.get(agent) != n:  # Ray's agent keeps the last value it was set to
-                self._pending.set(n, {"agent": agent})
-                self._gauged[agent] = n
+            self._pending.set(self._counts.get(agent, 0), {"agent": agent})
 
     def _wake(self, approval_id: str) -> None:
         changed = self._changed.pop(approval_id, None)
