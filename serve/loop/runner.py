@@ -568,6 +568,8 @@ class AgentLoop:
         return await self._guard.model_output(ctx, reply, max(state.turn, 1)) if reply else ""
 
     def _client_tools(self, request: ChatRequest) -> set[str]:
+        """The client's own tools; a ``tool_choice`` may name one of them or one of the
+        agent's (forcing that call: its approval, scope and policy apply as ever)."""
         names: set[str] = set()
         for i, t in enumerate(request.tools or []):
             name = t.function.name
@@ -577,6 +579,15 @@ class AgentLoop:
                     param=f"tools[{i}].function.name",
                 )
             names.add(name)
+        choice = request.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            named = choice.function.name
+            if named not in names and not self._calls.reserves(named):
+                raise InvalidRequest(
+                    f"tool_choice names function {named!r}, which is neither in tools nor a tool of "
+                    f"agent {self.manifest.name!r}",
+                    param="tool_choice",
+                )
         return names
 
     def _model_request(

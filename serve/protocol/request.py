@@ -311,10 +311,6 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise InvalidRequest(msg, param=param, code="invalid_value") from None
     if (refused := _refused(request)) is not None:
         raise InvalidRequest(_REFUSED[refused], param=refused, code="unsupported_value")
-    if isinstance(request.tool_choice, NamedToolChoice):
-        name = request.tool_choice.function.name
-        if name not in {t.function.name for t in request.tools or []}:
-            raise InvalidRequest(
-                f"tool_choice names function {name!r}, which is not in tools", param="tool_choice"
-            )
+    # A tool_choice naming a function is checked by the agent: it may name one of the
+    # agent's own tools (forcing the call), which the client's `tools` do not list.
     return request

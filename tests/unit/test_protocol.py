@@ -26,6 +26,7 @@ from serve.protocol import (
     FunctionCall,
     JsonObjectFormat,
     JsonSchemaFormat,
+    NamedToolChoice,
     TextFormat,
     ToolCall,
     Usage,
@@ -164,10 +165,14 @@ def test_body_that_is_not_a_json_object(raw: bytes, message: str) -> None:
     assert err.message.startswith(message)
 
 
-def test_tool_choice_naming_a_missing_tool() -> None:
-    err = error_for(body(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}))
-    assert err.message == "tool_choice names function 'nope', which is not in tools"
-    assert err.param == "tool_choice"
+def test_tool_choice_may_name_a_function_the_client_did_not_send() -> None:
+    """It may be one of the agent's own tools: the agent checks it (tests/unit/loop/test_runner.py)."""
+    raw = body(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "leave_balance"}})
+    request = parse_chat_request(raw)
+    assert (
+        isinstance(request.tool_choice, NamedToolChoice)
+        and request.tool_choice.function.name == "leave_balance"
+    )
 
 
 @pytest.mark.parametrize(

@@ -435,6 +435,25 @@ def test_named_tool_choice_applies_to_the_first_call_only(harness: Harness) -> N
     assert [r.tool_choice for r in harness.requests] == [choice, "auto"]
 
 
+def test_tool_choice_may_force_one_of_the_agents_own_tools(harness: Harness) -> None:
+    choice = {"type": "function", "function": {"name": "echo"}}
+    result = harness.ask("#echo hi", tool_choice=choice)
+    assert result.content == "echo said: hi"
+    assert [r.tool_choice for r in harness.requests] == [choice, "auto"]
+
+
+def test_tool_choice_naming_a_missing_tool_is_a_400_naming_it(harness: Harness) -> None:
+    choice = {"type": "function", "function": {"name": "nope"}}
+    with pytest.raises(InvalidRequest) as info:
+        harness.ask("#echo hi", tools=[WEATHER_TOOL], tool_choice=choice)
+    assert info.value.param == "tool_choice"
+    assert (
+        info.value.message
+        == "tool_choice names function 'nope', which is neither in tools nor a tool of agent 'tester'"
+    )
+    assert harness.requests == []
+
+
 def test_tool_choice_none(harness: Harness) -> None:
     result = harness.ask("#echo hi", tool_choice="none")
     assert harness.requests[0].tool_choice == "none"
