@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import socket
 import subprocess
@@ -373,12 +372,13 @@ class _OperatorApprovals:
         import ray
         from ray import serve as rayserve
 
-        # As the Makefile exports it: Ray 2.60 clusters take token auth, and a driver must say so.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # RAY_AUTH_MODE is left as the shell has it: unset, Ray turns token auth on by itself
+        # when ~/.ray/auth_token exists, and setting it now (Ray is imported) breaks the connection.
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # a handle's routing news is noise here
         try:
             if not ray.is_initialized():
-                ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
+                # ERROR: its "token authentication is enabled" warning on every command is noise
+                ray.init(address="auto", log_to_driver=False, logging_level=logging.ERROR)
             self._handle = rayserve.get_deployment_handle("approvals", app_name=app)
         except Exception as exc:  # no cluster, no Serve, no such application
             raise click.ClickException(

@@ -99,8 +99,10 @@ def test_readme_approval_commands(fleet_up: str, up_env: dict[str, str]) -> None
     operator approves it through Ray, the turn resumes and the tool runs once."""
     block = readme_block("bash", "### Human approval").replace("\\\n", " ")
     script = "set -euo pipefail\n" + block + 'echo "approval=$APPROVAL"\n'
+    # As a user's shell runs it: make exports RAY_AUTH_MODE, a shell does not.
+    shell = {k: v for k, v in up_env.items() if k != "RAY_AUTH_MODE"}
     done = subprocess.run(
-        ["bash", "-c", script], cwd=ROOT, env=up_env, capture_output=True, text=True, timeout=300
+        ["bash", "-c", script], cwd=ROOT, env=shell, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     approval_id = done.stdout.rsplit("approval=", 1)[1].strip()

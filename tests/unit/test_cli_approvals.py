@@ -342,7 +342,8 @@ def test_without_a_key_the_operator_lists_through_ray(operator: Operator) -> Non
         "23h30m",
         "pending",
     ]
-    assert operator.inits == [({"address": "auto", "log_to_driver": False, "logging_level": 30}, "token")]
+    # RAY_AUTH_MODE untouched (unset here): Ray finds the token itself; set after import, it breaks.
+    assert operator.inits == [({"address": "auto", "log_to_driver": False, "logging_level": 40}, None)]
     assert operator.handles == [("approvals", "fleet")]
     assert operator.calls == [("inbox", OPERATOR, OPERATOR_ID, "pending", "hr-policy-advisor")]
 

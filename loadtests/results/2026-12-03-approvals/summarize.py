@@ -13,7 +13,9 @@ RUNGS = ("L2 serve-chain", "L3i fleet-agent-inline", "L5i fleet-tool-inline")
 
 def main(folder: Path) -> None:
     ratios: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
-    print("| run | L2 c1 p50 ms | L5i c1 p50 ms | L5i/L2 c1 p50 | L2 c8 req/s | L5i c8 req/s | L5i/L2 c8 req/s |")
+    print(
+        "| run | L2 c1 p50 ms | L5i c1 p50 ms | L5i/L2 c1 p50 | L2 c8 req/s | L5i c8 req/s | L5i/L2 c8 req/s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for path in sorted(folder.glob("*-[0-9].json"), key=lambda p: (p.stem[-1], p.stem)):
         rungs = json.loads(path.read_text())["rungs"]
@@ -29,7 +31,9 @@ def main(folder: Path) -> None:
         )
     for key in ("p50", "rps"):
         before, after = (statistics.mean(ratios[s][key]) for s in ("before", "after"))
-        print(f"\nmean L5i/L2 {key}: before {before:.3f}, after {after:.3f} (after/before {after / before:.3f})")
+        print(
+            f"\nmean L5i/L2 {key}: before {before:.3f}, after {after:.3f} (after/before {after / before:.3f})"
+        )
 
 
 if __name__ == "__main__":
