@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from serve import telemetry
+from serve.approvals.client import ApprovalsClient
 from serve.approvals.config import ApprovalsConfig
 from serve.approvals.inbox import render_inbox
 from serve.audit.client import AuditClient
@@ -40,7 +41,6 @@ from serve.cards import AgentCard
 from serve.context import Carried, Context
 from serve.errors import (
     AgentError,
-    ApprovalsUnavailable,
     AuditUnavailable,
     InvalidRequest,
     NotFound,
@@ -284,8 +284,10 @@ class Ingress:
         approvals_config: ApprovalsConfig | None = None,
     ) -> None:
         self._cards = cards
-        self._approvals = approvals
         self._approvals_config = approvals_config or ApprovalsConfig()
+        self._approvals = (
+            None if approvals is None else ApprovalsClient(approvals, self._approvals_config.call_timeout_s)
+        )
         self._budgets = budgets or BudgetsConfig()
         self._key_limits = key_budgets(config.tenants)
         self._limits = budget_limits(cards, self._budgets, self._key_limits)
@@ -396,7 +398,7 @@ class Ingress:
             raise InvalidRequest(f"status must be one of {', '.join(APPROVAL_STATUSES)}", param="status")
         if agent is not None:
             self._card(agent)
-        rows = await self._approvals_call("inbox", principal, principal_id, status, agent)
+        rows = await self._approvals_client().inbox(principal, principal_id, status, agent)
         return JSONResponse({"object": "list", "data": rows})
 
     @app.get("/v1/approvals/{approval_id}")
@@ -411,7 +413,7 @@ class Ingress:
             raise InvalidRequest("wait is a number of seconds", param="wait") from None
         if not 0 <= wait_s <= self._approvals_config.max_wait_s:
             raise InvalidRequest(f"wait is 0 to {self._approvals_config.max_wait_s:g} seconds", param="wait")
-        got = await self._approvals_call("get", approval_id, principal, principal_id, wait_s, waits_s=wait_s)
+        got = await self._approvals_client().get(approval_id, principal, principal_id, wait_s)
         if isinstance(got, RequestError):
             raise got
         return JSONResponse(got)
@@ -428,21 +430,15 @@ class Ingress:
         principal, principal_id = identify(request.headers.get("authorization"), self._tenants)
         body = await read_body(request, 64 << 10)
         reason = decision_reason(body)
-        got = await self._approvals_call("decide", approval_id, approve, principal, principal_id, reason)
+        got = await self._approvals_client().decide(approval_id, approve, principal, principal_id, reason)
         if isinstance(got, RequestError):
             raise got
         return JSONResponse(got)
 
-    async def _approvals_call(self, method: str, *args: Any, waits_s: float = 0.0) -> Any:
+    def _approvals_client(self) -> ApprovalsClient:
         if self._approvals is None:
             raise NotFound("this fleet keeps no approvals")
-        try:
-            async with asyncio.timeout(self._approvals_config.call_timeout_s + waits_s):
-                return await getattr(self._approvals, method).remote(*args)
-        except (TimeoutError, Exception) as exc:
-            raise ApprovalsUnavailable(
-                f"the approvals service did not answer ({type(exc).__name__})"
-            ) from None
+        return self._approvals
 
     async def _admit(self, ctx: Context, card: AgentCard) -> Carried:
         """The ingress decision: may this principal call this agent? Returns its records."""

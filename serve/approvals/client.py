@@ -8,9 +8,12 @@ import asyncio
 from typing import Any
 
 from serve.approvals.records import Claim
-from serve.errors import ApprovalsUnavailable
+from serve.errors import ApprovalsUnavailable, RequestError
+from serve.policy.schema import Principal
 
 __all__ = ["ApprovalsClient", "HeldRuns"]
+
+Answer = dict[str, Any] | RequestError
 
 
 class ApprovalsClient:
@@ -48,9 +51,26 @@ class ApprovalsClient:
         got: bool = await self._call("finish", turn_id, holder, result, failed)
         return got
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def inbox(
+        self, principal: Principal, principal_id: str, status: str | None, agent: str | None
+    ) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = await self._call("inbox", principal, principal_id, status, agent)
+        return got
+
+    async def get(self, approval_id: str, principal: Principal, principal_id: str, wait_s: float) -> Answer:
+        """One approval; the service may hold the answer ``wait_s`` (and so does this call)."""
+        got: Answer = await self._call("get", approval_id, principal, principal_id, wait_s, waits_s=wait_s)
+        return got
+
+    async def decide(
+        self, approval_id: str, approve: bool, principal: Principal, principal_id: str, reason: str | None
+    ) -> Answer:
+        got: Answer = await self._call("decide", approval_id, approve, principal, principal_id, reason)
+        return got
+
+    async def _call(self, method: str, *args: Any, waits_s: float = 0.0) -> Any:
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout + waits_s):
                 return await getattr(self._handle, method).remote(*args)
         except (TimeoutError, Exception) as exc:
             raise ApprovalsUnavailable(

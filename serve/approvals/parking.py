@@ -10,7 +10,7 @@ from ray import serve as rayserve
 
 from serve.approvals.client import ApprovalsClient
 from serve.context import Context, new_id
-from serve.errors import ApprovalsUnavailable, RequestError, TurnParked
+from serve.errors import RequestError, TurnParked
 from serve.loop.results import AgentResult, Gate
 from serve.loop.state import LoopState
 from serve.manifest import AgentManifest
@@ -32,8 +32,7 @@ class Parking:
         state: LoopState = parked.state  # type: ignore[attr-defined]
         turn = self.turn(new_id("turn_"), request, ctx, state)
         shown = await self.store(turn, parked.gates, None)
-        if shown is None:  # pragma: no cover - a new turn has no holder to lose
-            return ApprovalsUnavailable("the approvals service lost the parked turn; retry later")
+        assert shown is not None, "a new turn has no holder to lose"
         said = state.text()
         tools = ", ".join(sorted({a["tool"] for a in shown}))
         ids = ", ".join(a["id"] for a in shown)

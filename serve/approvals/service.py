@@ -32,7 +32,7 @@ from serve.errors import Conflict, Gone, InvalidRequest, NotFound, PolicyDenied,
 from serve.governance.config import GovernanceConfig, build_engines
 from serve.governance.governor import Governor
 from serve.policy.pii import redact, scan
-from serve.policy.schema import Principal
+from serve.policy.schema import INPUT_VERSION, Principal
 from serve.steps import ApprovalEvent, ApprovalStep
 from serve.telemetry import logs
 from serve.telemetry.metrics import EXPORTED, MetricsSink
@@ -331,7 +331,7 @@ class ApprovalsService:
         if principal_id == row["requester"]:
             return True
         document = {
-            "version": "fleet.policy/v1",
+            "version": INPUT_VERSION,
             "point": "approval",
             "request": {"id": row["request_id"], "chain": [row["agent"]]},
             "principal": principal.model_dump(mode="json"),
