@@ -139,7 +139,9 @@ class CostLimits(Strict):
 
 class Policies(Strict):
     pii: Literal["allow", "redact", "block"] = Field(
-        default="redact", description="What to do with PII in model input and output."
+        default="redact",
+        description="What to do with PII in model input and output. `block` also stops the "
+        "model at an answer's first PII (finish_reason `content_filter`): the answer is refused.",
     )
     compliance: list[Literal["gdpr", "soc2", "hipaa", "pci", "sox"]] = Field(
         default_factory=list, description="Compliance tags that turn on stricter rules."

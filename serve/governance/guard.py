@@ -58,6 +58,8 @@ class AgentGuard:
         # Streamed text of an agent that may redact passes a StreamRedactor: a token
         # already sent cannot be taken back when the rest of a card number arrives.
         self.holds_output = m.policies.pii != "allow" or bool(m.policies.compliance)
+        # An answer with PII would be withheld whole: the engine stops at the first.
+        self.halts_on_pii = m.policies.pii == "block"
         # The facts policies see, from the agent's card (one object per set of scopes).
         self._card = AgentCard.of(spec)
 

@@ -19,6 +19,7 @@ class Guard(Protocol):
     decision and is recorded without waiting."""
 
     holds_output: bool
+    halts_on_pii: bool  # the model stops at an answer's first PII (its manifest blocks PII)
 
     async def model_input(self, ctx: Context, messages: list[dict[str, Any]], turn: int) -> None: ...
 

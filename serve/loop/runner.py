@@ -614,6 +614,7 @@ class AgentLoop:
             response_format=None if answer_format is None or answer_format.type == "text" else answer_format,
             parallel_tool_calls=request.parallel_tool_calls,
             stream=request.stream,
+            halt_on_pii=self._guard.halts_on_pii,
         )
 
     def _model_span(self, agent_span: otel.Span, request: ModelRequest) -> otel.Span:

@@ -71,6 +71,12 @@ class ModelRequest(BaseModel):
         default=True,
         description="Whether the caller streams; a deployment answers unary calls in one piece.",
     )
+    halt_on_pii: bool = Field(
+        default=False,
+        description="Stop generating at the answer's first PII (finish_reason `content_filter`): set by "
+        "an agent whose manifest blocks PII, whose policy would withhold the whole answer anyway. "
+        "The agent's policy still decides on the text said until then.",
+    )
     choice: list[str] | None = Field(
         default=None,
         min_length=1,
@@ -86,19 +92,23 @@ class ModelRequest(BaseModel):
         return self
 
 
+# OpenAI's finish reasons; ``content_filter``: stopped at PII (``ModelRequest.halt_on_pii``).
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
 class ModelChunk(BaseModel):
     """A piece of a streamed reply. Tool calls arrive whole, in the last chunks."""
 
     content: str = ""
     tool_calls: list[ToolCall] = Field(default_factory=list)
-    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    finish_reason: FinishReason | None = None
     usage: Usage | None = None
 
 
 class ModelReply(BaseModel):
     content: str = ""
     tool_calls: list[ToolCall] = Field(default_factory=list)
-    finish_reason: Literal["stop", "length", "tool_calls"] = "stop"
+    finish_reason: FinishReason = "stop"
     usage: Usage = Field(default_factory=Usage)
 
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve.errors import ModelError
 from serve.models.base import BackendSettings, ModelChunk, ModelRequest
+from serve.policy.pii import StreamRedactor
 from serve.protocol import FunctionCall, ToolCall, Usage
 
 __all__ = ["ScriptRule", "ScriptedBackend", "ScriptedConfig"]
@@ -143,9 +144,15 @@ class ScriptedBackend:
             pieces, finish = pieces[: request.max_tokens], "length"
         else:
             finish = "tool_calls" if calls else "stop"
-        step = self.config.words_per_chunk
+        step, watch = self.config.words_per_chunk, StreamRedactor() if request.halt_on_pii else None
         for i in range(0, len(pieces), step):
-            yield ModelChunk(content="".join(pieces[i : i + step]))
+            chunk = "".join(pieces[i : i + step])
+            yield ModelChunk(content=chunk)
+            if watch is not None and not calls:
+                watch.feed(chunk)
+                if watch.found:  # as an engine does: the rest is not generated
+                    pieces, finish = pieces[: i + step], "content_filter"
+                    break
         tool_calls = [self._call(c, variables, turn, i) for i, c in enumerate(calls)]
         usage = Usage(
             prompt_tokens=prompt_tokens,

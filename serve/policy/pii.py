@@ -172,6 +172,7 @@ class StreamRedactor:
 
     def __init__(self) -> None:
         self._pending = ""
+        self.found: set[str] = set()  # the kinds redacted so far
 
     def feed(self, piece: str) -> str:
         self._pending += piece
@@ -189,6 +190,7 @@ class StreamRedactor:
         return self._release(len(self._pending), scan(self._pending))
 
     def _release(self, cut: int, findings: list[Finding]) -> str:
+        self.found.update(f.kind for f in findings)
         out = redact(self._pending[:cut], findings)
         self._pending = self._pending[cut:]
         return out

@@ -52,6 +52,7 @@ from serve.models.vllm.prompting import (
     tool_rounds,
     with_system_addendum,
 )
+from serve.policy.pii import StreamRedactor
 from serve.protocol import Usage
 
 if TYPE_CHECKING:
@@ -63,7 +64,12 @@ __all__ = ["DEFAULT_MAX_TOKENS", "VLLMBackend"]
 DEFAULT_MAX_TOKENS = 512
 # vLLM's finish reasons that end a reply normally; "repetition" (a loop vLLM or the
 # config's repetition_stop detected) cuts the reply short, as a length limit does.
-_FINISH: dict[str, Literal["stop", "length"]] = {"stop": "stop", "length": "length", "repetition": "length"}
+_FINISH: dict[str, Literal["stop", "length", "content_filter"]] = {
+    "stop": "stop",
+    "length": "length",
+    "repetition": "length",
+    "content_filter": "content_filter",  # stopped at PII the agent's manifest blocks
+}
 # vLLM length errors name one of these parameters; they are about the conversation.
 _LENGTH_PARAMS = frozenset({"input_tokens", "input_text", "max_model_len", "max_total_tokens"})
 # vLLM errors that name one of these name the client's own argument.
@@ -291,6 +297,7 @@ class VLLMBackend:
         usage = Usage(prompt_tokens=prompt_len)
         finish = "stop"
         looping = self._repetition_guard()
+        watch = StreamRedactor() if request.halt_on_pii else None
         # Nobody reads a unary reply as it is generated: it is held, so that a loop the
         # guard ends can be cut back to its first round before anyone sees it.
         held: list[str] | None = None if request.stream else []
@@ -309,6 +316,9 @@ class VLLMBackend:
                             yield ModelChunk(content=content)
                         else:
                             held.append(content)
+                        if watch is not None and _pii_in(watch, content):
+                            finish = "content_filter"  # leaving the loop aborts the request
+                            break
                     if looping is not None and looping.feed(piece.text):
                         finish = "repetition"  # leaving the loop aborts the request in the engine
                         break
@@ -319,8 +329,14 @@ class VLLMBackend:
         if held:
             text = "".join(held)
             yield ModelChunk(content=self._unlooped(text) if finish == "repetition" else text)
-        calls = decoder.finish(truncated=_FINISH[finish] == "length")
+        calls = decoder.finish(truncated=_FINISH[finish] != "stop")
         if request.parallel_tool_calls is False:  # a parser may find several
             calls = calls[:1]
         reason = "tool_calls" if calls else _FINISH[finish]
         yield ModelChunk(tool_calls=calls, finish_reason=reason, usage=usage)
+
+
+def _pii_in(watch: StreamRedactor, content: str) -> bool:
+    """Whether PII has appeared in the answer so far (in words already complete)."""
+    watch.feed(content)
+    return bool(watch.found)

@@ -19,6 +19,7 @@ from serve.protocol import ChatRequest, Usage
 from serve.testing import (
     CANARY_CARD,
     CANARY_EMAIL,
+    CANARY_PHONE,
     CANARY_SSN,
     GovernedAgent,
     MemorySink,
@@ -76,6 +77,7 @@ SCRIPT: dict[str, Any] = {
         },
         {"match": "#say", "replies": [{"content": f"Write to {CANARY_EMAIL} or pay with {CANARY_CARD}."}]},
         {"match": "#repeat", "replies": [{"content": "you said: {input}"}]},
+        {"match": "#ramble", "replies": [{"content": f"Call {CANARY_PHONE} now. " + "and so on " * 100}]},
     ],
 }
 
@@ -216,6 +218,23 @@ def test_pii_block_refuses_the_request_with_a_decision_id(tmp_path: Path) -> Non
     assert err.value.status == 403 and err.value.decision_id.startswith("dec_")
     assert CANARY_SSN not in err.value.message
     assert [r["decision_id"] for r in sink.records if r["outcome"] == "deny"] == [err.value.decision_id]
+
+
+def test_pii_block_stops_the_model_at_the_answers_first_pii(tmp_path: Path) -> None:
+    """An answer its policy would withhold whole is not generated to its end: the model
+    stops at the first PII (the overload test's 403s were 384-token rambles)."""
+    loop, sink, seen, _ = make_loop(tmp_path, pii="block")
+    with pytest.raises(PolicyDenied) as err:
+        ask(loop, "#ramble")
+    assert seen[0].halt_on_pii and CANARY_PHONE not in err.value.message
+    (call,) = [e for e in sink.events if e["kind"] == "model_call"]
+    assert call["finish_reason"] == "content_filter" and call["completion_tokens"] <= 4
+    # An agent that redacts gets the whole answer, redacted: nothing stops its model.
+    loop, sink, seen, _ = make_loop(tmp_path / "redacts", pii="redact")
+    answer = ask(loop, "#ramble")
+    assert not seen[0].halt_on_pii and answer.finish_reason == "stop"
+    assert answer.content is not None and answer.content.startswith("Call [REDACTED:phone] now. and so on")
+    assert answer.content.count("and so on") == 100
 
 
 def test_every_decision_writes_exactly_one_record(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ class OpenGuard:
     """Every decision allows; steps are kept (the loop's Guard protocol, no policy engine)."""
 
     holds_output = False
+    halts_on_pii = False
 
     def __init__(self) -> None:
         self.steps: list[Step] = []

@@ -305,3 +305,19 @@ def test_the_repetition_stop_can_be_turned_off(vllm: Any) -> None:
     engine = FakeEngine(["a", *[".14"] * 30])
     got = run(chunks(backend(engine, repetition_stop=None), ask()))
     assert "".join(c.content for c in got) == "a" + ".14" * 30 and got[-1].finish_reason == "stop"
+
+
+def test_an_answer_with_pii_the_agent_blocks_stops_at_the_first_and_the_engine_stops(vllm: Any) -> None:
+    """``halt_on_pii`` (an agent whose manifest blocks PII): its policy would withhold the
+    whole answer, so nobody waits for, or pays, the rest."""
+    rest = [f" and then {n}" for n in range(200)]  # no loop: the repetition stop stays out of it
+    pieces = ["Call", " (415)", " 555-0134", " now", ",", *rest]
+    for stream in (True, False):
+        engine = FakeEngine(pieces)
+        got = run(chunks(backend(engine), ask(halt_on_pii=True, stream=stream)))
+        assert "".join(c.content for c in got) == "Call (415) 555-0134 now"  # a word past the number
+        assert got[-1].finish_reason == "content_filter" and engine.closed
+        assert got[-1].usage is not None and got[-1].usage.completion_tokens == 4
+    # Without it (a redacting agent, a client's own call), the engine's whole reply.
+    whole = run(chunks(backend(FakeEngine(pieces)), ask(stream=False)))
+    assert "".join(c.content for c in whole).endswith("".join(rest)) and whole[-1].finish_reason == "stop"
