@@ -13,7 +13,13 @@ without the artifact, subtracted to get what the artifact itself costs):
   whose argument holds them (a ``ChatRequest`` message) versus one holding an object
   reference. No Fleet code: what Ray itself charges for each way.
 
-    python loadtests/bench_memory.py [--megabytes 10] [-n 5]
+Before them, **facts**: the memory store's long-term fact search and ``put_fact`` at
+10 000 facts in one tenant, in-process (no Ray: the store's own cost, the memory
+service's replica pays it on its store thread). The store's FTS5 search against a scan
+of the namespace scored in Python (the search as it was before, the baseline), the two
+interleaved round by round on the same file and queries.
+
+    python loadtests/bench_memory.py [--megabytes 10] [-n 5] [--facts 10000] [--facts-only]
 
 Results go to ``loadtests/results/<date>-memory.json``.
 """
@@ -24,12 +30,16 @@ import argparse
 import datetime as dt
 import json
 import os
+import random
+import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from serve.memory.store import MemoryLimits, SqliteStore
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = [
@@ -135,6 +145,76 @@ def measure(run: Any, megabytes: int, n: int) -> dict[str, Any]:
     return out
 
 
+VOCABULARY = [f"w{n}" for n in range(3000)]
+
+
+def fact_words(rng: random.Random, n: int) -> str:
+    """``n`` words of a Zipf-like vocabulary: a few common words, a long tail."""
+    return " ".join(VOCABULARY[min(int(rng.paretovariate(1.0)) - 1, len(VOCABULARY) - 1)] for _ in range(n))
+
+
+def scan_search(store: SqliteStore, tenant: str, namespace: str, query: str, limit: int) -> list[Any]:
+    """The search as it was before FTS5: every fact of the namespace read and scored in Python."""
+    words = {w.lower() for w in re.findall(r"\w+", query)}
+    rows = store._db.execute(
+        "SELECT key, text FROM facts WHERE tenant=? AND namespace=? ORDER BY at DESC, rowid DESC",
+        (tenant, namespace),
+    ).fetchall()
+    scored = [(len(words & {w.lower() for w in re.findall(r"\w+", f"{k} {t}")}), k, t) for k, t in rows]
+    scored = [s for s in scored if s[0]]
+    scored.sort(key=lambda item: -item[0])
+    return [(k, t) for _, k, t in scored[:limit]]
+
+
+def facts_bench(count: int, rounds: int, work: Path) -> dict[str, Any]:
+    """p50 of a 3-word search (FTS5 and the scan, interleaved) and of ``put_fact`` at ``count`` facts."""
+    rng = random.Random(7)
+    path = work / "facts.db"
+    for leftover in work.glob("facts.db*"):
+        leftover.unlink()
+    store = SqliteStore(path, MemoryLimits(facts_per_tenant=count, tenant_max_bytes=1 << 30))
+    started = time.perf_counter()
+    for n in range(count):
+        store.put_fact("acme", "kb", f"fact-{n}", fact_words(rng, 12))
+        store.put_fact("globex", "kb", f"fact-{n}", fact_words(rng, 12))  # another tenant beside it
+        if (n + 1) % 2000 == 0:
+            print(
+                f"  [facts] {n + 1}/{count} facts per tenant ({time.perf_counter() - started:.0f}s)",
+                flush=True,
+            )
+    queries = [" ".join(rng.sample(VOCABULARY[:300], 3)) for _ in range(50)]
+    fts: list[float] = []
+    scan: list[float] = []
+    for _ in range(rounds):  # interleaved: the same queries, one way then the other
+        for query in queries:
+            t0 = time.perf_counter()
+            found = store.search_facts("acme", "kb", query, 5)
+            t1 = time.perf_counter()
+            baseline = scan_search(store, "acme", "kb", query, 5)
+            t2 = time.perf_counter()
+            fts.append(t1 - t0)
+            scan.append(t2 - t1)
+            assert found == baseline, (query, found, baseline)  # the same answer, the same order
+    puts = []
+    for n in range(200):  # the tenant is full: each put also evicts its oldest fact
+        t0 = time.perf_counter()
+        store.put_fact("acme", "kb", f"new-{n}", fact_words(rng, 12))
+        puts.append(time.perf_counter() - t0)
+    store.close()
+    out = {
+        "facts_per_tenant": count,
+        "searches": len(fts),
+        "search_p50_ms": p50_ms(fts),
+        "search_p99_ms": round(statistics.quantiles(fts, n=100)[98] * 1000, 3),
+        "scan_search_p50_ms": p50_ms(scan),
+        "scan_over_fts": round(statistics.median(scan) / statistics.median(fts), 1),
+        "put_fact_p50_ms": p50_ms(puts),
+        "put_fact_p99_ms": round(statistics.quantiles(puts, n=100)[98] * 1000, 3),
+    }
+    print(f"  [facts] {out}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,13 +226,25 @@ def main() -> None:
         "--address", default=None, help="Use this running Ray cluster (Serve already started)."
     )
     parser.add_argument("--port", type=int, default=8124, help="Serve's HTTP port.")
+    parser.add_argument("--facts", type=int, default=10_000, help="Facts per tenant for the fact search.")
+    parser.add_argument("--facts-rounds", type=int, default=5, help="Rounds of 50 searches each way.")
+    parser.add_argument("--facts-only", action="store_true", help="Only the fact search (no Ray).")
     args = parser.parse_args()
+    work = Path(os.environ.get("FLEET_BENCH_WORK", "/tmp/fleet-bench-memory"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"[facts] the memory store at {args.facts} facts per tenant ...", flush=True)
+    facts = facts_bench(args.facts, args.facts_rounds, work)
+    if args.facts_only:
+        out = args.output or HERE / "results" / f"{dt.date.today().isoformat()}-memory-facts.json"
+        out.write_text(
+            json.dumps({"date": dt.datetime.now(dt.UTC).isoformat(), "facts": facts}, indent=2) + "\n"
+        )
+        print(f"written: {out}")
+        return
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     import ray
     from ray import serve as rayserve
 
-    work = Path(os.environ.get("FLEET_BENCH_WORK", "/tmp/fleet-bench-memory"))
-    work.mkdir(parents=True, exist_ok=True)
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
@@ -164,6 +256,7 @@ def main() -> None:
         "megabytes": args.megabytes,
         "n": args.n,
         "ray": ray.__version__,
+        "facts": facts,
     }
     try:
         print("[transport] two bare Ray Serve deployments ...", flush=True)

@@ -8,17 +8,19 @@ object store and the service keeps only the reference, which the reading agent r
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.util.metrics import Gauge
 
 from serve.errors import MemoryFull
-from serve.memory.store import MemoryLimits, SqliteStore
+from serve.memory.store import MemoryLimits, MemoryStats, SqliteStore
 from serve.telemetry import logs
 from serve.telemetry.metrics import EXPORTED
 
@@ -26,6 +28,7 @@ __all__ = ["MemoryService"]
 
 
 STATS_EVERY_S = 5.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,35 +59,40 @@ class MemoryService:
         logs.route_to_serve()
         self._limits = limits
         self._store = SqliteStore(Path(path), self._limits)
+        # Every store call runs on this one thread, in order: SQLite (a write, a checkpoint,
+        # a search) never holds up the replica's loop, and the connection has one user.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-memory-store")
         self._artifacts: dict[tuple[str, str], _Artifacts] = {}
         self._metrics = _Instruments()
-        self._next_report = 0.0
-        self._store.expire()
-        self._report()
+        self._next_report = time.monotonic() + STATS_EVERY_S
+        self._export(self._expired_stats())
+
+    async def _io(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
 
     async def session(self, tenant: str, agent: str, session: str) -> list[dict[str, Any]]:
-        return self._store.session(tenant, agent, session)
+        return await self._io(self._store.session, tenant, agent, session)
 
     async def append_session(
         self, tenant: str, agent: str, session: str, messages: list[dict[str, Any]]
     ) -> None:
-        self._store.append_session(tenant, agent, session, messages)
-        self._report()
+        await self._io(self._store.append_session, tenant, agent, session, messages)
+        await self._report()
 
     async def put_context(self, tenant: str, request: str, key: str, value: Any) -> str | None:
         """None when stored; else why not (the value is too large)."""
-        return self._stored(self._store.put_context, tenant, request, key, value)
+        return await self._stored(self._store.put_context, tenant, request, key, value)
 
-    def _stored(self, put: Callable[..., None], *args: Any) -> str | None:
+    async def _stored(self, put: Callable[..., None], *args: Any) -> str | None:
         try:
-            put(*args)
+            await self._io(put, *args)
         except MemoryFull as exc:
             return str(exc)
-        self._report()
+        await self._report()
         return None
 
     async def context(self, tenant: str, request: str) -> dict[str, Any]:
-        return self._store.context(tenant, request)
+        return await self._io(self._store.context, tenant, request)
 
     async def put_artifact(
         self, tenant: str, request: str, name: str, ref: list[ray.ObjectRef[Any]], size: int
@@ -117,39 +125,40 @@ class MemoryService:
         return {name: size for name, (_, size) in held.refs.items()} if held else {}
 
     async def put_fact(self, tenant: str, namespace: str, key: str, text: str) -> str | None:
-        return self._stored(self._store.put_fact, tenant, namespace, key, text)
+        return await self._stored(self._store.put_fact, tenant, namespace, key, text)
 
     async def fact(self, tenant: str, namespace: str, key: str) -> str | None:
-        return self._store.fact(tenant, namespace, key)
+        return await self._io(self._store.fact, tenant, namespace, key)
 
     async def search_facts(
         self, tenant: str, namespace: str, query: str, limit: int
     ) -> list[tuple[str, str]]:
-        return self._store.search_facts(tenant, namespace, query, limit)
+        return await self._io(self._store.search_facts, tenant, namespace, query, limit)
 
     async def stats(self) -> dict[str, Any]:
-        self._report(force=True)
-        stats = self._store.stats()
+        stats = await self._report(force=True)
         return {"items": stats.items, "bytes": stats.bytes, "evicted": stats.evicted}
 
     async def check_health(self) -> None:
-        """Serve's periodic probe: the store answers; sizes are exported and old items expire.
+        """Serve's periodic probe: the store answers; sizes are exported and old items expire."""
+        await self._report()
 
-        Async, so that it runs on the replica's loop like every other call: the store's
-        connection and the artifact table are not shared with a thread."""
-        self._report()
-
-    def _report(self, force: bool = False) -> None:
+    async def _report(self, force: bool = False) -> MemoryStats:
         """Expire what is old and export the store's size; at most every few seconds."""
         now = time.monotonic()
         if not force and now < self._next_report:
-            return
+            return self._last
         self._next_report = now + STATS_EVERY_S
+        return self._export(await self._io(self._expired_stats))
+
+    def _expired_stats(self) -> MemoryStats:
         self._store.expire()
+        return self._store.stats()
+
+    def _export(self, stats: MemoryStats) -> MemoryStats:
         cutoff = time.time() - self._limits.artifact_ttl_s
         for key in [k for k, held in self._artifacts.items() if held.at < cutoff]:
             del self._artifacts[key]
-        stats = self._store.stats()
         stats.items["artifacts"] = sum(len(held.refs) for held in self._artifacts.values())
         stats.bytes["artifacts"] = sum(held.size for held in self._artifacts.values())
         for store, count in stats.items.items():
@@ -157,3 +166,5 @@ class MemoryService:
             self._metrics.bytes.set(stats.bytes[store], {"store": store})
         for store, count in stats.evicted.items():
             self._metrics.evictions.set(count, {"store": store})
+        self._last = stats
+        return stats

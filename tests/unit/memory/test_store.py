@@ -6,6 +6,7 @@ Time is a fake clock the store is given; the SQLite file lives in ``tmp_path``.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -364,6 +365,55 @@ def test_tenant_max_bytes_evicts_that_tenants_oldest(open_store: StoreFactory, c
     stats = store.stats()
     assert stats.bytes["facts"] == 60 + 91
     assert stats.evicted["facts"] == 2
+
+
+def test_the_word_index_follows_every_put_rewrite_and_eviction(
+    open_store: StoreFactory, clock: FakeClock, db_path: Path
+) -> None:
+    store = open_store(facts_per_tenant=3)
+    for n in range(6):
+        store.put_fact("acme", "kb", f"k{n}", f"shared word{n}")
+        clock.advance(1)
+    store.put_fact("acme", "kb", "k5", "rewritten")  # a REPLACE: its old words leave the index
+    assert [k for k, _ in store.search_facts("acme", "kb", "shared", 10)] == ["k4", "k3"]
+    assert store.search_facts("acme", "kb", "word5", 10) == []
+    assert store.search_facts("acme", "kb", "word1", 10) == []  # evicted, and gone from the index
+    assert store.search_facts("acme", "kb", "REWRITTEN", 10) == [("k5", "rewritten")]
+    db = sqlite3.connect(db_path)
+    assert db.execute("SELECT count(*) FROM fact_words").fetchone() == (3,)
+    assert (
+        db.execute("SELECT count, size FROM fact_totals WHERE tenant='acme'").fetchone()
+        == db.execute("SELECT count(*), sum(size) FROM facts WHERE tenant='acme'").fetchone()
+    )
+
+
+def test_words_are_found_across_scripts_and_underscores_but_never_across_namespaces(
+    store: SqliteStore,
+) -> None:
+    store.put_fact("acme", "kb", "crème", "café_au_lait Größe")
+    store.put_fact("acme", "kb2", "other", "café_au_lait")
+    store.put_fact("acme b", "kb", "spaced", "café_au_lait")  # scope tokens cannot run together
+    assert store.search_facts("acme", "kb", "CAFÉ_AU_LAIT größe", 10) == [("crème", "café_au_lait Größe")]
+    assert store.search_facts("acme", "kb", "cafe", 10) == []  # an accent is part of the word
+    assert store.search_facts("acme", "kb", 'or "AND" NOT * crème', 10) == [("crème", "café_au_lait Größe")]
+
+
+def test_a_store_written_before_the_word_index_is_indexed_when_opened(
+    db_path: Path, open_store: StoreFactory
+) -> None:
+    db_path.parent.mkdir(parents=True)
+    old = sqlite3.connect(db_path)
+    old.executescript(
+        "CREATE TABLE facts (tenant TEXT NOT NULL, namespace TEXT NOT NULL, key TEXT NOT NULL, "
+        "text TEXT NOT NULL, size INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (tenant, namespace, key));"
+        "INSERT INTO facts VALUES ('acme', 'hr', 'leave', '25 days a year', 19, 1.0);"
+    )
+    old.commit()
+    old.close()
+    store = open_store(facts_per_tenant=1)
+    assert store.search_facts("acme", "hr", "days", 5) == [("leave", "25 days a year")]
+    store.put_fact("acme", "hr", "sick", "10 days")  # the backfilled totals count the old fact
+    assert store.search_facts("acme", "hr", "days", 5) == [("sick", "10 days")]
 
 
 # --- durability and stats -------------------------------------------------------------
