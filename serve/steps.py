@@ -73,6 +73,9 @@ class ToolCallStep:
     tool: str  # the declared name, or the scrubbed one of a tool the model made up
     status: ToolStatus
     duration_s: float
+    # The call's arguments as the model gave them (JSON text), PII redacted and capped:
+    # what an explanation and an eval read of what was done.
+    arguments: str | None = None
 
     def record(self, time: float, request_id: str, tenant: str) -> dict[str, Any]:
         return _record(self, time, request_id, tenant)

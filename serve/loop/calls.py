@@ -31,7 +31,7 @@ from serve.governance.decisions import Refusal
 from serve.loop.guard import Guard
 from serve.loop.results import AgentResult, DelegateTarget, Gate, Runs, Stats
 from serve.manifest import AgentManifest, delegate_tool_name
-from serve.policy.pii import scrub_name
+from serve.policy.pii import redact, scan, scrub_name
 from serve.protocol import ChatRequest, ToolCall, Usage, UserMessage
 from serve.steps import DelegationStep, ToolCallStep, ToolStatus
 from serve.tools import DelegateArgs, Tool
@@ -169,7 +169,10 @@ class ServerCalls:
             span.set_attribute("error.type", result.status)
         span.end()
         duration = round(time.monotonic() - started, 4)
-        self._guard.step(ctx, ToolCallStep(self._agent, shown, result.status, duration))
+        step = ToolCallStep(
+            self._agent, shown, result.status, duration, shown_arguments(call.function.arguments)
+        )
+        self._guard.step(ctx, step)
         return result
 
     def _classes(self, name: str) -> list[str]:
@@ -346,3 +349,12 @@ def _delegate_schema(agent: str, description: str) -> dict[str, Any]:
             "parameters": params,
         },
     }
+
+
+ARGUMENTS_SHOWN = 4096  # characters of a call's arguments kept in its step
+
+
+def shown_arguments(arguments: str) -> str:
+    """A call's arguments as its step keeps them: PII redacted, at most :data:`ARGUMENTS_SHOWN`."""
+    text = redact(arguments, scan(arguments))
+    return text if len(text) <= ARGUMENTS_SHOWN else text[:ARGUMENTS_SHOWN] + "…"

@@ -23,7 +23,7 @@ def test_each_step_is_the_record_it_was_as_a_dict() -> None:
         ),
         (
             ToolCallStep("clerk", "lookup", "denied", 0.0123),
-            {"kind": "tool_call", "agent": "clerk", "tool": "lookup", "status": "denied", "duration_s": 0.0123},
+            {"kind": "tool_call", "agent": "clerk", "tool": "lookup", "status": "denied", "duration_s": 0.0123, "arguments": None},
         ),
         (DelegationStep("clerk", "helper"), {"kind": "delegation", "agent": "clerk", "target": "helper"}),
         (OutcomeStep(200, finish_reason="stop"), {"kind": "outcome", "agent": None, "status": 200, "finish_reason": "stop"}),
@@ -64,6 +64,13 @@ def test_the_explanation_reads_typed_steps_records() -> None:
     # the cost summed exactly (0.1 + 0.2 is not 0.30000000000000004)
     assert report["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "cost_usd": "0.3"}
     assert report["tool_calls"] == [
-        {"time": 1.1, "agent": "clerk", "tool": "lookup", "status": "ok", "duration_s": 0.01}
+        {
+            "time": 1.1,
+            "agent": "clerk",
+            "tool": "lookup",
+            "status": "ok",
+            "duration_s": 0.01,
+            "arguments": None,
+        }
     ]
     assert report["outcome"] == {"time": 2.0, "agent": None, "status": 200, "finish_reason": "stop"}

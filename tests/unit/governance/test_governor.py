@@ -185,7 +185,7 @@ def test_a_step_is_stored_as_its_record_with_the_requests_envelope() -> None:
     governor.step(Context.new("req_10"), OutcomeStep(200, finish_reason="stop"))
     assert sink.events == [
         {"time": 1.234568, "request_id": "req_9", "tenant": "acme", "kind": "tool_call", "agent": "clerk",
-         "tool": "lookup", "status": "ok", "duration_s": 0.5},
+         "tool": "lookup", "status": "ok", "duration_s": 0.5, "arguments": None},
         {"time": 1.234568, "request_id": "req_10", "tenant": "anonymous", "kind": "outcome", "agent": None,
          "status": 200, "finish_reason": "stop"},
     ]  # fmt: skip

@@ -77,6 +77,13 @@ SCRIPT: dict[str, Any] = {
         },
         {"match": "#say", "replies": [{"content": f"Write to {CANARY_EMAIL} or pay with {CANARY_CARD}."}]},
         {"match": "#repeat", "replies": [{"content": "you said: {input}"}]},
+        {
+            "match": "#mail",
+            "replies": [
+                {"tool_calls": [{"name": "lookup", "arguments": {"employee_id": CANARY_EMAIL}}]},
+                {"content": "done"},
+            ],
+        },
         {"match": "#ramble", "replies": [{"content": f"Call {CANARY_PHONE} now. " + "and so on " * 100}]},
     ],
 }
@@ -235,6 +242,14 @@ def test_pii_block_stops_the_model_at_the_answers_first_pii(tmp_path: Path) -> N
     assert not seen[0].halt_on_pii and answer.finish_reason == "stop"
     assert answer.content is not None and answer.content.startswith("Call [REDACTED:phone] now. and so on")
     assert answer.content.count("and so on") == 100
+
+
+def test_a_tool_calls_step_keeps_its_arguments_with_pii_redacted(tmp_path: Path) -> None:
+    loop, sink, _, _ = make_loop(tmp_path)
+    ask(loop, "#mail")
+    (step,) = [e for e in sink.events if e["kind"] == "tool_call"]
+    assert step["tool"] == "lookup" and step["arguments"] == '{"employee_id": "[REDACTED:email]"}'
+    assert CANARY_EMAIL not in str(sink.events)
 
 
 def test_every_decision_writes_exactly_one_record(tmp_path: Path) -> None:
