@@ -8,6 +8,7 @@ very path a platform team uses), and waits, showing progress, until the fleet an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -32,6 +33,9 @@ from serve.approvals.service import OPERATOR, OPERATOR_ID
 from serve.audit.log import audit_key, verify
 from serve.auth import hash_key
 from serve.errors import ConfigError, RequestError
+from serve.lifecycle.evals import EVALS_FILE, EvalSuite, load_suite
+from serve.lifecycle.local import local_fleet
+from serve.lifecycle.runner import FleetApi, junit_xml, print_progress, run_suites, scripted_rules, summary
 from serve.manifest import load_agent, manifest_json_schema
 from serve.placement import audit_path, project_root
 from serve.policy.schema import policy_input_json_schema
@@ -257,6 +261,83 @@ def usage(url: str, api_key: str | None, as_json: bool) -> None:
         click.echo("no budget has been charged yet")
     else:
         click.echo(_usage_table(body["data"]))
+
+
+# -- fleet eval --------------------------------------------------------------------------
+
+
+@main.command("eval")
+@click.argument("agents", nargs=-1)
+@click.option("--url", default=None, help="A running fleet's address (e.g. http://127.0.0.1:8000).")
+@click.option(
+    "--api-key",
+    envvar=["FLEET_API_KEY", "OPENAI_API_KEY"],
+    show_envvar=True,
+    default=None,
+    help="A key the fleet takes (sent as a bearer key); none if it has no keys.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Start this deploy config's fleet here instead (a local cluster; its scripted backends "
+    "play the suites' scripts), and stop it after.",
+)
+@click.option("--scripted", is_flag=True, help="The --url fleet plays the suites' scripts (a CI fleet).")
+@click.option("--agents-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("agents"))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JSON results.")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JUnit XML.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True)
+def eval_command(
+    agents: tuple[str, ...],
+    url: str | None,
+    api_key: str | None,
+    config_path: Path | None,
+    scripted: bool,
+    agents_dir: Path,
+    output: Path | None,
+    junit: Path | None,
+    concurrency: int,
+) -> None:
+    """Run agents' eval suites (agents/<name>/evals.yaml; all of them if no AGENT is named)
+    against a fleet. Exit status 1 when a suite falls below a threshold."""
+    if (url is None) == (config_path is None):
+        raise click.UsageError("give one of --url (a running fleet) and --config (start one)")
+    suites = _suites(agents_dir, agents)
+    with contextlib.ExitStack() as stack:
+        if config_path is not None:
+            url = stack.enter_context(local_fleet(config_path, scripted_rules(suites)))
+            scripted = True
+        assert url is not None
+        api = FleetApi(url, api_key)
+        stack.callback(api.close)
+        run = run_suites(
+            api, suites, scripted=scripted, concurrency=concurrency, progress=print_progress, target=url
+        )
+    click.echo(summary(run))
+    if output is not None:
+        output.write_text(json.dumps(run.as_json(), indent=2) + "\n")
+    if junit is not None:
+        junit.write_text(junit_xml(run))
+    if not run.passed:
+        sys.exit(1)
+
+
+def _suites(agents_dir: Path, names: tuple[str, ...]) -> list[EvalSuite]:
+    folders = [agents_dir / n for n in names] or sorted(p.parent for p in agents_dir.glob(f"*/{EVALS_FILE}"))
+    suites = []
+    for folder in folders:
+        try:
+            suite = load_suite(folder)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        if suite is None:
+            raise click.UsageError(f"{folder}/{EVALS_FILE} does not exist")
+        suites.append(suite)
+    if not suites:
+        raise click.UsageError(f"no agent in {agents_dir} has an {EVALS_FILE}")
+    return suites
 
 
 # -- fleet approvals ----------------------------------------------------------------------
