@@ -22,6 +22,9 @@ import httpx
 import pytest
 import yaml
 
+from serve.lifecycle.evals import EVALS_FILE, EvalSuite, load_suite
+from serve.lifecycle.local import with_rules
+from serve.lifecycle.runner import scripted_rules
 from serve.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +41,11 @@ HOLDER_KEY = "fk-test-holder"  # role qa, a tenant whose held reservations die w
 HASTY_KEY = "fk-test-hasty"  # role qa, a tenant with 3 requests a minute (test_budget_http)
 APPROVER_KEY = "fk-test-approver"  # tenant ops, role approver: decides on gated calls (test_approvals_http)
 QA_APPROVER_KEY = "fk-test-qa-approver"  # tenant qa, roles qa and approver: asks, and decides others'
+
+
+def example_suites() -> list[EvalSuite]:
+    suites = [load_suite(path.parent) for path in sorted((ROOT / "agents").glob(f"*/{EVALS_FILE}"))]
+    return [s for s in suites if s is not None]
 
 
 def free_port() -> int:
@@ -117,6 +125,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     spans = work / "spans.jsonl"
     config = yaml.safe_load((ROOT / "configs/scripted.yaml").read_text())
     config["http_options"]["port"] = port
+    # The example agents' eval suites script their models' attacks (test_evals_http): the
+    # fleet plays them first, each for its case's own message only.
+    config = with_rules(config, scripted_rules(example_suites()))
     # Tracing on, to a file, exported quickly: the observability tests read it.
     tracing = {"FLEET_TRACES_FILE": str(spans), "OTEL_BSP_SCHEDULE_DELAY": "200"}
     config["applications"][0]["runtime_env"]["env_vars"].update(tracing)  # beside the config's own
