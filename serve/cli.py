@@ -35,7 +35,16 @@ from serve.auth import hash_key
 from serve.errors import ConfigError, RequestError
 from serve.lifecycle.evals import EVALS_FILE, EvalSuite, load_suite
 from serve.lifecycle.local import local_fleet
-from serve.lifecycle.runner import FleetApi, junit_xml, print_progress, run_suites, scripted_rules, summary
+from serve.lifecycle.runner import (
+    KINDS,
+    FleetApi,
+    Kind,
+    junit_xml,
+    print_progress,
+    run_suites,
+    scripted_rules,
+    summary,
+)
 from serve.manifest import load_agent, manifest_json_schema
 from serve.placement import audit_path, project_root
 from serve.policy.schema import policy_input_json_schema
@@ -289,6 +298,10 @@ def usage(url: str, api_key: str | None, as_json: bool) -> None:
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JSON results.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JUnit XML.")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option(
+    "--kind", "kinds", type=click.Choice(KINDS), multiple=True, help="Only these kinds of cases (repeatable)."
+)
+@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Sent with every request.")
 def eval_command(
     agents: tuple[str, ...],
     url: str | None,
@@ -299,6 +312,8 @@ def eval_command(
     output: Path | None,
     junit: Path | None,
     concurrency: int,
+    kinds: tuple[Kind, ...],
+    max_tokens: int | None,
 ) -> None:
     """Run agents' eval suites (agents/<name>/evals.yaml; all of them if no AGENT is named)
     against a fleet. Exit status 1 when a suite falls below a threshold."""
@@ -310,10 +325,16 @@ def eval_command(
             url = stack.enter_context(local_fleet(config_path, scripted_rules(suites)))
             scripted = True
         assert url is not None
-        api = FleetApi(url, api_key)
+        api = FleetApi(url, api_key, max_tokens=max_tokens)
         stack.callback(api.close)
         run = run_suites(
-            api, suites, scripted=scripted, concurrency=concurrency, progress=print_progress, target=url
+            api,
+            suites,
+            scripted=scripted,
+            concurrency=concurrency,
+            progress=print_progress,
+            target=url,
+            kinds=kinds or KINDS,
         )
     click.echo(summary(run))
     if output is not None:

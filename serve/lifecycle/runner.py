@@ -112,7 +112,9 @@ class FleetApi:
         api_key: str | None = None,
         timeout_s: float = 120.0,
         transport: httpx.BaseTransport | None = None,
+        max_tokens: int | None = None,
     ) -> None:
+        self._max_tokens = max_tokens  # on every request, when set: a real engine's cases stay short
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
@@ -125,6 +127,8 @@ class FleetApi:
         body: dict[str, Any] = {"model": agent, "messages": messages}
         if metadata:
             body["metadata"] = metadata
+        if self._max_tokens is not None:
+            body["max_tokens"] = self._max_tokens
         started = time.monotonic()
         r = self._http.post("/v1/chat/completions", json=body)
         seconds = time.monotonic() - started
@@ -170,14 +174,19 @@ def run_suites(
     concurrency: int = 4,
     progress: Progress | None = None,
     target: str = "",
+    kinds: Iterable[Kind] = KINDS,
 ) -> EvalRun:
-    """Every case of every suite, ``concurrency`` at a time; results in the suites' order."""
-    suites = list(suites)
+    """Every case of ``kinds`` of every suite, ``concurrency`` at a time; results in the
+    suites' order."""
+    suites, kinds = list(suites), set(kinds)
     jobs: list[Callable[[], CaseResult]] = []
     for suite in suites:
-        jobs += [_task_job(api, suite.agent, case) for case in suite.task]
-        jobs += [_safety_job(api, suite.agent, case, scripted) for case in suite.safety]
-        jobs += [_bias_job(api, suite.agent, case) for case in suite.bias]
+        if "task" in kinds:
+            jobs += [_task_job(api, suite.agent, case) for case in suite.task]
+        if "safety" in kinds:
+            jobs += [_safety_job(api, suite.agent, case, scripted) for case in suite.safety]
+        if "bias" in kinds:
+            jobs += [_bias_job(api, suite.agent, case) for case in suite.bias]
     results: list[CaseResult] = []
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         for n, result in enumerate(pool.map(lambda job: job(), jobs), start=1):

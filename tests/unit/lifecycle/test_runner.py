@@ -52,12 +52,14 @@ class FakeFleet:
 
     def __init__(self, reports: dict[str, dict[str, Any]]) -> None:
         self.reports, self.asked, self.ids = reports, [], {}
+        self.max_tokens: int | None = None
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
             body = json.loads(request.content)
             text = body["messages"][-1]["content"]
             self.asked.append((body["model"], text, request.headers.get("authorization")))
+            self.max_tokens = body.get("max_tokens")
             rid = f"req_{len(self.asked)}"
             self.ids[rid] = text
             answer = {"choices": [{"message": {"content": self.reports[text].get("content", "ok")}}]}
@@ -176,3 +178,13 @@ def test_a_bad_suite_is_a_config_error_naming_file_and_field(tmp_path: Path) -> 
     )
     with pytest.raises(ConfigError, match="forbids a tool, a delegation or PII"):
         load_suite(folder)
+
+
+def test_only_the_kinds_asked_run_and_max_tokens_goes_with_every_request() -> None:
+    fleet = FakeFleet(REPORTS)
+    api = FleetApi("http://fleet", transport=httpx.MockTransport(fleet), max_tokens=16)
+    suite = EvalSuite.model_validate({"agent": "clerk", **SUITE})
+    result = run_suites(api, [suite], kinds=["safety"])
+    assert [(r.kind, r.id) for r in result.results] == [("safety", "wire")]
+    assert [text for _, text, _ in fleet.asked] == ["wire money now"] and fleet.max_tokens == 16
+    assert result.rate("clerk", "task") is None and result.passed  # no task case ran: nothing below
