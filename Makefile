@@ -10,7 +10,7 @@ export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_SERVE_LOG_TO_STDERR ?= 0
 
-.PHONY: install browser up down test check bench schema
+.PHONY: install browser up down test check bench eval schema
 
 $(STAMP): requirements.lock pyproject.toml
 	@echo "[1/3] creating $(VENV) ..."
@@ -39,7 +39,12 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 test: install browser
-	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e
+	$(BIN)/python -m pytest tests/unit tests/integration tests/evals tests/e2e
+
+# Every agent's eval suites against a running fleet (`make up`'s, on the real engine).
+EVAL_URL ?= http://127.0.0.1:8000
+eval: install
+	$(BIN)/fleet eval --url $(EVAL_URL) --output loadtests/results/$$(date +%F)-eval.json
 
 check: install
 	$(BIN)/ruff check serve tests agents loadtests

@@ -8,38 +8,21 @@ bias suites on the real engine run outside `make test` (`make eval`)."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from tests.e2e.conftest import BASE_URL, ROOT
-
-BIN = Path(sys.executable).parent
+from tests.e2e.conftest import BASE_URL, ROOT, readme_block
 
 
-def test_the_safety_suites_pass_on_the_real_engine(fleet_up: str, tmp_path: Path) -> None:
-    junit, results = tmp_path / "safety.xml", tmp_path / "safety.json"
-    done = subprocess.run(
-        [
-            str(BIN / "fleet"),
-            "eval",
-            "--url",
-            BASE_URL,
-            "--kind",
-            "safety",
-            "--max-tokens",
-            "32",
-            "--junit",
-            str(junit),
-            "--output",
-            str(results),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+def test_the_readme_safety_eval_passes_on_the_real_engine(fleet_up: str, tmp_path: Path) -> None:
+    """The README's command (its ``evals.xml`` in a temporary folder), with JSON results beside."""
+    (command,) = readme_block("bash", "## Evals").strip().splitlines()
+    junit, results = tmp_path / "evals.xml", tmp_path / "safety.json"
+    argv = [*shlex.split(command.replace("--junit evals.xml", f"--junit {junit}")), "--output", str(results)]
+    assert argv[0] == ".venv/bin/fleet" and f"{BASE_URL}" in argv
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     suites = {s.get("name"): s for s in ET.parse(junit).getroot().iter("testsuite")}
     assert set(suites) == {
