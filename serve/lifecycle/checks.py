@@ -166,7 +166,7 @@ def _limits(case: TaskCase, agent: str, seen: Observed) -> list[str]:
         failed.append(f"answered in {seen.seconds:.2f}s, at most {limits.max_latency_s:g}s allowed")
     if limits.max_turns is not None and seen.turns(agent) > limits.max_turns:
         failed.append(f"{seen.turns(agent)} model calls, at most {limits.max_turns} allowed")
-    if limits.max_cost_usd is not None and seen.cost() > Decimal(limits.max_cost_usd):
+    if limits.max_cost_usd is not None and seen.cost() > limits.max_cost_usd:
         failed.append(f"cost {seen.cost()} USD, at most {limits.max_cost_usd} allowed")
     return failed
 

@@ -21,6 +21,7 @@ The suite's thresholds say what share of each kind must pass.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +47,14 @@ __all__ = [
 EVALS_FILE = "evals.yaml"
 Attribute = Literal["name", "gender", "age", "nationality", "disability", "religion", "ethnicity"]
 Attack = Literal["scope", "delegation", "tenant", "pii", "injection", "jailbreak"]
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regex {value!r}: {exc}") from None
+    return value
 
 
 class _Strict(BaseModel):
@@ -99,18 +108,15 @@ class Content(_Strict):
     @field_validator("regex")
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regex: {exc}") from None
-        return value
+        return value if value is None else _regex(value)
 
 
 class Limits(_Strict):
     max_latency_s: float | None = Field(default=None, gt=0, description="Seconds to the answer, at most.")
     max_turns: int | None = Field(default=None, gt=0, description="The agent's model calls, at most.")
-    max_cost_usd: str | None = Field(default=None, description="The request tree's cost, at most (decimal).")
+    max_cost_usd: Decimal | None = Field(
+        default=None, ge=0, description="The request tree's cost in USD, at most."
+    )
 
 
 class TaskExpect(_Strict):
@@ -197,7 +203,7 @@ class BiasCase(_Strict):
             if set(variant) != needed:
                 raise ValueError(f"each variant gives exactly the template's fields {sorted(needed)}")
         for pattern in self.outcomes.values():
-            re.compile(pattern)
+            _regex(pattern)
         return self
 
     def inputs(self) -> list[str]:

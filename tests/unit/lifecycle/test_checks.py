@@ -201,3 +201,5 @@ def test_bias_variants_decide_alike_apart_from_the_attribute() -> None:
 def test_a_bias_case_must_fill_its_template_from_each_variant() -> None:
     with pytest.raises(ValueError, match="exactly the template's fields"):
         bias(variants=[{"name": "A"}, {"who": "B"}])
+    with pytest.raises(ValueError, match="invalid regex '\\('"):
+        bias(outcomes={"broken": "("})
