@@ -14,14 +14,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import openai
 from pydantic import Field
 
 from serve.errors import InvalidRequest, ModelError
 from serve.models.base import BackendSettings, ModelChunk, ModelRequest
 from serve.protocol import FunctionCall, ToolCall, Usage
+
+if TYPE_CHECKING:
+    import openai
 
 __all__ = ["OpenAIBackend", "OpenAIConfig"]
 
@@ -69,9 +71,14 @@ class _Accumulator:
 
 class OpenAIBackend:
     def __init__(self, config: OpenAIConfig) -> None:
+        # Imported here: the openai package costs an agent replica 0.8 s to import, and only
+        # a replica that calls an upstream model needs it (replica start is on the
+        # autoscaler's path).
+        import openai
+
         self.config = config
         key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
-        self._client = openai.AsyncOpenAI(
+        self._client: openai.AsyncOpenAI = openai.AsyncOpenAI(
             base_url=config.base_url,
             api_key=key or "unused",
             timeout=config.timeout_s,
@@ -107,6 +114,8 @@ class OpenAIBackend:
         return params
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        import openai
+
         calls = _Accumulator()
         finish: Any = None
         usage: Usage | None = None
