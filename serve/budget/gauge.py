@@ -51,6 +51,12 @@ class UsedRatio:
             names.append(line.name)
         self.update(names)
 
+    def refresh(self) -> None:
+        """Set every budget it knows again: Ray drops a gauge not set within two export
+        intervals, and a budget's series must not vanish between its calls (an alert on
+        it would flap)."""
+        self.update(list(self._lines))
+
     def update(self, names: Iterable[str]) -> None:
         """Set the ratio of each named budget it knows, for its current period."""
         now = self._clock()

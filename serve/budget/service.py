@@ -9,6 +9,8 @@ refusals behind.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
@@ -21,6 +23,9 @@ from serve.errors import InvalidRequest
 from serve.telemetry import logs
 
 __all__ = ["BudgetService"]
+
+log = logging.getLogger("fleet.budget")
+PUBLISH_EVERY_S = 1.0  # within two of Ray's metric export intervals (1 s in the tests, 10 s by default)
 
 
 class BudgetService:
@@ -35,12 +40,14 @@ class BudgetService:
         self._lease_s = lease_s
         self._used = UsedRatio(self._ledger, self._now)  # ray_fleet_budget_used_ratio
         self._rates = RateWindows(self._now)
+        self._publisher: asyncio.Task[None] | None = None
 
     async def reserve(
         self, rid: str, lines: Sequence[Line], amount: Decimal, overdraw: bool = False
     ) -> Refusal | tuple[tuple[str, str], ...]:
         got = self._ledger.reserve(rid, lines, amount, self._lease_s, overdraw)
         self._used.track(lines)
+        self._publish()
         return got
 
     async def settle(self, rid: str, cost: Decimal, keys: Sequence[tuple[str, str]]) -> None:
@@ -63,6 +70,7 @@ class BudgetService:
         """More of ``holder``'s slice of each line, or the refusal; and the ledger's clock."""
         got = self._ledger.lease(holder, lines, needs, fraction, self._lease_s, overdraw)
         self._used.track(lines)
+        self._publish()
         return got, self._now()
 
     async def flush(
@@ -95,6 +103,22 @@ class BudgetService:
             raise InvalidRequest("the ledger's clock moves only with budgets.test_clock: true")
         self._offset += seconds
         return self._now()
+
+    async def check_health(self) -> None:
+        self._publish()
+
+    def _publish(self) -> None:
+        """Once a budget is known: its used ratio set each second (:meth:`UsedRatio.refresh`)."""
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.get_running_loop().create_task(self._publishing())
+
+    async def _publishing(self) -> None:
+        while True:
+            try:
+                self._used.refresh()
+            except Exception as exc:  # the next second tries again
+                log.error("budget gauge update failed", exc_info=exc)
+            await asyncio.sleep(PUBLISH_EVERY_S)
 
     def _now(self) -> float:
         return self._clock() + self._offset

@@ -3,9 +3,12 @@ service after every reserve, settle and release for the budgets the call named."
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from decimal import Decimal
 from pathlib import Path
+
+import pytest
 
 from serve.budget.gauge import UsedRatio, used_ratio
 from serve.budget.service import BudgetService
@@ -126,3 +129,30 @@ def test_rays_own_gauge_is_named_as_exported_and_takes_the_values(tmp_path: Path
     keys = run(ledger.reserve("r1", [DAY], Decimal("0.4")))
     run(ledger.settle("r1", Decimal("0.4"), keys))  # type: ignore[arg-type]
     run(ledger.release("r1"))
+
+
+def test_a_known_budgets_ratio_is_set_again_each_second_without_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray drops a gauge not set within two export intervals: between a budget's calls its
+    series must stay (the integration test's scrape once missed it)."""
+    monkeypatch.setattr("serve.budget.service.PUBLISH_EVERY_S", 0.01)
+    ledger = service(tmp_path, Clock(NEAR_MIDNIGHT))
+    gauge = Recorded()
+    ledger._used._gauge = gauge  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        enough = asyncio.Event()
+        record = gauge.set
+
+        def counted(value: float, tags: dict[str, str]) -> None:
+            record(value, tags)
+            if len(gauge.sets) >= 4:  # the reservation's own set, then three of the publisher's
+                enough.set()
+
+        gauge.set = counted  # type: ignore[method-assign]
+        await ledger.reserve("r1", [DAY], Decimal("0.4"))  # no call to the ledger after this one
+        await asyncio.wait_for(enough.wait(), timeout=10)
+        assert gauge.sets[-3:] == [("tenant:acme:day", 0.4)] * 3
+
+    run(scenario())
