@@ -320,22 +320,27 @@ def eval_command(
     if (url is None) == (config_path is None):
         raise click.UsageError("give one of --url (a running fleet) and --config (start one)")
     suites = _suites(agents_dir, agents)
-    with contextlib.ExitStack() as stack:
-        if config_path is not None:
-            url = stack.enter_context(local_fleet(config_path, scripted_rules(suites)))
-            scripted = True
-        assert url is not None
-        api = FleetApi(url, api_key, max_tokens=max_tokens)
-        stack.callback(api.close)
-        run = run_suites(
-            api,
-            suites,
-            scripted=scripted,
-            concurrency=concurrency,
-            progress=print_progress,
-            target=url,
-            kinds=kinds or KINDS,
-        )
+    try:
+        with contextlib.ExitStack() as stack:
+            if config_path is not None:
+                url = stack.enter_context(local_fleet(config_path, scripted_rules(suites)))
+                scripted = True
+            assert url is not None
+            api = FleetApi(url, api_key, max_tokens=max_tokens)
+            stack.callback(api.close)
+            run = run_suites(
+                api,
+                suites,
+                scripted=scripted,
+                concurrency=concurrency,
+                progress=print_progress,
+                target=url,
+                kinds=kinds or KINDS,
+            )
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"the fleet at {url} did not answer: {exc}") from None
+    except (ConfigError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(summary(run))
     if output is not None:
         output.write_text(json.dumps(run.as_json(), indent=2) + "\n")

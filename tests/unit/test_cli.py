@@ -277,3 +277,16 @@ def test_the_gpu_config_serves_beyond_loopback_with_keys_required() -> None:
     fleet_args, *_ = validate_fleet(raw["applications"][0]["args"], raw["http_options"]["host"])
     assert fleet_args.governance.keys_required and fleet_args.governance.auth is None
     assert all(t.key_sha256 is None for t in fleet_args.governance.tenants)  # from the environment or a file
+
+
+def test_eval_against_a_fleet_that_does_not_answer_says_so(tmp_path: Path) -> None:
+    (tmp_path / "clerk").mkdir()
+    suite = {"task": [{"id": "t", "input": "hi", "expect": {"status": 200}}]}
+    (tmp_path / "clerk" / "evals.yaml").write_text(yaml.safe_dump(suite))
+    result = fleet("eval", "--agents-dir", str(tmp_path), "--url", "http://127.0.0.1:9")
+    assert result.exit_code == 1 and "the fleet at http://127.0.0.1:9 did not answer" in result.output
+    config = str(ROOT / "configs/scripted.yaml")
+    both = fleet("eval", "--agents-dir", str(tmp_path), "--url", "http://x", "--config", config)
+    assert both.exit_code == 2 and "give one of --url" in both.output
+    nobody = fleet("eval", "nobody", "--agents-dir", str(tmp_path), "--url", "http://x")
+    assert nobody.exit_code == 2 and "nobody/evals.yaml does not exist" in nobody.output
