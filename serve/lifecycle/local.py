@@ -4,7 +4,7 @@ A local Ray cluster (its own temp dir, no dashboard) serves the deploy config's
 applications on a free loopback port, with every scripted backend playing the suites'
 scripts first and the state (audit log, memory, budgets, approvals) in a temporary
 folder, so an eval never writes into the checkout's ``var/``. Everything it started is
-stopped when the block ends, failed or not.
+stopped when the block ends, failed or not; the folder goes too, unless it failed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import copy
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -87,6 +88,7 @@ def local_fleet(config_path: Path, rules: list[ScriptRule], timeout_s: float = 3
         logging_level=logging.ERROR,
         _temp_dir=str(work / "ray"),
     )
+    done = False
     try:
         rayserve.start(http_options={"host": "127.0.0.1", "port": port})
         for app in config["applications"]:
@@ -99,11 +101,16 @@ def local_fleet(config_path: Path, rules: list[ScriptRule], timeout_s: float = 3
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, timeout_s)
         yield url
+        done = True
     finally:
         try:
             rayserve.shutdown()  # type: ignore[no-untyped-call]
         finally:
             ray.shutdown()
+            if done:  # its state and Ray's logs go; after a failure they stay, for a look
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                print(f"the local fleet's logs and state are kept in {work}", file=sys.stderr)
 
 
 def _free_port() -> int:

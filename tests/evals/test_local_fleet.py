@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,6 +22,7 @@ def _checkout_audit() -> str:
 
 def test_an_agents_suites_on_a_scripted_fleet_of_their_own(tmp_path: Path) -> None:
     results = tmp_path / "hr.json"
+    scratch = set(Path(tempfile.gettempdir()).glob("fleet-eval-*"))
     done = subprocess.run(
         [
             str(BIN / "fleet"),
@@ -43,6 +45,8 @@ def test_an_agents_suites_on_a_scripted_fleet_of_their_own(tmp_path: Path) -> No
     assert "starting a local fleet from configs/scripted.yaml" in done.stderr
     # The scripts were played (a safety case saw its model attempt the call it forbids).
     assert "scripted attempt was not seen" not in done.stdout
-    # Its audit log (and memory, ledger, approvals) lived in a temporary folder, not var/.
+    # Its folder (Ray's logs, its state) is gone with its cluster.
+    assert set(Path(tempfile.gettempdir()).glob("fleet-eval-*")) == scratch and "kept in" not in done.stderr
+    # Its audit log (and memory, ledger, approvals) lived in that folder, not in var/.
     audited = _checkout_audit()
     assert not any(rid in audited for case in body["cases"] for rid in case["request_ids"])
